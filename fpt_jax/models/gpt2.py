@@ -1,0 +1,203 @@
+"""GPT-2 as flax.linen modules, fed `inputs_embeds` (the FPT backbone).
+
+Parameter names mirror the Hugging Face checkpoint (`wpe`, `h_{i}/attn/c_attn`, ...), so
+loading pretrained weights is a rename and freezing is a rule on paths. The token
+embedding `wte` is not part of the module: FPT brings its own input layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from einops import rearrange
+
+Dtype = Any
+
+# Hugging Face's GPT-2 initialisation, so that `--init=random` is the paper's random model:
+# normal(0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
+_INIT_STD = 0.02
+
+
+def _dense(features: int, dtype: Dtype, name: str, std: float = _INIT_STD) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024
+    vocab_size: int = 50257  # only for parameter counts: FPT does not use the token embedding
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPT2Config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPT2Config.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPT2Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; accepted: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "GPT2Config":
+        """Reads a Hugging Face GPT-2 `config.json` (as a dict)."""
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"config.json activation_function={act!r} is not supported; accepted: gelu_new")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError("config.json options scale_attn_by_inverse_layer_idx / "
+                             "reorder_and_upcast_attn are not supported")
+        return cls(
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf.get("vocab_size", 50257), n_inner=hf.get("n_inner"),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            embd_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
+            resid_pdrop=hf.get("resid_pdrop", 0.1),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The fields of a Hugging Face `config.json` that describe this model."""
+        return dict(model_type="gpt2", n_layer=self.n_layer, n_head=self.n_head,
+                    n_embd=self.n_embd, n_positions=self.n_positions,
+                    vocab_size=self.vocab_size, n_inner=self.n_inner,
+                    layer_norm_epsilon=self.layer_norm_epsilon, embd_pdrop=self.embd_pdrop,
+                    attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop,
+                    activation_function="gelu_new")
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def _residual_std(cfg: GPT2Config) -> float:
+    return _INIT_STD / (2 * cfg.n_layer) ** 0.5
+
+
+class Attention(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        qkv = _dense(3 * cfg.n_embd, self.dtype, "c_attn")(x)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=cfg.n_head)
+        t = x.shape[1]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(self.dtype)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        # Softmax in float32 even under bfloat16 compute: it is where precision is lost.
+        scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        dropped = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), v)
+        out = rearrange(out, "b h t d -> b t (h d)")
+        out = _dense(cfg.n_embd, self.dtype, "c_proj", _residual_std(cfg))(out)
+        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), weights
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        h = _dense(cfg.mlp_width, self.dtype, "c_fc")(x)
+        h = nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" is the tanh approximation
+        h = _dense(cfg.n_embd, self.dtype, "c_proj", _residual_std(cfg))(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        eps = self.config.layer_norm_epsilon
+        a, weights = Attention(self.config, self.dtype, name="attn")(
+            nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.deterministic)
+        x = x + a
+        x = x + MLP(self.config, self.dtype, name="mlp")(
+            nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), self.deterministic)
+        return x, weights
+
+
+class GPT2(nn.Module):
+    """GPT-2 without its token embedding: `[batch, seq, n_embd]` in, last hidden state out.
+
+    `dtype` is the compute dtype (float32 or bfloat16); parameters are always float32.
+    `remat` recomputes each block's activations in the backward pass (activation
+    checkpointing), trading compute for memory on long sequences and large presets.
+    """
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
+                 output_attentions: bool = False):
+        cfg = self.config
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
+            raise ValueError(f"GPT2 expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
+                             f"got {inputs_embeds.shape}")
+        seq = inputs_embeds.shape[1]
+        if seq > cfg.n_positions:
+            raise ValueError(f"sequence length {seq} exceeds the model's n_positions="
+                             f"{cfg.n_positions}; shorten the input (e.g. larger patches)")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
+                       embedding_init=nn.initializers.normal(_INIT_STD))
+        x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
+        block = nn.remat(Block) if self.remat else Block
+        attentions = []
+        for i in range(cfg.n_layer):
+            x, weights = block(cfg, self.dtype, deterministic, name=f"h_{i}")(x)
+            attentions.append(weights)
+        x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
+        if output_attentions:
+            return x, tuple(attentions)
+        return x
+
+
+def init_params(config: GPT2Config, rng: jax.Array, seq_len: int = 1) -> dict:
+    """Randomly initialised backbone parameters (float32)."""
+    dummy = jnp.zeros((1, seq_len, config.n_embd), jnp.float32)
+    return GPT2(config).init(rng, dummy)["params"]
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """The backbone's parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def num_params(config: GPT2Config, include_token_embedding: bool = False) -> int:
+    """Parameter count; 85,842,432 for `gpt2`, 124,439,808 with the token embedding."""
+    n = sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
+    return n + (config.vocab_size * config.n_embd if include_token_embedding else 0)

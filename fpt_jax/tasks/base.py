@@ -1,0 +1,110 @@
+"""The task contract that the model, the train loop and the data modules share.
+
+A task states its input kind (real-valued token features, or token ids), its input and
+output sizes, and yields numpy batches as a pure function of (split, step, seed, host):
+the same arguments always give the same batch, which is what makes resume exact and lets
+each host of a multi-host run read only its own shard.
+
+A batch is a dict of numpy arrays with a leading per-host batch dimension:
+  x       float32 [B, ...features] (input_kind 'real') or int32 [B, T] (input_kind 'tokens')
+  y       the targets, in whatever form the task's loss reads
+  length  optional int32 [B]: number of real tokens (token tasks padded on the right);
+          the model then reads the output at position length-1
+  mask    optional float32 [B]: 1 for real examples, 0 for padding of a partial eval batch
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Batch = dict[str, np.ndarray]
+
+
+class Task(abc.ABC):
+    name: str
+    input_kind: str  # 'real' or 'tokens'
+    input_dim: int  # features per token after patching, or vocabulary size for 'tokens'
+    output_dim: int  # logits per output token
+    # Model input for shape inference and tests: one example's x shape (without batch).
+    example_shape: tuple[int, ...]
+    # Splits this task can serve; `eval_split` is what `--eval` reads by default.
+    splits: tuple[str, ...] = ("train", "test")
+    eval_split: str = "test"
+
+    @abc.abstractmethod
+    def batch(self, split: str, step: int, batch_size: int, *, seed: int,
+              process_index: int = 0, process_count: int = 1) -> Batch:
+        """The `step`-th training batch of this host (deterministic)."""
+
+    def eval_batches(self, split: str, batch_size: int, *, seed: int, num_batches: int | None,
+                     process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+        """Evaluation batches. Generated tasks draw `num_batches` fresh batches from an eval
+        seed; dataset tasks override this to cover the split once (with `mask`)."""
+        if num_batches is None:
+            raise ValueError(f"task {self.name} is generated: eval needs a number of batches")
+        for i in range(num_batches):
+            yield self.batch(split, i, batch_size, seed=seed + 1_000_003,
+                             process_index=process_index, process_count=process_count)
+
+    @abc.abstractmethod
+    def per_example_metrics(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+        """`{'loss': [B], 'accuracy': [B]}` from the model's output for this batch (jnp)."""
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"task {self.name} has no split {split!r}; accepted: {self.splits}")
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Cross-entropy and accuracy per example for `[B, C]` logits and `[B]` int labels."""
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss": loss, "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+
+
+# --- the registry -----------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str):
+    def wrap(factory: Callable[..., Task]):
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def task_names() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, **options) -> Task:
+    """Builds a task by name; options the task does not take are an error."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; accepted: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**options)
+
+
+def _import_all() -> None:
+    # Task modules register themselves on import; optional ones may be absent.
+    import importlib
+    for module in ("bits", "images", "listops", "homology"):
+        try:
+            importlib.import_module(f"fpt_jax.tasks.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"fpt_jax.tasks.{module}":
+                raise
+
+
+def host_rng(seed: int, split: str, step: int, process_index: int) -> np.random.Generator:
+    """An independent numpy generator per (seed, split, step, host)."""
+    split_id = int.from_bytes(split.encode()[:8].ljust(8, b"\0"), "little")
+    return np.random.default_rng([seed, split_id, step, process_index])

@@ -1,0 +1,233 @@
+"""Pretrained GPT-2 weights: Hugging Face files -> our Flax parameter tree.
+
+`load_gpt2(path_or_name)` accepts
+  * a local Hugging Face directory: `config.json` plus `model.safetensors` (read without
+    torch), `pytorch_model.bin` (needs torch) or `flax_model.msgpack`;
+  * a directory written by `experiments.convert` (orbax checkpoint + `config.json`);
+  * a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, or any `owner/name` of a
+    GPT-2 repository), fetched with huggingface_hub where the network allows.
+
+The rename is mechanical because our names mirror the checkpoint's: `h.3.attn.c_attn.weight`
+becomes `h_3/attn/c_attn/kernel`. Hugging Face's `Conv1D` stores `[in, out]` weights, which
+is the layout of a Flax `Dense` kernel, so no transpose is needed for torch/safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from fpt_jax.models.gpt2 import PRESETS, GPT2Config, param_shapes
+
+Params = dict[str, Any]
+
+HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+CONVERTED_MARKER = "fpt_jax_converted.json"  # written by `save_converted`
+
+_LEAF = {"weight": "kernel", "bias": "bias"}
+_LN_LEAF = {"weight": "scale", "bias": "bias"}
+# Buffers and heads that real checkpoints carry and that are not backbone parameters.
+_IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be read or does not fit its config."""
+
+
+def torch_name_to_path(name: str) -> tuple[str, ...] | None:
+    """`h.0.attn.c_attn.weight` -> ('h_0', 'attn', 'c_attn', 'kernel'); None for ignored keys."""
+    if name.startswith("transformer."):
+        name = name[len("transformer."):]
+    if _IGNORED.match(name):
+        return None
+    parts = name.split(".")
+    if parts[0] in ("wte", "wpe") and len(parts) == 2 and parts[1] == "weight":
+        return (parts[0], "embedding")
+    if parts[0] == "h" and len(parts) >= 4 and parts[1].isdigit():
+        module, leaf = parts[2:-1], parts[-1]
+        table = _LN_LEAF if module[0].startswith("ln_") else _LEAF
+        if leaf in table:
+            return (f"h_{parts[1]}", *module, table[leaf])
+    if parts[0] == "ln_f" and len(parts) == 2 and parts[1] in _LN_LEAF:
+        return ("ln_f", _LN_LEAF[parts[1]])
+    return ("<unexpected>", name)
+
+
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: GPT2Config,
+                           source: str = "checkpoint") -> Params:
+    """Renames a Hugging Face GPT-2 state dict into our tree and checks it against `config`.
+
+    The token embedding `wte` is dropped (FPT does not use it). Missing keys, unexpected
+    keys and shapes that do not fit the config raise `WeightsError` naming the path.
+    """
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected = []
+    for name, value in state_dict.items():
+        path = torch_name_to_path(name)
+        if path is None or path[0] == "wte":
+            continue
+        if path[0] == "<unexpected>":
+            unexpected.append(name)
+            continue
+        flat[path] = np.asarray(value, dtype=np.float32)
+    return _check_and_nest(flat, config, source, unexpected)
+
+
+def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: GPT2Config, source: str,
+                    unexpected: list[str]) -> Params:
+    expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
+                jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    unexpected = unexpected + ["/".join(p) for p in flat if p not in expected]
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected keys not in a GPT-2 with {config}: "
+                           f"{sorted(unexpected)[:10]}")
+    missing = ["/".join(p) for p in expected if p not in flat]
+    if missing:
+        raise WeightsError(f"{source}: missing parameters {missing[:10]}"
+                           f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
+    for path, shape in expected.items():
+        if flat[path].shape != shape:
+            raise WeightsError(f"{source}: parameter {'/'.join(path)} has shape "
+                               f"{flat[path].shape} but the config expects {shape}")
+    params: Params = {}
+    for path, value in flat.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return params
+
+
+def _read_config(directory: Path) -> GPT2Config:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise WeightsError(f"{directory} has no config.json; a GPT-2 directory needs "
+                           "config.json plus model.safetensors, pytorch_model.bin or "
+                           "flax_model.msgpack")
+    return GPT2Config.from_hf(json.loads(config_file.read_text()))
+
+
+def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    files = sorted(directory.glob("model*.safetensors"))
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(f"{file} is a PyTorch checkpoint and torch is not installed; "
+                           "install torch (pip install torch==2.13.0 for CPU) or use "
+                           "model.safetensors") from e
+    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
+    """Hugging Face's Flax layout: `{transformer: {h: {'0': ...}}}`, Conv1D kernels `[out, in]`."""
+    from flax import serialization
+    tree = serialization.msgpack_restore(file.read_bytes())
+    tree = tree.get("transformer", tree)
+    flat = {}
+    unexpected = []
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(k.key) for k in path]
+        if keys[0] == "wte":
+            continue
+        if keys[0] == "h":
+            if not keys[1].isdigit():
+                unexpected.append("/".join(keys))
+                continue
+            keys = [f"h_{keys[1]}", *keys[2:]]
+        value = np.asarray(value, dtype=np.float32)
+        if keys[-1] == "kernel" and keys[-2] in ("c_attn", "c_proj", "c_fc"):
+            value = value.T  # FlaxConv1D keeps the torch Linear layout
+        flat[tuple(keys)] = value
+    return _check_and_nest(flat, config, str(file), unexpected)
+
+
+def load_local(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
+    directory = Path(directory)
+    if (directory / CONVERTED_MARKER).is_file():
+        return load_converted(directory)
+    config = _read_config(directory)
+    if list(directory.glob("model*.safetensors")):
+        return config, params_from_state_dict(_read_safetensors(directory), config,
+                                              str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        return config, params_from_state_dict(_read_torch_bin(directory / "pytorch_model.bin"),
+                                              config, str(directory / "pytorch_model.bin"))
+    if (directory / "flax_model.msgpack").is_file():
+        return config, _read_flax_msgpack(directory / "flax_model.msgpack", config)
+    raise WeightsError(f"{directory} has config.json but no weights: expected "
+                       "model.safetensors, pytorch_model.bin or flax_model.msgpack")
+
+
+def download(name: str) -> Path:
+    """Fetches a GPT-2 repository from the Hugging Face hub (config + safetensors)."""
+    from huggingface_hub import snapshot_download
+    repo = HUB_REPOS.get(name, name)
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors"]))
+    except Exception as e:  # offline, DNS failure, 404: all mean "not from the hub here"
+        raise WeightsError(
+            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network access, download the model elsewhere (e.g. "
+            f"`huggingface-cli download {repo}`), copy the directory here and pass its local "
+            "path instead of the name") from e
+
+
+def load_gpt2(path_or_name: str | os.PathLike) -> tuple[GPT2Config, Params]:
+    """Returns `(config, params)` for a local directory or a hub name; see the module doc."""
+    path = Path(path_or_name)
+    name = str(path_or_name)
+    if path.is_dir():
+        return load_local(path)
+    if path.exists():
+        raise WeightsError(f"{name} is a file; pass the directory that holds config.json and "
+                           "the weights")
+    is_repo_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+    if name in HUB_REPOS or (is_repo_id and "/" in name):
+        return load_local(download(name))
+    raise WeightsError(f"{name!r} is neither an existing directory nor a known hub name; "
+                       f"accepted: a local directory, a hub repository 'owner/name', or one "
+                       f"of {sorted(HUB_REPOS)}")
+
+
+# --- the converted format: an orbax checkpoint that training starts from ---------------
+
+def save_converted(directory: str | os.PathLike, config: GPT2Config, params: Params) -> Path:
+    """Writes `params` as an orbax checkpoint under `directory/params` plus `config.json`."""
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", params, force=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+    (directory / CONVERTED_MARKER).write_text(json.dumps({"format": "orbax", "version": 1}))
+    return directory
+
+
+def load_converted(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    config = _read_config(directory)
+    abstract = param_shapes(config)
+    with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata(directory / "params")
+        tree = getattr(metadata, "item_metadata", metadata)
+        saved = {tuple(str(getattr(k, "key", k)) for k in p): tuple(v.shape) for p, v in
+                 jax.tree_util.tree_flatten_with_path(tree)[0]}
+        flat = {p: np.empty(s, np.float32) for p, s in saved.items()}
+        _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
+        params = ckptr.restore(directory / "params", abstract)
+    return config, jax.tree_util.tree_map(np.asarray, params)

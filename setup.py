@@ -1,0 +1,25 @@
+"""fpt-jax: the Frozen Pretrained Transformer in pure JAX."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _requirements() -> list[str]:
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="fpt-jax",
+    version="0.1.0",
+    description="Frozen Pretrained Transformers (Lu et al. 2021) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fpt_jax", "fpt_jax.*", "experiments", "experiments.*"]),
+    package_data={"experiments": ["configs/*.cfg"]},
+    install_requires=_requirements(),
+    extras_require={
+        # torch is pinned: 2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+        "test": ["pytest", "torch==2.13.0", "transformers>=4.40"],
+        "bench": ["torch==2.13.0", "transformers>=4.40", "matplotlib"],
+    },
+)

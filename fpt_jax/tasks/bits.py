@@ -13,6 +13,7 @@ from fpt_jax.tasks.base import Batch, Task, classification_metrics, host_rng, re
 
 
 class _BitTask(Task):
+    input_kind = "real"
     splits = ("train", "test")
     eval_split = "test"
 

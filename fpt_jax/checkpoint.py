@@ -1,0 +1,86 @@
+"""Training checkpoints with orbax: periodic, keep-N, atomic, resumable.
+
+A checkpoint holds what training changed: the step, the trainable parameters and the
+optimizer state, plus the run's identity (model, task, trainable selection) as JSON.
+Frozen parameters are not written: they are bit-identical to their initial values (from the
+pretrained weights or the seed), so a resumed run rebuilds them exactly, and a `gpt2-xl`
+checkpoint stays the size of what was trained.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpoints:
+    """A CheckpointManager over `directory` for `(step, trainable params, opt_state)`."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, save_every: int = 1000):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, trainable_mask, meta: dict,
+             force: bool = False) -> bool:
+        """Saves if `step` is due (or `force`); params/opt_state are host (unreplicated)."""
+        if not force and not self.manager.should_save(step):
+            return False
+        state = {"params": {k: v for k, v in _flat(params).items()
+                            if _flat(trainable_mask)[k]},
+                 "opt_state": _flat(opt_state)}
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, params, opt_state, trainable_mask) -> tuple[Any, Any, dict]:
+        """Restores into templates `params` (frozen leaves kept) and `opt_state`."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        flat_params, mask = _flat(params), _flat(trainable_mask)
+        abstract = {"params": {k: _abstract(v) for k, v in flat_params.items() if mask[k]},
+                    "opt_state": {k: _abstract(v) for k, v in _flat(opt_state).items()}}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.manager.directory} does not fit this run's model "
+                f"and trainable selection ({e}); use another --workdir or the run's own flags"
+            ) from e
+        new_params = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params),
+            [np.asarray(restored["params"][k]) if mask[k] else v
+             for k, v in flat_params.items()])
+        new_opt = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(opt_state),
+            [np.asarray(restored["opt_state"][k]) for k in _flat(opt_state)])
+        return new_params, new_opt, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _abstract(x):
+    x = np.asarray(x) if not hasattr(x, "shape") else x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)

@@ -1,0 +1,147 @@
+"""Which parameters learn: parameter groups, the trainable selection, the optimizer.
+
+One function, `param_group`, maps a parameter path to its group and layer. A selection
+string names the trainable groups, optionally restricted to a range of blocks with Python
+slice syntax:
+
+    fpt                       the paper's default: input,pos,ln,output
+    full / all                everything
+    input,pos,ln,output,mlp   the paper's "+ MLP" ablation
+    output,attn[-2:]          the output head and the last two blocks' attention
+    ln[0:6]                   the layer norms of blocks 0-5 (ln_f has no block: plain `ln`)
+
+Frozen is everything not selected. Freezing is an optimizer concern: `optax.multi_transform`
+gives frozen leaves `optax.set_to_zero()`, so they carry no optimizer state, and the train
+step passes them through untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import optax
+
+GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
+LAYERED = ("ln", "attn", "mlp")
+PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS), "all": ",".join(GROUPS),
+           "none": ""}
+TRAIN, FREEZE = "train", "freeze"
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_group(path: Iterable[Any]) -> tuple[str, int | None]:
+    """`(group, layer)` of a parameter path such as ('transformer', 'h_3', 'attn', 'c_attn',
+    'kernel') -> ('attn', 3). The layer is None outside the blocks."""
+    keys = _keys(path) if not all(isinstance(k, str) for k in path) else tuple(path)
+    top = keys[0]
+    if top in ("input", "output"):
+        return top, None
+    if top == "transformer" and len(keys) > 1:
+        name = keys[1]
+        if name == "wpe":
+            return "pos", None
+        if name == "ln_f":
+            return "ln", None
+        m = re.fullmatch(r"h_(\d+)", name)
+        if m and len(keys) > 2:
+            sub = keys[2]
+            if sub.startswith("ln_"):
+                return "ln", int(m.group(1))
+            if sub in ("attn", "mlp"):
+                return sub, int(m.group(1))
+    raise ValueError(f"parameter {'/'.join(keys)} belongs to no group {GROUPS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The trainable part: per group, None (every layer) or the set of layer indices."""
+    groups: dict[str, frozenset[int] | None]
+    spec: str
+
+    def is_trainable(self, group: str, layer: int | None) -> bool:
+        if group not in self.groups:
+            return False
+        layers = self.groups[group]
+        return layers is None or (layer is not None and layer in layers)
+
+
+_ITEM = re.compile(r"^(?P<group>[a-z_]+)(\[(?P<slice>-?\d*:?-?\d*)\])?$")
+
+
+def parse_selection(spec: str, n_layer: int) -> Selection:
+    """Parses a trainable selection (see the module doc); errors name the bad item."""
+    expanded = PRESETS.get(spec.strip(), spec)
+    groups: dict[str, frozenset[int] | None] = {}
+    for item in filter(None, (s.strip() for s in _split_items(expanded))):
+        m = _ITEM.match(item)
+        if not m or m.group("group") not in GROUPS:
+            raise ValueError(f"unknown trainable group {item!r} in {spec!r}; accepted: groups "
+                             f"{GROUPS}, optionally with a block range like attn[-2:], or "
+                             f"presets {sorted(PRESETS)}")
+        group, slc = m.group("group"), m.group("slice")
+        if slc is None:
+            groups[group] = None
+            continue
+        if group not in LAYERED:
+            raise ValueError(f"group {group!r} has no blocks; a range like {item!r} is only "
+                             f"accepted for {LAYERED}")
+        if ":" in slc:
+            start, stop = (int(s) if s else None for s in slc.split(":"))
+            layers = range(n_layer)[slice(start, stop)]
+        else:
+            i = int(slc)
+            if not -n_layer <= i < n_layer:
+                raise ValueError(f"block {i} in {item!r} is out of range for {n_layer} blocks")
+            layers = [i % n_layer]
+        if not layers:
+            raise ValueError(f"{item!r} selects no block of {n_layer}")
+        previous = groups.get(group, frozenset())
+        groups[group] = None if previous is None else previous | frozenset(layers)
+    return Selection(groups, spec)
+
+
+def _split_items(spec: str) -> list[str]:
+    # Commas separate items, except inside brackets (none today, but keep ranges intact).
+    return re.split(r",(?![^\[]*\])", spec)
+
+
+def labels(params, selection: Selection):
+    """A tree like `params` of 'train' / 'freeze' labels, for optax.multi_transform."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: TRAIN if selection.is_trainable(*param_group(p)) else FREEZE, params)
+
+
+def trainable_mask(params, selection: Selection):
+    return jax.tree_util.tree_map(lambda lab: lab == TRAIN, labels(params, selection))
+
+
+def make_optimizer(base: optax.GradientTransformation, params, selection: Selection
+                   ) -> optax.GradientTransformation:
+    """`base` on trainable leaves, `set_to_zero` (no state) on frozen ones."""
+    return optax.multi_transform({TRAIN: base, FREEZE: optax.set_to_zero()},
+                                 labels(params, selection))
+
+
+def count_table(params, selection: Selection) -> tuple[str, dict[str, dict[str, int]]]:
+    """Trainable and frozen parameter counts per group, as text and as numbers."""
+    counts = {g: {"trainable": 0, "frozen": 0} for g in GROUPS}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        group, layer = param_group(path)
+        key = "trainable" if selection.is_trainable(group, layer) else "frozen"
+        counts[group][key] += int(np.prod(leaf.shape))
+    total_t = sum(c["trainable"] for c in counts.values())
+    total_f = sum(c["frozen"] for c in counts.values())
+    lines = [f"trainable selection: {selection.spec!r}",
+             f"{'group':<8}{'trainable':>14}{'frozen':>14}"]
+    for g, c in counts.items():
+        lines.append(f"{g:<8}{c['trainable']:>14,}{c['frozen']:>14,}")
+    share = 100 * total_t / max(total_t + total_f, 1)
+    lines.append(f"{'total':<8}{total_t:>14,}{total_f:>14,}   ({share:.3f}% trainable)")
+    counts["total"] = {"trainable": total_t, "frozen": total_f}
+    return "\n".join(lines), counts

@@ -1,0 +1,131 @@
+"""The Frozen Pretrained Transformer: input layer -> GPT-2 backbone -> output head.
+
+As the paper and the original code define it: a new input layer (linear, orthogonal init
+with gain 1.41 and zero bias, optional ReLU hidden layers; or an embedding table for
+token-id tasks), dropout, the GPT-2 blocks fed `inputs_embeds`, and a linear output head
+(optional hidden layers) read at the last position(s).
+
+Parameter tree: `input/...`, `transformer/{wpe, h_i, ln_f}` (the GPT-2 names),
+`output/...`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from fpt_jax.models.gpt2 import GPT2, GPT2Config
+
+# PyTorch's nn.Linear default, which the original's output head uses.
+_torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+    bound = 1 / fan_in ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                     bound)
+
+
+class InputLayer(nn.Module):
+    """Linear layers (orthogonal init, zero bias) from token features to the model width."""
+    sizes: Sequence[int]
+    width: int
+    orth_gain: float | None
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        kernel_init = (nn.initializers.orthogonal(self.orth_gain) if self.orth_gain is not None
+                       else _torch_linear_init)
+        for i, size in enumerate(self.sizes):
+            x = nn.Dense(size, dtype=self.dtype, kernel_init=kernel_init,
+                         bias_init=nn.initializers.zeros, name=f"hidden_{i}")(x)
+            x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+        return nn.Dense(self.width, dtype=self.dtype, kernel_init=kernel_init,
+                        bias_init=nn.initializers.zeros, name="proj")(x)
+
+
+class OutputHead(nn.Module):
+    """Linear layers from the model width to the task's logits (PyTorch's default init)."""
+    sizes: Sequence[int]
+    features: int
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        for i, size in enumerate((*self.sizes, self.features)):
+            x = nn.Dense(size, dtype=self.dtype, kernel_init=_torch_linear_init,
+                         bias_init=_torch_bias_init(x.shape[-1]),
+                         name="proj" if i == len(self.sizes) else f"hidden_{i}")(x)
+            if i < len(self.sizes):
+                x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+        return x
+
+
+class FPT(nn.Module):
+    """FPT over `x`: `[B, T, F]` real features (F a multiple of `input_dim`: each row is
+    split into F / input_dim patch tokens) or `[B, T]` token ids (`input_kind='tokens'`).
+
+    Returns `[B, ratio * output_dim]` logits of the last `ratio` positions (the patches of
+    the last row) when `return_last_only`, else `[B, T * ratio, output_dim]`. With `length`
+    ([B] ints, for right-padded token sequences) the last position is `length - 1`, which
+    under causal attention has never seen the padding.
+    """
+    config: GPT2Config
+    input_dim: int
+    output_dim: int
+    input_kind: str = "real"
+    in_layer_sizes: Sequence[int] = ()
+    out_layer_sizes: Sequence[int] = ()
+    dropout: float = 0.1
+    orth_gain: float | None = 1.41
+    return_last_only: bool = True
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, length: jax.Array | None = None,
+                 deterministic: bool = True, output_attentions: bool = False):
+        width = self.config.n_embd
+        if self.input_kind == "tokens":
+            if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"token task input must be int [batch, seq], got {x.dtype} "
+                                 f"{x.shape}")
+            h = nn.Embed(self.input_dim, width, name="input")(x).astype(self.dtype)
+            ratio = 1
+        elif self.input_kind == "real":
+            if x.ndim != 3:
+                raise ValueError(f"real-valued input must be [batch, seq, features], got "
+                                 f"{x.shape}")
+            if x.shape[-1] % self.input_dim:
+                raise ValueError(f"input feature size {x.shape[-1]} is not a multiple of the "
+                                 f"patch size input_dim={self.input_dim}")
+            ratio = x.shape[-1] // self.input_dim
+            x = rearrange(x, "b t (r d) -> b (t r) d", d=self.input_dim)
+            h = InputLayer(self.in_layer_sizes, width, self.orth_gain, self.dropout,
+                           self.dtype, name="input")(x, deterministic)
+        else:
+            raise ValueError(f"input_kind must be 'real' or 'tokens', got {self.input_kind!r}")
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+
+        out = GPT2(self.config, self.dtype, self.remat, name="transformer")(
+            h, deterministic=deterministic, output_attentions=output_attentions)
+        h, attentions = out if output_attentions else (out, None)
+
+        if self.return_last_only:
+            if length is not None:
+                if ratio != 1:
+                    raise ValueError("length is only supported for one token per row")
+                h = jnp.take_along_axis(h, (length - 1)[:, None, None], axis=1)
+            else:
+                h = h[:, -ratio:]
+        logits = OutputHead(self.out_layer_sizes, self.output_dim, self.dropout, self.dtype,
+                            name="output")(h, deterministic).astype(jnp.float32)
+        if self.return_last_only:
+            logits = rearrange(logits, "b r o -> b (r o)")
+        return (logits, attentions) if output_attentions else logits

@@ -1,0 +1,247 @@
+"""The flax GPT-2 backbone: config, presets, parameter counts, dtype, remat and dropout.
+
+Numerical equivalence to the Hugging Face reference is in test_weights.py, where the
+reference's weights are converted; here the module is checked on its own terms.
+"""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpt_jax.models.gpt2 import GPT2, PRESETS, GPT2Config, init_params, num_params
+
+TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32)
+TINY_INNER = GPT2Config(n_layer=3, n_head=3, n_embd=48, n_positions=24, n_inner=80)
+CONFIGS = pytest.mark.parametrize("config", [TINY, TINY_INNER], ids=["2x64h4", "3x48h3inner80"])
+
+
+def random_params(config: GPT2Config, seed: int) -> dict:
+    """Every leaf random (init gives zero biases and unit LayerNorm scales, which hide bugs)."""
+    params = init_params(config, jax.random.PRNGKey(seed))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1000), len(leaves))
+    out = [(1.0 if path[-1].key == "scale" else 0.0) + 0.1 * jax.random.normal(k, leaf.shape)
+           for (path, leaf), k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def inputs(config: GPT2Config, seed: int = 0, seq: int | None = None) -> jax.Array:
+    seq = config.n_positions if seq is None else seq
+    return jax.random.normal(jax.random.PRNGKey(seed), (2, seq, config.n_embd))
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return {TINY: random_params(TINY, 0), TINY_INNER: random_params(TINY_INNER, 1)}
+
+
+# --- presets and configs -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,layers,heads,width", [
+    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024),
+    ("gpt2-large", 36, 20, 1280), ("gpt2-xl", 48, 25, 1600)])
+def test_preset_has_published_layers_heads_width_and_1024_positions(name, layers, heads, width):
+    cfg = GPT2Config.preset(name)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (layers, heads, width)
+    assert cfg.n_positions == 1024
+    assert cfg.vocab_size == 50257
+    assert cfg.mlp_width == 4 * width
+
+
+def test_preset_list_is_exactly_the_four_published_sizes():
+    assert sorted(PRESETS) == ["gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl"]
+
+
+def test_preset_overrides_replace_fields():
+    cfg = GPT2Config.preset("gpt2", n_layer=3, attn_pdrop=0.0)
+    assert (cfg.n_layer, cfg.n_embd, cfg.attn_pdrop) == (3, 768, 0.0)
+    assert GPT2Config.preset("gpt2").n_layer == 12  # the shared preset is not mutated
+
+
+def test_unknown_preset_raises_naming_it_and_the_accepted_names():
+    with pytest.raises(ValueError, match="gpt3") as info:
+        GPT2Config.preset("gpt3")
+    assert "gpt2-medium" in str(info.value)
+
+
+def test_config_rejects_width_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="n_embd=50.*n_head=3"):
+        GPT2Config(n_layer=1, n_head=3, n_embd=50)
+
+
+@pytest.mark.parametrize("hf_kwargs,expected", [
+    ({}, GPT2Config.preset("gpt2")),  # transformers' default GPT2Config is the `gpt2` size
+    (dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100), None),
+    (dict(n_layer=3, n_head=3, n_embd=48, n_positions=24, vocab_size=100, n_inner=80,
+          layer_norm_epsilon=1e-6, embd_pdrop=0.0, attn_pdrop=0.2, resid_pdrop=0.3), None),
+], ids=["default", "2x64h4", "3x48h3inner80"])
+def test_from_hf_of_reference_config_json_gives_same_config(tmp_path, hf_kwargs, expected):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **hf_kwargs)
+    hf.save_pretrained(tmp_path)
+    cfg = GPT2Config.from_hf(json.loads((tmp_path / "config.json").read_text()))
+    if expected is None:
+        expected = GPT2Config(
+            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, n_positions=hf.n_positions,
+            vocab_size=hf.vocab_size, n_inner=hf.n_inner,
+            layer_norm_epsilon=hf.layer_norm_epsilon, embd_pdrop=hf.embd_pdrop,
+            attn_pdrop=hf.attn_pdrop, resid_pdrop=hf.resid_pdrop)
+    assert cfg == expected
+    assert GPT2Config.from_hf(cfg.to_hf()) == cfg  # our own config.json round-trips
+
+
+# --- parameter counts -----------------------------------------------------------------
+
+def test_num_params_of_gpt2_preset_matches_published_count():
+    cfg = GPT2Config.preset("gpt2")
+    assert num_params(cfg) == 85_842_432
+    assert num_params(cfg, include_token_embedding=True) == 124_439_808
+
+
+@CONFIGS
+def test_num_params_equals_hf_reference_minus_token_embedding(config):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2Model(transformers.GPT2Config(
+        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+        n_positions=config.n_positions, n_inner=config.n_inner, vocab_size=config.vocab_size,
+        bos_token_id=0, eos_token_id=0))
+    total = sum(p.numel() for p in hf.parameters())
+    assert num_params(config) == total - hf.wte.weight.numel()
+    assert num_params(config, include_token_embedding=True) == total
+
+
+@CONFIGS
+def test_init_params_are_float32_with_hf_names(config):
+    params = init_params(config, jax.random.PRNGKey(0))
+    assert set(params) == {"wpe", "ln_f", *(f"h_{i}" for i in range(config.n_layer))}
+    assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (config.n_embd, config.mlp_width)
+    assert params["wpe"]["embedding"].shape == (config.n_positions, config.n_embd)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+# --- apply-time checks -----------------------------------------------------------------
+
+def test_sequence_longer_than_n_positions_raises_naming_both_lengths(tiny_params):
+    x = inputs(TINY, seq=TINY.n_positions + 1)
+    with pytest.raises(ValueError, match=r"sequence length 33 exceeds .*n_positions=32"):
+        GPT2(TINY).apply({"params": tiny_params[TINY]}, x)
+
+
+def test_sequence_of_exactly_n_positions_is_accepted(tiny_params):
+    out = GPT2(TINY).apply({"params": tiny_params[TINY]}, inputs(TINY))
+    assert out.shape == (2, TINY.n_positions, TINY.n_embd)
+
+
+def test_inputs_of_wrong_width_raise_naming_expected_width(tiny_params):
+    with pytest.raises(ValueError, match=r"\[batch, seq, 64\].*\(2, 5, 48\)"):
+        GPT2(TINY).apply({"params": tiny_params[TINY]}, jnp.zeros((2, 5, 48)))
+
+
+@CONFIGS
+def test_attention_weights_are_causal_and_normalised(config, tiny_params):
+    out, attn = GPT2(config).apply({"params": tiny_params[config]}, inputs(config),
+                                   output_attentions=True)
+    t = config.n_positions
+    assert len(attn) == config.n_layer
+    for a in attn:
+        a = np.asarray(a)
+        assert a.shape == (2, config.n_head, t, t)
+        np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+        assert np.all(a[..., np.triu_indices(t, k=1)[0], np.triu_indices(t, k=1)[1]] == 0)
+    # Causality end to end: changing the last token leaves earlier outputs unchanged.
+    x = inputs(config)
+    y = GPT2(config).apply({"params": tiny_params[config]}, x.at[:, -1].add(1.0))
+    np.testing.assert_array_equal(np.asarray(y)[:, :-1], np.asarray(out)[:, :-1])
+    assert not np.allclose(np.asarray(y)[:, -1], np.asarray(out)[:, -1])
+
+
+# --- bfloat16 compute ------------------------------------------------------------------
+
+@CONFIGS
+def test_bfloat16_compute_stays_close_to_float32(config, tiny_params):
+    # Measured on these configs (random weights of std 0.1, unit-normal inputs, full
+    # sequence): relative Frobenius error ||y_bf16 - y_f32|| / ||y_f32|| = 0.0060-0.0067
+    # over 5 seeds each, i.e. about 1.6x bfloat16's unit roundoff 2**-8 = 0.0039; max abs
+    # error 0.026-0.035 on outputs of max |y| ~ 4. Bounds: relative error <= 0.015 (~4 unit
+    # roundoffs) and max abs error <= 0.08 - a wrong cast, an unscaled softmax or a bf16
+    # LayerNorm blow-up would exceed them, ordinary bf16 rounding does not.
+    params = tiny_params[config]
+    x = inputs(config, seed=3)
+    y32 = np.asarray(GPT2(config).apply({"params": params}, x))
+    y16 = GPT2(config, dtype=jnp.bfloat16).apply({"params": params}, x)
+    assert y16.dtype == jnp.bfloat16
+    assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+    diff = np.asarray(y16, np.float32) - y32
+    rel = np.linalg.norm(diff) / np.linalg.norm(y32)
+    assert rel <= 0.015, rel
+    assert np.abs(diff).max() <= 0.08, np.abs(diff).max()
+    assert rel > 1e-4  # it really computed in bfloat16
+
+
+# --- remat ------------------------------------------------------------------------------
+
+@CONFIGS
+def test_remat_gives_same_output_and_gradients(config, tiny_params):
+    params = tiny_params[config]
+    x = inputs(config, seed=5)
+
+    def loss(p, remat):
+        y = GPT2(config, remat=remat).apply({"params": p}, x)
+        return jnp.mean(jnp.sin(3.0 * y)), y
+
+    (l0, y0), g0 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+    (l1, y1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g0)[0],
+                            jax.tree_util.tree_leaves(g1)):
+        scale = float(np.abs(np.asarray(a)).max())
+        assert scale > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_with_dropout_matches_non_remat_for_same_rng(tiny_params):
+    params = tiny_params[TINY]
+    x = inputs(TINY, seed=6)
+    rngs = {"dropout": jax.random.PRNGKey(9)}
+    y0 = GPT2(TINY).apply({"params": params}, x, deterministic=False, rngs=rngs)
+    y1 = GPT2(TINY, remat=True).apply({"params": params}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-6)
+
+
+# --- dropout ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["embd_pdrop", "attn_pdrop", "resid_pdrop"])
+def test_each_dropout_changes_output_when_not_deterministic(which, tiny_params):
+    cfg = dataclasses.replace(TINY, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
+                              **{which: 0.1})
+    params, x = tiny_params[TINY], inputs(TINY, seed=7)
+    det = np.asarray(GPT2(cfg).apply({"params": params}, x, deterministic=True))
+    a = np.asarray(GPT2(cfg).apply({"params": params}, x, deterministic=False,
+                                   rngs={"dropout": jax.random.PRNGKey(1)}))
+    a_again = np.asarray(GPT2(cfg).apply({"params": params}, x, deterministic=False,
+                                         rngs={"dropout": jax.random.PRNGKey(1)}))
+    b = np.asarray(GPT2(cfg).apply({"params": params}, x, deterministic=False,
+                                   rngs={"dropout": jax.random.PRNGKey(2)}))
+    assert np.abs(a - det).max() > 1e-3
+    np.testing.assert_array_equal(a, a_again)  # same rng, same mask
+    assert np.abs(a - b).max() > 1e-3  # different rng, different mask
+
+
+def test_dropout_with_zero_probabilities_equals_deterministic(tiny_params):
+    cfg = dataclasses.replace(TINY, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    params, x = tiny_params[TINY], inputs(TINY, seed=8)
+    det = GPT2(cfg).apply({"params": params}, x, deterministic=True)
+    sto = GPT2(cfg).apply({"params": params}, x, deterministic=False,
+                          rngs={"dropout": jax.random.PRNGKey(1)})
+    np.testing.assert_array_equal(np.asarray(sto), np.asarray(det))
+
+
+def test_non_deterministic_apply_without_dropout_rng_raises(tiny_params):
+    with pytest.raises(Exception, match="dropout"):
+        GPT2(TINY).apply({"params": tiny_params[TINY]}, inputs(TINY), deterministic=False)

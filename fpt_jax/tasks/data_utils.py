@@ -15,11 +15,15 @@ Rows past the end of a shard repeat a real example and have `mask` 0.
 """
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from typing import Iterator
 
+import jax
 import numpy as np
+
+from fpt_jax.tasks.base import Batch, Task, classification_metrics
 
 
 def split_id(split: str) -> int:
@@ -149,3 +153,67 @@ class SequenceTable:
             start = self.offsets[i]
             x[row, :n] = self.tokens[start:start + n]
         return {"x": x, "length": lengths.astype(np.int32), "y": self.labels[idx].copy()}
+
+
+class TokenSequenceTask(Task):
+    """A classification task over right-padded token-id sequences (ListOps, homology).
+
+    Batches: x int32 [B, T] (pad id 0), length int32 [B] (the model reads position
+    length - 1), y int32 [B]; eval batches add mask float32 [B]. T is `max_length`, or with
+    `bucket_size` > 0 the smallest multiple of `bucket_size` that holds the longest sequence
+    of the *global* batch (so all hosts agree on the shape; fewer wasted positions, at the
+    price of one compilation per distinct T).
+    """
+    input_kind = "tokens"
+    max_length: int
+    bucket_size: int = 0
+
+    def __init__(self) -> None:
+        self._tables: dict[str, SequenceTable] = {}
+
+    @abc.abstractmethod
+    def _load(self, split: str) -> SequenceTable:
+        """The split's sequences (already filtered / truncated to `max_length`)."""
+
+    def table(self, split: str) -> SequenceTable:
+        self.check_split(split)
+        if split not in self._tables:
+            self._tables[split] = self._load(split)
+        return self._tables[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.table(split))
+
+    def kept_fraction(self, split: str) -> float:
+        """Share of the split's examples kept under `max_length` (the rest were dropped;
+        multiply an accuracy by it to count them as wrong, as the FPT paper did)."""
+        self.table(split)
+        stats = getattr(self, "stats", {}).get(split)
+        return 1.0 if not stats else stats["kept"] / stats["total"]
+
+    def batch(self, split: str, step: int, batch_size: int, *, seed: int,
+              process_index: int = 0, process_count: int = 1) -> Batch:
+        table = self.table(split)
+        glob, idx = train_indices(len(table), step, batch_size, seed=seed, split=split,
+                                  process_index=process_index, process_count=process_count)
+        return table.batch(idx, bucket_length(table.lengths[glob], self.max_length,
+                                              self.bucket_size))
+
+    def eval_batches(self, split: str, batch_size: int, *, seed: int, num_batches: int | None,
+                     process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+        """The host's shard of `split` once, in order (`seed` unused); `num_batches` (if not
+        None) stops early."""
+        del seed
+        table = self.table(split)
+        for per_host, mask in eval_index_batches(len(table), batch_size,
+                                                 process_index=process_index,
+                                                 process_count=process_count,
+                                                 num_batches=num_batches):
+            pad = bucket_length(table.lengths[np.concatenate(per_host)], self.max_length,
+                                self.bucket_size)
+            out = table.batch(per_host[process_index], pad)
+            out["mask"] = mask
+            yield out
+
+    def per_example_metrics(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+        return classification_metrics(logits, batch["y"])

@@ -30,6 +30,7 @@ from fpt_jax.tasks import Task, get_task
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
+MAX_STEPS_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +315,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         print(s.table, flush=True)
-    logging.info("parameters:\n%s", s.table)
 
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                         cfg.checkpoint_every)
@@ -348,6 +348,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
         state, metrics = p_train(state, parallel.shard_batch(batch, len(devices),
                                                              cfg.grad_accum), rng)
         pending.append(metrics)  # stays on device until logged
+        # Keep at most a couple of steps in flight: enough to overlap dispatch with compute;
+        # an unbounded queue of pmapped collectives deadlocks XLA's CPU runtime.
+        if len(pending) > MAX_STEPS_IN_FLIGHT:
+            jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             host = parallel.unreplicate(pending)
@@ -366,11 +370,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
             if is_main:
                 print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
                       flush=True)
-        if ckpts.manager.should_save(done) or done == cfg.steps or ckpts.reached_preemption(done):
+        preempted = ckpts.reached_preemption(done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
             host_state = parallel.unreplicate(state)
             ckpts.save(done, host_state.params, host_state.opt_state, s.trainable_mask,
                        {"identity": identity}, force=True)
-            if ckpts.reached_preemption(done):
+            if preempted:
                 ckpts.wait()
                 logging.warning("preempted at step %d; checkpoint written", done)
                 break

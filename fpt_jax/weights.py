@@ -66,6 +66,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: GPT2Con
     keys and shapes that do not fit the config raise `WeightsError` naming the path.
     """
     flat: dict[tuple[str, ...], np.ndarray] = {}
+    names: dict[tuple[str, ...], str] = {}
     unexpected = []
     for name, value in state_dict.items():
         path = torch_name_to_path(name)
@@ -75,14 +76,18 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: GPT2Con
             unexpected.append(name)
             continue
         flat[path] = np.asarray(value, dtype=np.float32)
-    return _check_and_nest(flat, config, source, unexpected)
+        names[path] = name
+    return _check_and_nest(flat, config, source, unexpected, names)
 
 
 def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: GPT2Config, source: str,
-                    unexpected: list[str]) -> Params:
+                    unexpected: list[str],
+                    names: Mapping[tuple[str, ...], str] | None = None) -> Params:
+    """`names` maps a path to its key as written in the file, for error messages."""
+    names = names or {}
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
-    unexpected = unexpected + ["/".join(p) for p in flat if p not in expected]
+    unexpected = unexpected + [names.get(p, "/".join(p)) for p in flat if p not in expected]
     if unexpected:
         raise WeightsError(f"{source}: unexpected keys not in a GPT-2 with {config}: "
                            f"{sorted(unexpected)[:10]}")
@@ -92,7 +97,8 @@ def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: GPT2Config,
                            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all)")
     for path, shape in expected.items():
         if flat[path].shape != shape:
-            raise WeightsError(f"{source}: parameter {'/'.join(path)} has shape "
+            in_file = f" ({names[path]} in the file)" if path in names else ""
+            raise WeightsError(f"{source}: parameter {'/'.join(path)}{in_file} has shape "
                                f"{flat[path].shape} but the config expects {shape}")
     params: Params = {}
     for path, value in flat.items():
@@ -138,9 +144,11 @@ def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
     tree = serialization.msgpack_restore(file.read_bytes())
     tree = tree.get("transformer", tree)
     flat = {}
+    names = {}
     unexpected = []
     for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = [str(k.key) for k in path]
+        name = "/".join(keys)
         if keys[0] == "wte":
             continue
         if keys[0] == "h":
@@ -152,7 +160,8 @@ def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
         if keys[-1] == "kernel" and keys[-2] in ("c_attn", "c_proj", "c_fc"):
             value = value.T  # FlaxConv1D keeps the torch Linear layout
         flat[tuple(keys)] = value
-    return _check_and_nest(flat, config, str(file), unexpected)
+        names[tuple(keys)] = name
+    return _check_and_nest(flat, config, str(file), unexpected, names)
 
 
 def load_local(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:

@@ -63,10 +63,14 @@ class GPT2Config:
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(
-                f"config.json activation_function={act!r} is not supported; accepted: gelu_new")
+                f"config.json activation_function={act!r} is not supported; accepted: "
+                "gelu_new, gelu_pytorch_tanh")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise ValueError("config.json options scale_attn_by_inverse_layer_idx / "
                              "reorder_and_upcast_attn are not supported")
+        if not hf.get("scale_attn_weights", True):
+            raise ValueError("config.json scale_attn_weights=false is not supported: this "
+                             "GPT-2 always scales attention scores by 1/sqrt(head_dim)")
         return cls(
             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
             n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),

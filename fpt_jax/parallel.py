@@ -1,16 +1,29 @@
-"""Data parallelism: the pmap axis, per-device batches, replication, multi-host setup."""
+"""Data parallelism: the pmap axis, per-device batches, replication, multi-host setup.
+
+Multi-host runs use JAX's multi-controller runtime: every process runs the same program,
+`initialize_distributed` connects them (before anything touches a device), the pmapped
+step spans the devices of every process (`pmap_devices`), each process feeds its own
+devices its shard of the global batch, and `lax.pmean` over `AXIS` averages across all.
+"""
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import jax_utils
 
 AXIS = "batch"  # the pmap axis name that gradients and metrics are averaged over
 
 
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
 def local_devices(num_devices: int | None = None) -> list[jax.Device]:
+    """This process's devices that the step runs on: its first `num_devices` (default all)."""
     devices = jax.local_devices()
     if num_devices is None:
         return devices
@@ -18,6 +31,119 @@ def local_devices(num_devices: int | None = None) -> list[jax.Device]:
         raise ValueError(f"num_devices={num_devices} but this process has {len(devices)} "
                          "local devices")
     return devices[:num_devices]
+
+
+def pmap_devices(num_devices: int | None = None) -> list[jax.Device]:
+    """The devices a pmapped step spans: `local_devices(num_devices)` of every process, in
+    process order. It is the same list on every process, as `jax.pmap(devices=...)` requires;
+    in a single process it equals `local_devices(num_devices)`."""
+    if jax.process_count() == 1:
+        return local_devices(num_devices)
+    local_devices(num_devices)  # validates num_devices against this process
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    devices = []
+    for p in sorted(by_process):
+        mine = sorted(by_process[p], key=lambda d: d.id)
+        devices += mine if num_devices is None else mine[:num_devices]
+    return devices
+
+
+# --- multi-process setup ---------------------------------------------------------------
+
+def detect_cluster() -> tuple[str, int] | None:
+    """`(environment, process count)` of the cluster that `jax.distributed.initialize()`
+    would auto-detect (Cloud TPU VMs and pod slices, SLURM, Open MPI), or None on a plain
+    machine. Kubernetes and mpi4py are not probed (pass `--distributed=on` there)."""
+    try:
+        from jax._src import clusters  # where JAX keeps its auto-detection
+        envs = list(clusters.ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):  # a JAX without it: nothing is detected
+        return None
+    for env in envs:
+        if getattr(env, "opt_in_only_method", False) or env.__name__ == "K8sCluster":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            present = env.is_env_present()
+        if present:
+            return env.__name__, int(env.get_process_count())
+    return None
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None,
+                           cluster_detection_method: str | None = None,
+                           timeout_seconds: int = 100, init_timeout_seconds: int = 300) -> bool:
+    """Joins this process to a multi-process run with `jax.distributed.initialize`; returns
+    whether it did. Must run before anything touches a JAX device.
+
+    mode 'off': never (a single-process run). 'on': always; settings left None are
+    auto-detected by JAX (TPU pod slices, SLURM, Open MPI, `cluster_detection_method`).
+    'auto': when any of the settings is given, `JAX_COORDINATOR_ADDRESS` is set, or a
+    cluster environment with more than one process is detected (`detect_cluster`);
+    otherwise a single-process run, so a plain machine (or a one-task SLURM allocation,
+    whose auto-detection would hide all devices but one) never waits for peers.
+
+    `timeout_seconds` bounds failure: a process that dies or stops responding makes every
+    other process exit with an error ("... another task died ...") within about this long
+    (JAX's heartbeat timeout), and a process that fails waits at most this long at exit for
+    the others (the shutdown barrier). `init_timeout_seconds` bounds the wait for all
+    processes to connect at start.
+    """
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"unknown distributed mode {mode!r}; accepted: {list(DISTRIBUTED_MODES)}")
+    explicit = {k: v for k, v in (("coordinator_address", coordinator_address),
+                                  ("num_processes", num_processes), ("process_id", process_id),
+                                  ("local_device_ids", local_device_ids),
+                                  ("cluster_detection_method", cluster_detection_method))
+                if v is not None}
+    if mode == "off":
+        if explicit:
+            raise ValueError(f"--distributed=off but {sorted(explicit)} set; drop them or use "
+                             "--distributed=auto")
+        return False
+    for name, value in (("timeout", timeout_seconds), ("init_timeout", init_timeout_seconds)):
+        if value < 1:
+            raise ValueError(f"distributed {name} must be >= 1 second, got {value}")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+    how = "flags" if explicit else None
+    if mode == "auto" and not explicit:
+        if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            how = "JAX_COORDINATOR_ADDRESS"
+        else:
+            found = detect_cluster()
+            if found is None or found[1] <= 1:
+                return False
+            how = f"{found[0]} ({found[1]} processes)"
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("initialize_distributed must run before anything touches a JAX "
+                           "device (jax.devices(), a computation, device_put)")
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        # CPU devices of different processes talk through gloo (older JAX defaults to none).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address, num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=list(local_device_ids) if local_device_ids is not None else None,
+            cluster_detection_method=cluster_detection_method,
+            initialization_timeout=init_timeout_seconds,
+            heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=timeout_seconds)
+    except ValueError as e:  # what JAX could not detect: name the flags that supply it
+        raise ValueError(f"jax.distributed.initialize: {e} No cluster environment (TPU pod "
+                         "slice, SLURM, Open MPI) supplied it: pass --coordinator_address, "
+                         "--num_processes and --process_id") from e
+    logging.info("jax.distributed: process %d of %d (%s), %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), how or "auto-detected",
+                 jax.local_device_count(), jax.device_count())
+    return True
 
 
 def per_device_batch(global_batch: int, grad_accum: int = 1,

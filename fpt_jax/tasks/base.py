@@ -3,7 +3,10 @@
 A task states its input kind (real-valued token features, or token ids), its input and
 output sizes, and yields numpy batches as a pure function of (split, step, seed, host):
 the same arguments always give the same batch, which is what makes resume exact and lets
-each host of a multi-host run read only its own shard.
+each host of a multi-host run read only its own shard. Host `i` of `n` gets rows
+`[i * B, (i + 1) * B)` of the step's global batch of `n * B`, so the data of a run does
+not depend on how many processes share it (generated tasks draw the global batch from
+(seed, split, step) and keep their slice, `host_shard`).
 
 A batch is a dict of numpy arrays with a leading per-host batch dimension:
   x       float32 [B, ...features] (input_kind 'real') or int32 [B, T] (input_kind 'tokens')
@@ -102,6 +105,15 @@ def _import_all() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"fpt_jax.tasks.{module}":
                 raise
+
+
+def host_shard(batch: Batch, batch_size: int, process_index: int, process_count: int) -> Batch:
+    """Host `process_index`'s rows `[process_index * batch_size, ...)` of a global batch."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                         f"{process_count})")
+    lo = process_index * batch_size
+    return {k: v[lo:lo + batch_size] for k, v in batch.items()}
 
 
 def host_rng(seed: int, split: str, step: int, process_index: int) -> np.random.Generator:

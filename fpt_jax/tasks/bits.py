@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from fpt_jax.tasks.base import Batch, Task, classification_metrics, host_rng, register
+from fpt_jax.tasks.base import (Batch, Task, classification_metrics, host_rng, host_shard,
+                                register)
 
 
 class _BitTask(Task):
@@ -45,10 +46,11 @@ class BitXOR(_BitTask):
     def batch(self, split: str, step: int, batch_size: int, *, seed: int,
               process_index: int = 0, process_count: int = 1) -> Batch:
         self.check_split(split)
-        rng = host_rng(seed, split, step, process_index)
-        bits = rng.integers(0, 2, size=(batch_size, self.num_patterns, self.n))
+        rng = host_rng(seed, split, step, 0)  # the global batch, the same on every host
+        bits = rng.integers(0, 2, size=(batch_size * process_count, self.num_patterns, self.n))
         xor = np.bitwise_xor.reduce(bits, axis=1)
-        return {"x": bits.astype(np.float32), "y": xor.astype(np.int32)}
+        return host_shard({"x": bits.astype(np.float32), "y": xor.astype(np.int32)},
+                          batch_size, process_index, process_count)
 
 
 @register("bit_memory")
@@ -64,9 +66,11 @@ class BitMemory(_BitTask):
     def batch(self, split: str, step: int, batch_size: int, *, seed: int,
               process_index: int = 0, process_count: int = 1) -> Batch:
         self.check_split(split)
-        rng = host_rng(seed, split, step, process_index)
-        bits = 2 * rng.integers(0, 2, size=(batch_size, self.num_patterns, self.n)) - 1
-        query = bits[np.arange(batch_size), rng.integers(0, self.num_patterns, batch_size)]
+        rng = host_rng(seed, split, step, 0)  # the global batch, the same on every host
+        g = batch_size * process_count
+        bits = 2 * rng.integers(0, 2, size=(g, self.num_patterns, self.n)) - 1
+        query = bits[np.arange(g), rng.integers(0, self.num_patterns, g)]
         masked = query * rng.integers(0, 2, size=query.shape)
         x = np.concatenate([bits, masked[:, None]], axis=1)
-        return {"x": x.astype(np.float32), "y": (query > 0).astype(np.int32)}
+        return host_shard({"x": x.astype(np.float32), "y": (query > 0).astype(np.int32)},
+                          batch_size, process_index, process_count)

@@ -10,14 +10,21 @@ r"""Trains a Frozen Pretrained Transformer on one task. The only place that read
 
 Running the same command again resumes from the latest checkpoint in --workdir; a larger
 --steps continues the run.
+
+Several processes (TPU pod slices, multi-node GPU clusters) run the same command on every
+host: on a TPU pod slice or under SLURM / Open MPI it needs no extra flag (the cluster is
+detected); elsewhere pass --coordinator_address, --num_processes and --process_id
+(docs/multihost.md). --batch_size stays the global batch; --workdir must be on storage
+that every process sees.
 """
 from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags, logging
 
-from fpt_jax import freeze, train
+from fpt_jax import freeze, parallel, train
 from fpt_jax.weights import WeightsError
 from fpt_jax.models.gpt2 import PRESETS
 from fpt_jax.tasks import task_names
@@ -81,6 +88,30 @@ flags.DEFINE_enum("dtype", "float32", list(train.DTYPES), "Compute dtype (parame
 flags.DEFINE_bool("remat", False, "Activation checkpointing per block (long sequences).")
 flags.DEFINE_integer("num_devices", None, "Local devices to use; default all.")
 
+flags.DEFINE_enum("distributed", "auto", list(parallel.DISTRIBUTED_MODES),
+                  "Multi-process run over jax.distributed. auto: when --coordinator_address, "
+                  "--num_processes or --process_id (or JAX_COORDINATOR_ADDRESS) is set, or a "
+                  "cluster of several processes is detected (TPU pod slice, SLURM job with "
+                  "several tasks, Open MPI); otherwise one process. on: always (unset values "
+                  "auto-detected). off: never.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0's "
+                    "coordinator, the same on every process. Default: auto-detected.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes. Default: "
+                     "auto-detected.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's id in "
+                     "[0, --num_processes). Default: auto-detected.")
+flags.DEFINE_list("local_device_ids", None, "Multi-process: restrict this process to these "
+                  "local device ids. Default: all (JAX's default on SLURM/Open MPI GPUs: one "
+                  "device per process).")
+flags.DEFINE_string("cluster_detection_method", None, "Multi-process: force one of JAX's "
+                    "cluster detectors, e.g. mpi4py (opt-in only), slurm, ompi.")
+flags.DEFINE_integer("distributed_timeout", 100, "Multi-process: seconds after which a "
+                     "process that died or stopped responding makes every other process exit "
+                     "with an error (JAX's heartbeat timeout); also the longest a failing "
+                     "process waits for the others at exit.")
+flags.DEFINE_integer("distributed_init_timeout", 300, "Multi-process: seconds to wait at "
+                     "start for every process to connect.")
+
 
 def _parse_value(text: str):
     for cast in (int, float):
@@ -119,20 +150,35 @@ def config_from_flags() -> train.TrainConfig:
         dtype=F.dtype, remat=F.remat, num_devices=F.num_devices)
 
 
+def initialize_distributed() -> bool:
+    """Joins a multi-process run as the flags say; before anything touches a device."""
+    ids = [int(i) for i in F.local_device_ids] if F.local_device_ids is not None else None
+    return parallel.initialize_distributed(
+        F.distributed, coordinator_address=F.coordinator_address,
+        num_processes=F.num_processes, process_id=F.process_id, local_device_ids=ids,
+        cluster_detection_method=F.cluster_detection_method,
+        timeout_seconds=F.distributed_timeout, init_timeout_seconds=F.distributed_init_timeout)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not F["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
+        if initialize_distributed() and jax.process_index() != 0 and not F["verbosity"].present:
+            logging.set_verbosity(logging.ERROR)  # process 0 logs; the others only errors
         cfg = config_from_flags()
         logging.info("config: %s", cfg)
         final = train.train_and_evaluate(cfg, F.workdir)
     except (ValueError, WeightsError) as e:
         # Bad flags and bad inputs: the message names what was wrong and what is accepted.
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+        print(f"error: {prefix}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())), flush=True)
+    if jax.process_index() == 0:
+        print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())),
+              flush=True)
 
 
 if __name__ == "__main__":

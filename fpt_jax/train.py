@@ -332,8 +332,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
 
     writer = MetricWriter(workdir, resume_step=start)
     train_step = make_train_step(s.model, s.task, s.tx, s.trainable_mask, cfg.grad_accum)
-    p_train = pmapped_train_step(train_step, devices)
-    p_eval = pmapped_eval_step(make_eval_step(s.model, s.task), devices)
+    mapped = parallel.pmap_devices(cfg.num_devices)  # every process's devices
+    p_train = pmapped_train_step(train_step, mapped)
+    p_eval = pmapped_eval_step(make_eval_step(s.model, s.task), mapped)
     state = parallel.replicate(state, devices)
     rng = jax.random.PRNGKey(cfg.seed + 1)
     split = cfg.eval_split or s.task.eval_split

@@ -1,0 +1,220 @@
+"""Multi-process training on one machine: 2 processes x 2 CPU devices over jax.distributed
+(gloo collectives) against one process with 4 devices and the same global batch.
+
+The processes run the real entry point (`experiments.train`, through
+tests/multihost_worker.py) with its multi-process flags. One run of 4 steps writes a
+checkpoint; a second run resumes from it in both processes and is then killed in one of
+them, which must make the other fail with a clear error within --distributed_timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fpt_jax import train
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+# Losses of the 2-process run equal the 1-process run up to float32 reduction order (the
+# gradient all-reduce sums in a different order over gloo); measured: <= 1.2e-7 relative.
+RTOL, ATOL = 1e-5, 1e-6
+DEATH_TIMEOUT = 10  # --distributed_timeout of the run that loses a process
+DEATH_DEADLINE = 60  # the survivor must be gone this long after the kill
+
+RUN_FLAGS = ["--task=bit_xor", "--init=random", "--n_layer=1", "--n_embd=32", "--n_head=2",
+             "--dropout=0", "--batch_size=8", "--log_every=1", "--eval_every=2",
+             "--eval_batches=1", "--checkpoint_every=1000", "--seed=3"]
+# The same run as a TrainConfig (the flags' defaults are TrainConfig's defaults otherwise).
+REF_CONFIG = train.TrainConfig(task="bit_xor", init="random", n_layer=1, n_embd=32, n_head=2,
+                               dropout=0.0, batch_size=8, log_every=1, eval_every=2,
+                               eval_batches=1, checkpoint_every=1000, seed=3, steps=6)
+FIRST_STEPS = 4  # the first multi-process run; the resumed one continues past REF_CONFIG.steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """`NUM_PROCESSES` local processes of one multi-process run, output in files."""
+
+    def __init__(self, logdir: Path, flags: list[str], cache_dir: Path, timeout: int):
+        env = dict(os.environ)
+        env.update({
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+            "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+            # the second run reuses the first run's compilations
+            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
+        port = _free_port()
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.logs = [(logdir / f"out{i}.txt", logdir / f"err{i}.txt")
+                     for i in range(NUM_PROCESSES)]
+        self.procs = []
+        for i, (out, err) in enumerate(self.logs):
+            cmd = [sys.executable, "-m", "tests.multihost_worker", *flags,
+                   f"--coordinator_address=127.0.0.1:{port}",
+                   f"--num_processes={NUM_PROCESSES}", f"--process_id={i}",
+                   f"--distributed_timeout={timeout}", "--distributed_init_timeout=120"]
+            with open(out, "w") as fo, open(err, "w") as fe:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo,
+                                                   stderr=fe))
+
+    def output(self, i: int) -> tuple[str, str]:
+        return tuple(p.read_text(errors="replace") for p in self.logs[i])
+
+    def report(self) -> str:
+        parts = []
+        for i, p in enumerate(self.procs):
+            out, err = self.output(i)
+            parts.append(f"--- process {i} (rc {p.poll()}) stdout:\n{out[-3000:]}\n"
+                         f"--- stderr:\n{err[-3000:]}")
+        return "\n".join(parts)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"multi-process run did not finish in {timeout} s\n{self.report()}")
+        if any(p.returncode for p in self.procs):
+            pytest.fail(f"multi-process run failed\n{self.report()}")
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _metrics(workdir: Path) -> dict[int, dict[str, float]]:
+    by_step: dict[int, dict[str, float]] = {}
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step.setdefault(record.pop("step"), {}).update(record)
+    return by_step
+
+
+def _assert_metrics_match(got: dict, want: dict, steps) -> None:
+    for step in steps:
+        assert step in got, f"step {step} missing from the multi-process metrics: {sorted(got)}"
+        for key, value in want[step].items():
+            np.testing.assert_allclose(got[step][key], value, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{key} at step {step}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The first 2-process run (FIRST_STEPS steps, one checkpoint) and the 1-process,
+    4-device reference of REF_CONFIG.steps steps, run meanwhile in this process."""
+    import jax
+    if jax.local_device_count() != NUM_PROCESSES * DEVICES_PER_PROCESS:
+        pytest.skip(f"the reference run needs {NUM_PROCESSES * DEVICES_PER_PROCESS} devices "
+                    "(XLA_FLAGS from conftest.py)")
+    root = tmp_path_factory.mktemp("multihost")
+    multi, ref = root / "multi", root / "ref"
+    cluster = Cluster(root / "logs_first", [*RUN_FLAGS, f"--steps={FIRST_STEPS}",
+                                            f"--workdir={multi}",
+                                            f"--restored_to={root}/restored_{{process}}.npz"],
+                      root / "jax_cache", timeout=120)
+    try:
+        train.train_and_evaluate(REF_CONFIG, str(ref))
+        cluster.wait(timeout=300)
+    finally:
+        cluster.kill()
+    return {"root": root, "multi": multi, "ref": ref, "multi_metrics": _metrics(multi),
+            "ref_metrics": _metrics(ref), "first": cluster}
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    got, want = runs["multi_metrics"], runs["ref_metrics"]
+    assert max(got) == FIRST_STEPS
+    _assert_metrics_match(got, want, range(1, FIRST_STEPS + 1))
+    assert "eval/loss" in got[FIRST_STEPS]
+    # only process 0 logs and prints
+    out0, _ = runs["first"].output(0)
+    out1, _ = runs["first"].output(1)
+    assert f"step {FIRST_STEPS}/{FIRST_STEPS}" in out0 and "final:" in out0
+    assert "step 1/" not in out1 and "final:" not in out1
+
+
+def test_checkpoint_is_written_once_and_restored_in_every_process(runs):
+    ckpt_dir = runs["multi"] / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [str(FIRST_STEPS)]
+
+    def layout(step_dir: Path) -> list[str]:
+        # orbax names data files by content hash: compare the tree with those names masked
+        return sorted(str(r.parent / "<data>") if r.parent.name == "d" else str(r)
+                      for r in (p.relative_to(step_dir) for p in step_dir.rglob("*")))
+
+    multi_step = ckpt_dir / str(FIRST_STEPS)
+    ref_step = runs["ref"] / "checkpoints" / str(REF_CONFIG.steps)
+    files = [str(p.relative_to(multi_step)) for p in multi_step.rglob("*")]
+    assert not [f for f in files if "process_1" in f or "tmp" in f], files
+    assert layout(multi_step) == layout(ref_step)  # one copy, as one process writes it
+
+    restored = [np.load(runs["root"] / f"restored_{i}.npz") for i in range(NUM_PROCESSES)]
+    assert [int(r["step"]) for r in restored] == [FIRST_STEPS] * NUM_PROCESSES
+    keys = set(restored[0].files) - {"step"}
+    assert any(k.startswith("params/") for k in keys) and any(
+        k.startswith("opt_state/") for k in keys)
+    for r in restored[1:]:
+        assert set(r.files) - {"step"} == keys
+        for k in keys:
+            np.testing.assert_array_equal(r[k], restored[0][k], err_msg=k)
+
+
+def test_resume_in_every_process_then_a_dead_process_fails_the_run(runs):
+    """The second run resumes from the checkpoint (its losses continue the reference's),
+    then process 1 is killed: process 0 must exit non-zero with a clear error in time."""
+    multi = runs["multi"]
+    cluster = Cluster(runs["root"] / "logs_resume", [*RUN_FLAGS, "--steps=1000000",
+                                                     f"--workdir={multi}"],
+                      runs["root"] / "jax_cache", timeout=DEATH_TIMEOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while REF_CONFIG.steps not in _metrics(multi) or "eval/loss" not in _metrics(
+                multi)[REF_CONFIG.steps]:
+            if any(p.poll() is not None for p in cluster.procs):
+                pytest.fail(f"a process of the resumed run ended early\n{cluster.report()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the resumed run made no progress\n{cluster.report()}")
+            time.sleep(0.2)
+        assert "resumed from checkpoint at step 4" in cluster.output(0)[0]
+        _assert_metrics_match(_metrics(multi), runs["ref_metrics"],
+                              range(1, REF_CONFIG.steps + 1))
+
+        cluster.procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            rc = cluster.procs[0].wait(DEATH_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still runs {DEATH_DEADLINE} s after process 1 died\n"
+                        f"{cluster.report()}")
+        elapsed = time.monotonic() - killed
+        _, err = cluster.output(0)
+        assert rc != 0, cluster.report()
+        assert re.search(r"another task died|stopped sending heartbeats|unhealthy", err), \
+            cluster.report()
+        print(f"process 0 exited (rc {rc}) {elapsed:.1f} s after process 1 was killed "
+              f"(--distributed_timeout={DEATH_TIMEOUT})")
+    finally:
+        cluster.kill()

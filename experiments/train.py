@@ -44,7 +44,8 @@ flags.DEFINE_string("data_dir", None, "Dataset tasks: the tensorflow-datasets da
 flags.DEFINE_list("task_option", [], "Further task options as key=value (ints and floats are "
                   "parsed), e.g. --task_option=image_size=32.")
 
-flags.DEFINE_enum("model", "gpt2", sorted(PRESETS), "GPT-2 preset.")
+flags.DEFINE_enum("model", "gpt2", [*sorted(PRESETS), "auto"], "GPT-2 preset; 'auto' takes "
+                  "the architecture from --weights (e.g. a custom or distilled GPT-2).")
 flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
                   "Backbone initialisation: pretrained weights or random (the paper's "
                   "random-init ablation).")

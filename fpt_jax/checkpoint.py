@@ -21,7 +21,7 @@ def _flat(tree) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     pass
 
 
@@ -47,10 +47,13 @@ class Checkpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, step: int, params, opt_state, trainable_mask) -> tuple[Any, Any, dict]:
-        """Restores into templates `params` (frozen leaves kept) and `opt_state`."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(
+    def meta(self, step: int) -> dict:
+        """The JSON saved with checkpoint `step` (read before the arrays, to check the run)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, params, opt_state, trainable_mask) -> tuple[Any, Any]:
+        """Restores into templates `params` (frozen leaves kept) and `opt_state`."""
         flat_params, mask = _flat(params), _flat(trainable_mask)
         abstract = {"params": {k: _abstract(v) for k, v in flat_params.items() if mask[k]},
                     "opt_state": {k: _abstract(v) for k, v in _flat(opt_state).items()}}
@@ -60,7 +63,8 @@ class Checkpoints:
         except (ValueError, KeyError) as e:
             raise CheckpointError(
                 f"checkpoint {step} in {self.manager.directory} does not fit this run's model "
-                f"and trainable selection ({e}); use another --workdir or the run's own flags"
+                f"and trainable selection ({str(e)[:300]}); use another --workdir or the run's "
+                "own flags"
             ) from e
         new_params = jax.tree_util.tree_unflatten(
             jax.tree_util.tree_structure(params),
@@ -69,7 +73,7 @@ class Checkpoints:
         new_opt = jax.tree_util.tree_unflatten(
             jax.tree_util.tree_structure(opt_state),
             [np.asarray(restored["opt_state"][k]) for k in _flat(opt_state)])
-        return new_params, new_opt, meta
+        return new_params, new_opt
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -39,7 +39,7 @@ class TrainConfig:
     task: str = "bit_xor"
     task_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # the backbone
-    model: str = "gpt2"  # preset name
+    model: str = "gpt2"  # preset name; "auto" = the architecture of --weights
     init: str = "random"  # 'pretrained' or 'random'
     weights: str | None = None  # hub name, local HF dir or converted checkpoint; default: model
     n_layer: int | None = None  # architecture overrides, random init only
@@ -112,18 +112,26 @@ def backbone(cfg: TrainConfig) -> tuple[GPT2Config, dict | None]:
         if overrides:
             raise ValueError(f"architecture overrides {overrides} apply to --init=random only; "
                              "pretrained weights fix the architecture")
-        GPT2Config.preset(cfg.model)  # an unknown preset is an error even with --weights
+        if cfg.model == "auto":  # the architecture is whatever the weights hold
+            if not cfg.weights:
+                raise ValueError("--model=auto takes the architecture from --weights; pass "
+                                 "--weights or a preset name as --model")
+            return _with_dropout(*weights.load_gpt2(cfg.weights), cfg)
+        expected = GPT2Config.preset(cfg.model)  # an unknown preset is an error first
         config, params = weights.load_gpt2(cfg.weights or cfg.model)
-        expected = GPT2Config.preset(cfg.model)
         arch = ("n_layer", "n_head", "n_embd")
         if any(getattr(config, a) != getattr(expected, a) for a in arch):
             got = {a: getattr(config, a) for a in arch}
             want = {a: getattr(expected, a) for a in arch}
             raise ValueError(f"--weights={cfg.weights} holds a GPT-2 with {got}, but "
-                             f"--model={cfg.model} is {want}; pass the matching --model")
-    config = dataclasses.replace(config, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                                 resid_pdrop=cfg.dropout)
-    return config, params
+                             f"--model={cfg.model} is {want}; pass the matching --model "
+                             "(or --model=auto to take the architecture from the weights)")
+    return _with_dropout(config, params, cfg)
+
+
+def _with_dropout(config: GPT2Config, params, cfg: TrainConfig):
+    return dataclasses.replace(config, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                               resid_pdrop=cfg.dropout), params
 
 
 def make_model(cfg: TrainConfig, task: Task, config: GPT2Config) -> FPT:
@@ -211,7 +219,7 @@ def make_train_step(model: FPT, task: Task, tx: optax.GradientTransformation, tr
             grads, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, metrics))
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         # Back to a full tree for optax; the frozen zeros are never read (set_to_zero).
         trainable = iter(grads)
         full = [next(trainable) if m else jnp.zeros_like(p)
@@ -322,9 +330,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
     state, start = s.state, 0
     latest = ckpts.latest_step()
     if latest is not None:
-        params, opt_state, meta = ckpts.restore(latest, state.params, state.opt_state,
-                                                s.trainable_mask)
-        _check_identity(meta.get("identity", {}), identity, workdir)
+        _check_identity(ckpts.meta(latest).get("identity", {}), identity, workdir)
+        params, opt_state = ckpts.restore(latest, state.params, state.opt_state,
+                                          s.trainable_mask)
         state, start = TrainState(np.int32(latest), params, opt_state), latest
         logging.info("resumed from step %d in %s", latest, workdir)
         if is_main:

@@ -1,0 +1,91 @@
+"""The FPT wrapper: patching, reading the last positions, input layers, token inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpt_jax.models.fpt import FPT
+from fpt_jax.models.gpt2 import GPT2, GPT2Config
+
+CONFIG = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64)
+
+
+def _init(model, x, **kw):
+    return model.init(jax.random.PRNGKey(0), x, **kw)["params"]
+
+
+def test_patches_rows_and_regroups_last_row_outputs():
+    # Bit XOR layout: 2 rows of 5 bits, 1 feature per token -> 10 tokens, 5 outputs of 2.
+    model = FPT(CONFIG, input_dim=1, output_dim=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 5))
+    params = _init(model, x)
+    logits = model.apply({"params": params}, x)
+    assert logits.shape == (3, 10)
+    # Reference by hand: tokens in row-major order through the same layers.
+    p = params
+    tokens = x.reshape(3, 10, 1)
+    h = tokens @ p["input"]["proj"]["kernel"] + p["input"]["proj"]["bias"]
+    h = GPT2(CONFIG).apply({"params": p["transformer"]}, h)
+    out = h[:, -5:] @ p["output"]["proj"]["kernel"] + p["output"]["proj"]["bias"]
+    np.testing.assert_allclose(logits, out.reshape(3, 10), atol=1e-5)
+
+
+def test_feature_size_not_a_multiple_of_patch_size_is_an_error():
+    model = FPT(CONFIG, input_dim=3, output_dim=2)
+    with pytest.raises(ValueError, match="input feature size 5 is not a multiple of the patch "
+                                         "size input_dim=3"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 5)))
+
+
+def test_input_layer_is_orthogonal_with_gain_and_zero_bias():
+    model = FPT(CONFIG, input_dim=8, output_dim=4, orth_gain=1.41)
+    params = _init(model, jnp.zeros((1, 3, 8)))
+    w = np.asarray(params["input"]["proj"]["kernel"])  # [8, 16]: orthonormal rows x gain
+    np.testing.assert_allclose(w @ w.T, 1.41 ** 2 * np.eye(8), atol=1e-5)
+    assert not np.any(params["input"]["proj"]["bias"])
+
+
+def test_hidden_layer_sizes_build_mlps_on_both_ends():
+    model = FPT(CONFIG, input_dim=4, output_dim=3, in_layer_sizes=(32,), out_layer_sizes=(8, 8))
+    params = _init(model, jnp.zeros((1, 2, 4)))
+    assert params["input"]["hidden_0"]["kernel"].shape == (4, 32)
+    assert params["input"]["proj"]["kernel"].shape == (32, 16)
+    assert [params["output"][k]["kernel"].shape for k in ("hidden_0", "hidden_1", "proj")] == \
+        [(16, 8), (8, 8), (8, 3)]
+
+
+def test_token_inputs_read_the_last_real_token_ignoring_padding():
+    model = FPT(CONFIG, input_dim=20, output_dim=4, input_kind="tokens")
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 1, 20)
+    params = _init(model, ids)
+    lengths = jnp.array([5, 9])
+    padded = jnp.where(jnp.arange(12) < lengths[:, None], ids, 0)
+    garbage = jnp.where(jnp.arange(12) < lengths[:, None], ids, 7)
+    a = model.apply({"params": params}, padded, lengths)
+    b = model.apply({"params": params}, garbage, lengths)
+    # Causal attention: what lies after length-1 cannot change the output read there.
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    trimmed = model.apply({"params": params}, ids[:1, :5])
+    np.testing.assert_allclose(a[0], trimmed[0], atol=1e-5)
+
+
+def test_token_input_must_be_integer_ids():
+    model = FPT(CONFIG, input_dim=20, output_dim=4, input_kind="tokens")
+    with pytest.raises(ValueError, match="token task input must be int"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.float32))
+
+
+def test_too_many_tokens_after_patching_is_an_error():
+    model = FPT(CONFIG, input_dim=1, output_dim=2)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds the model's n_positions=64"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 13)))
+
+
+def test_return_all_positions_and_attention_weights():
+    model = FPT(CONFIG, input_dim=2, output_dim=3, return_last_only=False)
+    x = jnp.ones((2, 4, 2))
+    params = _init(model, x)
+    logits, attentions = model.apply({"params": params}, x, output_attentions=True)
+    assert logits.shape == (2, 4, 3)
+    assert len(attentions) == 2 and attentions[0].shape == (2, 2, 4, 4)
+    np.testing.assert_allclose(attentions[1].sum(-1), 1.0, atol=1e-5)

@@ -1,0 +1,115 @@
+"""Parameter groups, trainable selections and the multi_transform optimizer."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fpt_jax import freeze
+from fpt_jax.models.fpt import FPT
+from fpt_jax.models.gpt2 import GPT2Config
+
+N_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def params():
+    config = GPT2Config(n_layer=N_LAYER, n_head=2, n_embd=16, n_positions=32)
+    model = FPT(config, input_dim=3, output_dim=5)
+    return model.init(jax.random.PRNGKey(0), np.zeros((1, 4, 3), np.float32))["params"]
+
+
+@pytest.mark.parametrize("path, expected", [
+    (("input", "proj", "kernel"), ("input", None)),
+    (("output", "proj", "bias"), ("output", None)),
+    (("transformer", "wpe", "embedding"), ("pos", None)),
+    (("transformer", "ln_f", "scale"), ("ln", None)),
+    (("transformer", "h_3", "ln_1", "bias"), ("ln", 3)),
+    (("transformer", "h_11", "ln_2", "scale"), ("ln", 11)),
+    (("transformer", "h_0", "attn", "c_attn", "kernel"), ("attn", 0)),
+    (("transformer", "h_2", "attn", "c_proj", "bias"), ("attn", 2)),
+    (("transformer", "h_7", "mlp", "c_fc", "kernel"), ("mlp", 7)),
+])
+def test_param_group_maps_paths_to_group_and_layer(path, expected):
+    assert freeze.param_group(path) == expected
+
+
+def test_param_group_rejects_unknown_path():
+    with pytest.raises(ValueError, match="transformer/wte/embedding belongs to no group"):
+        freeze.param_group(("transformer", "wte", "embedding"))
+
+
+def test_every_parameter_of_the_model_has_a_group(params):
+    groups = {freeze.param_group(p)[0]
+              for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert groups == set(freeze.GROUPS)
+
+
+def _trainable_paths(params, spec):
+    sel = freeze.parse_selection(spec, N_LAYER)
+    labels = freeze.labels(params, sel)
+    return {"/".join(str(k.key) for k in p) for p, lab in
+            jax.tree_util.tree_flatten_with_path(labels)[0] if lab == freeze.TRAIN}
+
+
+def test_fpt_preset_trains_input_pos_ln_output_only(params):
+    paths = _trainable_paths(params, "fpt")
+    assert paths and all(freeze.param_group(p.split("/"))[0] in ("input", "pos", "ln", "output")
+                         for p in paths)
+    assert "transformer/ln_f/scale" in paths and "transformer/wpe/embedding" in paths
+    assert not any("/attn/" in p or "/mlp/" in p for p in paths)
+
+
+def test_full_selects_every_parameter(params):
+    assert len(_trainable_paths(params, "full")) == len(jax.tree_util.tree_leaves(params))
+
+
+def test_layer_range_selects_only_those_blocks(params):
+    paths = _trainable_paths(params, "output,attn[-2:]")
+    attn_layers = {p.split("/")[1] for p in paths if "/attn/" in p}
+    assert attn_layers == {"h_2", "h_3"}
+    assert {p.split("/")[0] for p in paths} == {"output", "transformer"}
+    assert not any("ln_" in p or "mlp" in p for p in paths)
+
+
+def test_ln_range_excludes_final_layer_norm(params):
+    paths = _trainable_paths(params, "ln[0:1]")
+    assert paths == {"transformer/h_0/ln_1/scale", "transformer/h_0/ln_1/bias",
+                     "transformer/h_0/ln_2/scale", "transformer/h_0/ln_2/bias"}
+
+
+def test_single_block_index_and_union_of_ranges(params):
+    paths = _trainable_paths(params, "mlp[1],mlp[-1]")
+    assert {p.split("/")[1] for p in paths} == {"h_1", "h_3"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("input,conv", "unknown trainable group 'conv'"),
+    ("output[0:2]", "group 'output' has no blocks"),
+    ("attn[7]", "block 7 in 'attn\\[7\\]' is out of range for 4 blocks"),
+    ("attn[5:]", "selects no block"),
+])
+def test_bad_selection_is_a_clear_error(spec, message):
+    with pytest.raises(ValueError, match=message):
+        freeze.parse_selection(spec, N_LAYER)
+
+
+def test_frozen_parameters_get_no_optimizer_state(params):
+    sel = freeze.parse_selection("fpt", N_LAYER)
+    tx = freeze.make_optimizer(optax.adam(1e-3), params, sel)
+    state = tx.init(params)
+    n_trainable = sum(x.size for x, m in zip(jax.tree_util.tree_leaves(params),
+                                             jax.tree_util.tree_leaves(
+                                                 freeze.trainable_mask(params, sel))) if m)
+    # Adam keeps two moments per trainable element plus a step count: nothing for frozen ones.
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
+    assert n_state == 2 * n_trainable + 1
+
+
+def test_count_table_sums_to_the_parameter_count(params):
+    sel = freeze.parse_selection("fpt", N_LAYER)
+    text, counts = freeze.count_table(params, sel)
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert counts["total"]["trainable"] + counts["total"]["frozen"] == total
+    assert counts["attn"]["trainable"] == 0 and counts["attn"]["frozen"] > 0
+    assert counts["output"]["frozen"] == 0
+    assert "attn" in text and f"{counts['total']['trainable']:,}" in text

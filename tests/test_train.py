@@ -1,0 +1,168 @@
+"""The training core: frozen parameters, data parallelism, accumulation, resume, learning."""
+import dataclasses
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fpt_jax import freeze, parallel, train
+from fpt_jax.train import TrainConfig
+
+TINY = dict(task="bit_xor", init="random", n_layer=2, n_head=2, n_embd=32, batch_size=8,
+            log_every=1, eval_every=1000, eval_batches=2, checkpoint_every=1000)
+
+
+def _run_steps(cfg: TrainConfig, n: int, num_devices: int):
+    """Runs `n` pmapped train steps; returns (initial host state, final host state, losses)."""
+    s = train.setup(cfg)
+    devices = parallel.local_devices(num_devices)
+    step = train.pmapped_train_step(
+        train.make_train_step(s.model, s.task, s.tx, s.trainable_mask, cfg.grad_accum), devices)
+    state = parallel.replicate(s.state, devices)
+    per_process = cfg.batch_size
+    losses = []
+    for i in range(n):
+        batch = s.task.batch("train", i, per_process, seed=cfg.seed)
+        state, metrics = step(state, parallel.shard_batch(batch, len(devices), cfg.grad_accum),
+                              jax.random.PRNGKey(1))
+        losses.append(float(metrics["loss"][0]))
+    return s, parallel.unreplicate(state), losses
+
+
+def _leaves_with_mask(tree, mask):
+    return zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree_util.tree_leaves(mask))
+
+
+@pytest.mark.parametrize("trainable", ["fpt", "output,ln[-1:],attn[0]"])
+def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable):
+    cfg = TrainConfig(**TINY, trainable=trainable)
+    s, final, _ = _run_steps(cfg, 3, num_devices=4)
+    n_frozen = n_trained = 0
+    for ((path, before), m), after in zip(_leaves_with_mask(s.state.params, s.trainable_mask),
+                                          jax.tree_util.tree_leaves(final.params)):
+        name = jax.tree_util.keystr(path)
+        if m:
+            n_trained += 1
+            assert not np.array_equal(before, after), f"trainable {name} did not change"
+        else:
+            n_frozen += 1
+            assert np.array_equal(before, after), f"frozen {name} changed"
+            assert after.dtype == before.dtype
+    assert n_frozen > 0 and n_trained > 0
+
+
+def test_optimizer_state_holds_moments_for_trainable_params_only():
+    cfg = TrainConfig(**TINY)
+    s = train.setup(cfg)
+    sizes = [x.size for x, m in zip(jax.tree_util.tree_leaves(s.state.params),
+                                    jax.tree_util.tree_leaves(s.trainable_mask)) if m]
+    opt_elements = sum(np.size(x) for x in jax.tree_util.tree_leaves(s.state.opt_state))
+    # Adam keeps mu and nu per trainable element; Adam and the lr schedule count steps.
+    assert opt_elements == 2 * sum(sizes) + 2
+
+
+def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
+    # Dropout off: its keys are per device, so masks differ between device counts by design.
+    cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
+    _, final1, losses1 = _run_steps(cfg, 5, num_devices=1)
+    _, final4, losses4 = _run_steps(cfg, 5, num_devices=4)
+    # Tolerance: float32 reassociation of the mean over 4 partial batches.
+    np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(final1.params),
+                    jax.tree_util.tree_leaves(final4.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
+    _, big, losses_big = _run_steps(cfg, 4, num_devices=2)
+    _, acc, losses_acc = _run_steps(dataclasses.replace(cfg, grad_accum=4), 4, num_devices=2)
+    np.testing.assert_allclose(losses_big, losses_acc, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(big.params), jax.tree_util.tree_leaves(acc.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(**{**TINY, "eval_every": 4, "checkpoint_every": 4}, steps=12,
+                      dropout=0.1)
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(cfg, str(straight))
+    resumed = tmp_path / "resumed"
+    train.train_and_evaluate(dataclasses.replace(cfg, steps=8), str(resumed))
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "8"]
+    # A run killed after step 8's checkpoint has already logged later steps; resuming must
+    # drop them and produce exactly the uninterrupted metrics (dropout keys included).
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 9, "train/loss": -1.0}) + "\n")
+    train.train_and_evaluate(cfg, str(resumed))
+    assert _records(straight) == _records(resumed)
+    keys = {k for r in _records(straight) for k in r}
+    assert {"step", "train/loss", "train/accuracy", "eval/loss", "eval/accuracy"} <= keys
+    assert glob.glob(str(straight / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_resume_with_different_trainable_groups_is_refused(tmp_path):
+    cfg = TrainConfig(**TINY, steps=2)
+    train.train_and_evaluate(cfg, str(tmp_path))
+    with pytest.raises(ValueError, match="holds a checkpoint of a different run.*trainable"):
+        train.train_and_evaluate(dataclasses.replace(cfg, steps=4, trainable="full"),
+                                 str(tmp_path))
+
+
+def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
+    cfg = TrainConfig(task="bit_xor", init="random", n_layer=2, n_head=4, n_embd=128,
+                      trainable="fpt", batch_size=16, learning_rate=3e-3, dropout=0.0,
+                      steps=1200, log_every=100, eval_every=1200, eval_batches=8,
+                      eval_batch_size=64, checkpoint_every=1200, num_devices=1)
+    final = train.train_and_evaluate(cfg, str(tmp_path))
+    assert final["eval/accuracy"] >= 0.99, final
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(task="bit_parity"), "unknown task 'bit_parity'; accepted: .*bit_xor"),
+    (dict(model="gpt5"), "unknown GPT-2 preset 'gpt5'; accepted"),
+    (dict(trainable="input,embeddings"), "unknown trainable group 'embeddings'"),
+    (dict(batch_size=6), "batch_size=6 is not divisible by devices x grad_accum = 4 x 1"),
+    (dict(task_options={"n": 5, "patch_size": 2}), "patch_size=2 must divide n=5"),
+    (dict(schedule="linear"), "unknown schedule 'linear'; accepted"),
+    (dict(init="pretrained", n_layer=2), "apply to --init=random only"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cfg = TrainConfig(**{**TINY, **overrides})
+        train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_pretrained_weights_of_another_preset_are_refused(tmp_path):
+    from fpt_jax import weights
+    from fpt_jax.models.gpt2 import GPT2Config, init_params
+    small = GPT2Config(n_layer=2, n_head=2, n_embd=32)
+    weights.save_converted(tmp_path / "w", small, init_params(small, jax.random.PRNGKey(0)))
+    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+                         "n_embd": None}, weights=str(tmp_path / "w"), model="gpt2")
+    with pytest.raises(ValueError, match="holds a GPT-2 with .*'n_layer': 2.*but --model=gpt2 "
+                                         "is .*'n_layer': 12"):
+        train.setup(cfg)
+
+
+def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
+    from fpt_jax import weights
+    from fpt_jax.models.gpt2 import GPT2Config, init_params
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32)
+    backbone = init_params(config, jax.random.PRNGKey(7))
+    weights.save_converted(tmp_path / "w", config, backbone)
+    s = train.setup(TrainConfig(task="bit_xor", init="pretrained", weights=str(tmp_path / "w"),
+                                model="auto", batch_size=4))
+    assert s.config.n_layer == 2
+    for a, b in zip(jax.tree_util.tree_leaves(s.state.params["transformer"]),
+                    jax.tree_util.tree_leaves(backbone)):
+        assert np.array_equal(a, b)
+

@@ -119,11 +119,14 @@ def _read_config(directory: Path) -> GPT2Config:
 
 
 def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-    files = sorted(directory.glob("model*.safetensors"))
+    # framework="flax" rather than numpy: numpy cannot hold the bfloat16 tensors that some
+    # uploads use; every tensor is widened to float32 on the way out.
+    from safetensors import safe_open
     state: dict[str, np.ndarray] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    for f in sorted(directory.glob("model*.safetensors")):
+        with safe_open(str(f), framework="flax") as reader:
+            for key in reader.keys():
+                state[key] = np.asarray(reader.get_tensor(key), dtype=np.float32)
     return state
 
 
@@ -192,7 +195,9 @@ def download(name: str) -> Path:
             f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Without network access, download the model elsewhere (e.g. "
             f"`huggingface-cli download {repo}`), copy the directory here and pass its local "
-            "path instead of the name") from e
+            "path instead of the name"
+            + (f" (if you meant a local directory: {name} does not exist)" if "/" in name else "")
+        ) from e
 
 
 def load_gpt2(path_or_name: str | os.PathLike) -> tuple[GPT2Config, Params]:

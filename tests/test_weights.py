@@ -429,3 +429,33 @@ def test_unsupported_attention_option_raises_naming_it(small, tmp_path, option, 
     _write_safetensors(tmp_path, small.hf_config, small.state, **{option: value})
     with pytest.raises(ValueError, match=option):
         load_gpt2(tmp_path)
+
+
+def test_bfloat16_safetensors_load_as_float32(tmp_path):
+    import ml_dtypes
+    from safetensors.flax import save_file as save_flax  # numpy cannot write bfloat16
+    from fpt_jax.models.gpt2 import init_params
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=4, vocab_size=3)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    state = {"wpe.weight": params["wpe"]["embedding"], "ln_f.weight": params["ln_f"]["scale"],
+             "ln_f.bias": params["ln_f"]["bias"]}
+    h = params["h_0"]
+    for mod in ("ln_1", "ln_2"):
+        state[f"h.0.{mod}.weight"], state[f"h.0.{mod}.bias"] = h[mod]["scale"], h[mod]["bias"]
+    for mod in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        leaf = h[mod.split(".")[0]][mod.split(".")[1]]
+        state[f"h.0.{mod}.weight"], state[f"h.0.{mod}.bias"] = leaf["kernel"], leaf["bias"]
+    save_flax({k: jnp.asarray(v, jnp.bfloat16) for k, v in state.items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    _, loaded = load_gpt2(tmp_path)
+    kernel = loaded["h_0"]["attn"]["c_attn"]["kernel"]
+    assert kernel.dtype == np.float32
+    expected = np.asarray(h["attn"]["c_attn"]["kernel"]).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(kernel, expected.astype(np.float32))
+
+
+def test_config_of_another_model_type_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="config.json is not a GPT-2 config .*'bert'"):
+        load_gpt2(tmp_path)

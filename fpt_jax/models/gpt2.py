@@ -60,6 +60,12 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "GPT2Config":
         """Reads a Hugging Face GPT-2 `config.json` (as a dict)."""
+        model_type = hf.get("model_type", "gpt2")
+        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
+        if model_type != "gpt2" or missing:
+            raise ValueError(f"config.json is not a GPT-2 config (model_type={model_type!r}"
+                             f"{', missing ' + str(missing) if missing else ''}); accepted: "
+                             "model_type 'gpt2' with n_layer, n_head, n_embd")
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(

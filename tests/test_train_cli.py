@@ -1,0 +1,75 @@
+"""`python -m experiments.train` as a user runs it: errors, progress, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--task=bit_xor", "--init=random", "--n_layer=1", "--n_head=2", "--n_embd=16",
+        "--batch_size=4", "--dropout=0.1", "--eval_batches=2", "--log_every=1",
+        "--num_devices=1"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _train(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--task=bit_parity", "error: unknown task 'bit_parity'; accepted:"),
+    ("--trainable=input,embeddings", "error: unknown trainable group 'embeddings'"),
+    ("--batch_size=0", "error: batch_size (0) and grad_accum (1) must be >= 1"),
+    ("--patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
+    ("--weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory nor a "
+                               "known hub name"),
+])
+def test_bad_flag_exits_with_a_clear_message(tmp_path, flag, message):
+    extra = ["--init=pretrained"] if flag.startswith("--weights") else []
+    args = [a for a in TINY if not (extra and a.startswith(("--n_", "--init")))]
+    result = _train([*args, *extra, flag, f"--workdir={tmp_path}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path):
+    common = [*TINY, "--steps=60", "--eval_every=20", "--checkpoint_every=20"]
+    straight = tmp_path / "straight"
+    done = _train([*common, f"--workdir={straight}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 60/60" in done.stdout and "steps/s" in done.stdout and "ETA" in done.stdout
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *common,
+                             f"--workdir={killed}"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "20").exists() and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "20").exists()
+    assert not (killed / "checkpoints" / "60").exists(), "the run ended before it was killed"
+
+    again = _train([*common, f"--workdir={killed}"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from checkpoint at step" in again.stdout
+    assert _records(killed) == _records(straight)

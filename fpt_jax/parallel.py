@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
-from flax import jax_utils
 
 AXIS = "batch"  # the pmap axis name that gradients and metrics are averaged over
 
@@ -173,9 +172,29 @@ def shard_batch(batch: dict[str, np.ndarray], num_devices: int, grad_accum: int 
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-    return jax_utils.replicate(tree, devices)
+    """Every leaf stacked `len(devices)` times, one copy on each device, laid out as a pmapped
+    step lays out its outputs (sharded over a mesh axis named `AXIS`): the first step then
+    runs the program that every later step runs, rather than compiling a second one. The
+    devices are this process's (a pmapped step's inputs are per process)."""
+    devices = list(devices)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                          jax.sharding.PartitionSpec(AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+    return jax.tree_util.tree_map(put, tree)
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first replica of every leaf, on the host as numpy."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), tree)
+    """The first replica of every leaf, on the host as numpy. Reads this process's first
+    device's shard (no indexing program to compile, and in a multi-process run the leaves
+    span devices that this process cannot address)."""
+    def first(x):
+        if isinstance(x, jax.Array):
+            shard = min(x.addressable_shards,
+                        key=lambda s: (s.index[0].start or 0) if s.index else 0)
+            # a copy: never a view of a buffer that the next (donating) step reuses
+            return np.array(shard.data, copy=True)[0, ...]
+        return np.asarray(x)[0, ...]
+    return jax.tree_util.tree_map(first, tree)

@@ -29,8 +29,8 @@ def main(argv):
     s = train.setup(cli.config_from_flags())
     ckpts = Checkpoints(os.path.join(F.workdir, "checkpoints"))
     step = ckpts.latest_step()
-    params, opt_state, _ = ckpts.restore(step, s.state.params, s.state.opt_state,
-                                         s.trainable_mask)
+    params, opt_state = ckpts.restore(step, s.state.params, s.state.opt_state,
+                                      s.trainable_mask)[:2]
     ckpts.close()
     mask = _flat(s.trainable_mask)
     arrays = {f"params/{k}": np.asarray(v) for k, v in _flat(params).items() if mask[k]}

@@ -1,5 +1,10 @@
 """Training checkpoints with orbax: periodic, keep-N, atomic, resumable.
 
+In a multi-process run every process calls `save` and `restore` with its (identical) host
+copy of the state: orbax writes host numpy arrays from process 0 only (its primary host),
+every process joins the save's barriers, and every process reads the checkpoint back, so
+the directory must be on storage that all of them see.
+
 A checkpoint holds what training changed: the step, the trainable parameters and the
 optimizer state, plus the run's identity (model, task, trainable selection) as JSON.
 Frozen parameters are not written: they are bit-identical to their initial values (from the
@@ -34,7 +39,22 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest checkpoint's step. In a multi-process run every process must find the
+        same one (the directory must be on storage that all of them see): otherwise some
+        would resume and others start afresh, so that is an error."""
+        step = self.manager.latest_step()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            steps = np.asarray(multihost_utils.process_allgather(
+                np.int32(-1 if step is None else step))).reshape(-1).tolist()
+            if len(set(steps)) > 1:
+                seen = ", ".join(f"process {i}: {s if s >= 0 else 'none'}"
+                                 for i, s in enumerate(steps))
+                raise CheckpointError(
+                    f"the processes find different latest checkpoints in "
+                    f"{self.manager.directory} ({seen}); --workdir must be a directory that "
+                    "every process sees (a shared filesystem)")
+        return step
 
     def save(self, step: int, params, opt_state, trainable_mask, meta: dict,
              force: bool = False) -> bool:

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from fpt_jax.tasks import get_task, images as images_lib, tfds_builders
-from tests.test_prepare_data import image_ids, write_cifar_raw, write_mnist_raw
+from tests.test_prepare_data import write_cifar_raw, write_mnist_raw
 
 N_TRAIN, N_TEST = 48, 17
 
@@ -236,3 +236,20 @@ def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="process_index=2 must be in"):
         get_task("mnist", data_dir=str(data_dir)).batch("train", 0, 2, seed=0,
                                                         process_index=2, process_count=2)
+
+
+def test_tfrecord_dataset_gives_a_clear_error(tmp_path, data_dir):
+    """A dataset prepared in TFDS's default tfrecord format cannot be read without
+    TensorFlow; the error says so (simulated by relabelling an array_record dataset)."""
+    import json
+    import shutil
+    src = data_dir / "fpt_images" / "mnist"
+    dst = tmp_path / "fpt_images" / "mnist"
+    shutil.copytree(src, dst)
+    info_path = next(dst.glob("*/dataset_info.json"))
+    info = json.loads(info_path.read_text())
+    info["fileFormat"] = "tfrecord"
+    info_path.write_text(json.dumps(info))
+    task = get_task("mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs the array_record file format"):
+        task.batch("train", 0, 2, seed=0)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from fpt_jax.tasks import listops, tfds_builders
 from fpt_jax.tasks.tfds_builders import RawDataError

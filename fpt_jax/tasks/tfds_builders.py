@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import os
 import pickle
 import tarfile
@@ -174,8 +173,8 @@ class FptImagesConfig(tfds.core.BuilderConfig):
 
 IMAGE_CONFIGS = {
     c.name: c for c in (
-        FptImagesConfig(name="mnist", version=FPT_IMAGES_VERSION, shape=(28, 28, 1), raw_format="idx",
-                        label_names=MNIST_LABELS, tfds_name="mnist",
+        FptImagesConfig(name="mnist", version=FPT_IMAGES_VERSION, shape=(28, 28, 1),
+                        raw_format="idx", label_names=MNIST_LABELS, tfds_name="mnist",
                         description="MNIST from the four IDX files."),
         FptImagesConfig(name="fashion_mnist", version=FPT_IMAGES_VERSION, shape=(28, 28, 1),
                         raw_format="idx", label_names=FASHION_MNIST_LABELS,
@@ -193,7 +192,8 @@ class FptImages(tfds.core.GeneratorBasedBuilder):
     """MNIST, Fashion-MNIST and CIFAR-10 from local raw files, as uint8 tensors."""
 
     VERSION = tfds.core.Version(FPT_IMAGES_VERSION)
-    RELEASE_NOTES = {FPT_IMAGES_VERSION: "Tensor features in array_record; prepares without TensorFlow."}
+    RELEASE_NOTES = {FPT_IMAGES_VERSION: "Tensor features in array_record; prepares without "
+                                         "TensorFlow."}
     BUILDER_CONFIGS = list(IMAGE_CONFIGS.values())
     # TFDS derives `code_path` through `importlib_resources`, which it does not install for
     # Python >= 3.9 (ModuleNotFoundError when preparing a builder defined in a package).

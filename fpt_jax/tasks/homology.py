@@ -175,8 +175,9 @@ class RemoteHomology(TokenSequenceTask):
             raise ValueError(f"task remote_homology: no example of {path} has <= "
                              f"max_length={self.max_length} tokens (of {total})")
         self.stats[split] = {"total": total, "kept": len(keep)}
-        logging.info("remote_homology %s (%s): kept %d of %d sequences (%.2f%%) with <= %d "
-                     "tokens incl. <cls>/<sep>", split, path, len(keep), total,
-                     100 * len(keep) / max(total, 1), self.max_length)
+        log = logging.warning if len(keep) < total else logging.info
+        log("remote_homology %s (%s): kept %d of %d sequences (%.2f%%) with <= max_length=%d "
+            "tokens incl. <cls>/<sep>; the rest are dropped", split, path, len(keep), total,
+            100 * len(keep) / max(total, 1), self.max_length)
         return SequenceTable.from_lists([sequences[i] for i in keep],
                                         [labels[i] for i in keep])

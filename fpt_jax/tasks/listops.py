@@ -201,9 +201,11 @@ class ListOps(TokenSequenceTask):
             raise ValueError(f"task listops: no example of {path} has <= max_length="
                              f"{self.max_length} tokens")
         self.stats[split] = {"total": total, "overlength": over, "kept": len(sequences)}
-        logging.info("listops %s (%s): %d examples, %d longer than max_length=%d (%s); "
-                     "kept %d (%.2f%%)", split, path, total, over, self.max_length,
-                     self.overlength, len(sequences), 100 * len(sequences) / total)
+        # Dropped or truncated examples change the task: say so where it is seen by default.
+        log = logging.warning if over else logging.info
+        log("listops %s (%s): %d examples, %d longer than max_length=%d (overlength=%s); "
+            "kept %d (%.2f%%)", split, path, total, over, self.max_length, self.overlength,
+            len(sequences), 100 * len(sequences) / total)
         return SequenceTable.from_lists(sequences, targets)
 
 

@@ -66,7 +66,8 @@ def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
     """float [B, H, W, C] -> [B, size, size, C]."""
     mh = resize_matrix(images.shape[1], size)
     mw = resize_matrix(images.shape[2], size)
-    return np.einsum("oh,bhwc,pw->bopc", mh, images, mw, optimize=True).astype(np.float32)
+    x = np.moveaxis(images.astype(np.float32), -1, 1)  # [B, C, H, W]
+    return np.ascontiguousarray(np.moveaxis(mh @ x @ mw.T, 1, -1))
 
 
 def sample_augmentation(rng: np.random.Generator, n: int, pad: int = 4,

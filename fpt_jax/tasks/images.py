@@ -29,6 +29,9 @@ come from (seed, split, step), so a batch does not depend on how many hosts shar
 
 `num_validation` > 0 holds out the last `num_validation` examples of the training split as
 a 'validation' split (the paper has none; Rothermel et al. use one for early stopping).
+`source` picks the dataset layout: 'fpt' (fpt_images/<dataset>), 'tfds' (TFDS's own), or
+'auto' (the default: the first found). `data_dir` defaults to $TFDS_DATA_DIR or
+~/tensorflow_datasets. Shuffling, host shards and eval coverage: see `data_utils`.
 """
 from __future__ import annotations
 

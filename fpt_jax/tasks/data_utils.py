@@ -201,14 +201,13 @@ class TokenSequenceTask(Task):
 
     def eval_batches(self, split: str, batch_size: int, *, seed: int, num_batches: int | None,
                      process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-        """The host's shard of `split` once, in order (`seed` unused); `num_batches` (if not
-        None) stops early."""
-        del seed
+        """The host's shard of `split` once, in order. As the task contract says for dataset
+        tasks, the whole split is covered: `num_batches` and `seed` are ignored."""
+        del seed, num_batches
         table = self.table(split)
         for per_host, mask in eval_index_batches(len(table), batch_size,
                                                  process_index=process_index,
-                                                 process_count=process_count,
-                                                 num_batches=num_batches):
+                                                 process_count=process_count):
             pad = bucket_length(table.lengths[np.concatenate(per_host)], self.max_length,
                                 self.bucket_size)
             out = table.batch(per_host[process_index], pad)

@@ -222,13 +222,13 @@ class ImageTask(Task):
 
     def eval_batches(self, split: str, batch_size: int, *, seed: int, num_batches: int | None,
                      process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-        """The host's shard of `split` once, in order, without augmentation (`seed` unused);
-        `num_batches` (if not None) stops early."""
-        del seed
+        """The host's shard of `split` once, in order, without augmentation. As the task
+        contract says for dataset tasks, the whole split is covered: `num_batches` and
+        `seed` are ignored."""
+        del seed, num_batches
         n = self.num_examples(split)
         for per_host, mask in data_utils.eval_index_batches(
-                n, batch_size, process_index=process_index, process_count=process_count,
-                num_batches=num_batches):
+                n, batch_size, process_index=process_index, process_count=process_count):
             images, labels = self._read(split, per_host[process_index])
             yield {"x": self.preprocess(images, None), "y": labels, "mask": mask}
 

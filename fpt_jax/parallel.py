@@ -124,7 +124,7 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
     if xla_bridge.backends_are_initialized():
         raise RuntimeError("initialize_distributed must run before anything touches a JAX "
                            "device (jax.devices(), a computation, device_put)")
-    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
         # CPU devices of different processes talk through gloo (older JAX defaults to none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:

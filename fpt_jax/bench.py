@@ -299,6 +299,7 @@ class JaxRunner:
         self.times: list[float] = []
         self.warmup_times: list[float] = []
         self.compiled = None
+        self.donated: bool | None = None
 
     def _args(self):
         batch = self.batches[self.i % len(self.batches)]
@@ -326,6 +327,8 @@ class JaxRunner:
             self.carry, metrics = self.fn(*args)
             loss = metrics["loss"]
             jax.block_until_ready((self.carry, metrics))
+            if self.donated is None:  # were the input state's buffers given to the step?
+                self.donated = all(x.is_deleted() for x in jax.tree_util.tree_leaves(args[0]))
         else:
             sums = self.fn(*args)
             jax.block_until_ready(sums)
@@ -357,7 +360,7 @@ class JaxRunner:
             "flops_per_step_per_device": flops_per_device,
             "transcendentals_per_step": self.cost["transcendentals"] * n_glob,
             "bytes_accessed_per_step_per_device": self.cost["bytes_accessed"],
-            "memory_per_device": self.memory, "hlo": self.hlo,
+            "memory_per_device": self.memory, "hlo": self.hlo, "state_donated": self.donated,
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             "first_loss": self.losses[0] if self.losses else None,
         })
@@ -638,18 +641,21 @@ BF16_LOSS_RTOL = 0.02  # the stated tolerance: |loss_bf16 - loss_fp32| <= 2% of 
 
 def dtype_loss_check(bc: BenchConfig, shape: Shape, batches: int = 4,
                      devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-    """Eval loss at initialisation (dropout off, the same parameters and batches) under
-    float32 and bfloat16 compute, and whether they agree within `BF16_LOSS_RTOL`."""
+    """Eval loss at initialisation (dropout off; the same parameters and batches) under
+    float32 and bfloat16 compute, through the pmapped eval step, and whether they agree
+    within `BF16_LOSS_RTOL`."""
+    r = JaxRunner(bc, Case(shape, "forward", "float32"), devices)
+    data = [parallel.shard_batch(r.task.batch(
+        "test", i, shape.batch_size // jax.process_count(), seed=bc.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()),
+        len(r.devices)) for i in range(batches)]
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        r = JaxRunner(bc, Case(shape, "forward", dtype), devices)
-        r.batches = [parallel.shard_batch(r.task.batch(
-            "test", i, shape.batch_size // jax.process_count(), seed=bc.seed,
-            process_index=jax.process_index(), process_count=jax.process_count()),
-            len(r.devices)) for i in range(batches)]
-        for _ in range(batches):
-            r.run_step()
-        losses[dtype] = float(np.mean(r.losses))
+        model = r.s.model.clone(dtype=train.DTYPES[dtype])
+        p_eval = train.pmapped_eval_step(train.make_eval_step(model, r.task), r.devices)
+        sums = [p_eval(r.carry, b) for b in data]
+        losses[dtype] = float(sum(np.asarray(x["loss_sum"])[0] for x in sums)
+                              / sum(np.asarray(x["count"])[0] for x in sums))
     diff = abs(losses["bfloat16"] - losses["float32"])
     rel = diff / max(abs(losses["float32"]), 1e-12)
     return {"shape": shape.name, "loss_float32": losses["float32"],
@@ -990,9 +996,8 @@ def write(report: dict[str, Any], out_dir: str, name: str, plot: bool | None = N
         json.dump(report, f, indent=1, default=_json_default)
         f.write("\n")
     text = markdown(report)
-    lens = sorted({t for pts in scaling_series(report).values() for t, _ in pts})
     if plot is None:
-        plot = len(lens) > 1
+        plot = len(report.get("scaling_shapes") or []) > 1
     if plot:
         paths["png"] = os.path.join(out_dir, f"{name}.png")
         plot_scaling(report, paths["png"])

@@ -41,8 +41,10 @@ flags.DEFINE_integer("patch_size", None, "Features per token (bit tasks) / pixel
                      "(image tasks).")
 flags.DEFINE_string("data_dir", None, "Dataset tasks: the tensorflow-datasets data_dir or the "
                     "directory of the task's files.")
-flags.DEFINE_list("task_option", [], "Further task options as key=value (ints and floats are "
-                  "parsed), e.g. --task_option=image_size=32.")
+flags.DEFINE_multi_string(
+    "task_option", [], "Further task options as key=value[,key=value...] (ints, floats and "
+    "true/false are parsed), e.g. --task_option=image_size=28. Repeatable: the values of a "
+    "flagfile and of the command line add up, and a later key wins.")
 
 flags.DEFINE_enum("model", "gpt2", [*sorted(PRESETS), "auto"], "GPT-2 preset; 'auto' takes "
                   "the architecture from --weights (e.g. a custom or distilled GPT-2).")
@@ -126,7 +128,8 @@ def _parse_value(text: str):
 def task_options() -> dict:
     options = {k: getattr(F, k) for k in ("n", "num_patterns", "patch_size", "data_dir")
                if getattr(F, k) is not None}
-    for item in F.task_option:
+    items = [i.strip() for value in F.task_option for i in value.split(",") if i.strip()]
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--task_option={item!r} is not key=value")
         key, value = item.split("=", 1)

@@ -34,18 +34,20 @@ def local_devices(num_devices: int | None = None) -> list[jax.Device]:
 
 def pmap_devices(num_devices: int | None = None) -> list[jax.Device]:
     """The devices a pmapped step spans: `local_devices(num_devices)` of every process, in
-    process order. It is the same list on every process, as `jax.pmap(devices=...)` requires;
-    in a single process it equals `local_devices(num_devices)`."""
+    `jax.devices()` order. It is the same list on every process, as `jax.pmap(devices=...)`
+    requires; in a single process it equals `local_devices(num_devices)`."""
     if jax.process_count() == 1:
         return local_devices(num_devices)
     local_devices(num_devices)  # validates num_devices against this process
-    by_process: dict[int, list[jax.Device]] = {}
-    for d in jax.devices():
-        by_process.setdefault(d.process_index, []).append(d)
+    if num_devices is None:
+        return jax.devices()
+    # jax.local_devices() is jax.devices() filtered by process: keep each one's first few
+    taken: dict[int, int] = {}
     devices = []
-    for p in sorted(by_process):
-        mine = sorted(by_process[p], key=lambda d: d.id)
-        devices += mine if num_devices is None else mine[:num_devices]
+    for d in jax.devices():
+        if taken.get(d.process_index, 0) < num_devices:
+            taken[d.process_index] = taken.get(d.process_index, 0) + 1
+            devices.append(d)
     return devices
 
 

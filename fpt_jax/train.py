@@ -1,7 +1,7 @@
 """FPT training: the config, the pure train/eval steps, and the loop.
 
 `train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch)` are pure;
-`pmapped_train_step` wraps the first in `jax.pmap` over the local devices with the named
+`pmapped_train_step` wraps the first in `jax.pmap` over the devices of every process, with the named
 axis `parallel.AXIS`, donating the state so frozen weights are read in place. Gradients
 and metrics are averaged across every device of every process with `lax.pmean`.
 """

@@ -4,11 +4,12 @@ Prepares the four IDX files with the documented command's library function, chec
 dataset, then trains a small random-init FPT through `fpt_jax.train` and requires a test
 accuracy far above chance (10%).
 
-Measured on the 2-core CPU machine (while other jobs shared it): width 64, 2 layers, 7x7
-patches of the 28x28 images (16 tokens of 49 features), batch 32, Adam 1e-3, 400 steps,
-all parameters trained: 72-73% test accuracy in about 35 s of training. (The frozen 'fpt'
-selection learns more slowly at this size: 59% after 1,000 steps with 4x4 patches, 66% after
-800 steps with 14x14 patches; ENVIRONMENT.md: 79% after 3,000 steps at width 128.)
+The model is an FPT in the paper's sense: random-init GPT-2 blocks (2 layers, width 128)
+frozen, only input, positions, layer norms and output trained ('fpt'). 7x7 patches of the
+28x28 images (16 tokens of 49 features), batch 32, Adam 3e-3, 600 steps. Measured on the
+2-core CPU: 58.7% test accuracy in about 50 s (chance is 10%; training the output layer alone
+on a frozen random model reaches about 25% on MNIST in the paper). With every parameter
+trained the same budget reaches 72-73%; ENVIRONMENT.md: frozen, 4 layers, 3,000 steps: 79%.
 """
 import os
 from pathlib import Path
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.skipif(
     reason=f"real Fashion-MNIST absent: {RAW} comes from `apt-get install -y "
            f"dataset-fashion-mnist` (Debian)")
 
-STEPS = 400
-MIN_ACCURACY = 0.65
+STEPS = 600
+MIN_ACCURACY = 0.55
 
 
 def test_prepare_and_train_fashion_mnist(tmp_path):
@@ -41,8 +42,8 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
     cfg = train.TrainConfig(
         task="fashion_mnist",
         task_options={"data_dir": str(tmp_path / "tfds"), "image_size": 28, "patch_size": 7},
-        model="gpt2", init="random", n_layer=2, n_head=4, n_embd=64, trainable="full",
-        learning_rate=1e-3, batch_size=32, steps=STEPS, eval_every=STEPS,
+        model="gpt2", init="random", n_layer=2, n_head=4, n_embd=128, trainable="fpt",
+        learning_rate=3e-3, batch_size=32, steps=STEPS, eval_every=STEPS,
         eval_batch_size=1_000, log_every=100, checkpoint_every=10 * STEPS, seed=0,
         num_devices=1)
     final = train.train_and_evaluate(cfg, os.fspath(tmp_path / "workdir"))

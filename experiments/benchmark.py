@@ -71,6 +71,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the synthetic ba
 flags.DEFINE_bool("torch_reference", True, "Also time the original recipe in PyTorch (when "
                   "torch and transformers are installed).")
 flags.DEFINE_integer("torch_threads", None, "PyTorch threads; default the machine's cores.")
+flags.DEFINE_enum("torch_attn", None, ["eager", "sdpa"], "Attention of the PyTorch reference "
+                  "(Hugging Face attn_implementation); default the installed transformers' "
+                  "default. The original code ran eager attention (transformers 4.x, 2021).")
+flags.DEFINE_integer("switch_steps", 1, "Untimed steps each time the interleaving turns to a "
+                     "case (absorbs the previous case's threads and cache).")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for utilisation; default "
                    "measured (CPU) or published (GPU/TPU).")
 
@@ -119,7 +124,8 @@ def main(argv):
             model=F.model, n_layer=F.n_layer, n_head=F.n_head, n_embd=F.n_embd,
             dropout=F.dropout, num_devices=F.num_devices, warmup=F.warmup, steps=F.steps,
             rounds=F.rounds, seed=F.seed, torch_reference=F.torch_reference,
-            torch_threads=F.torch_threads, peak_tflops=F.peak_tflops)
+            torch_threads=F.torch_threads, torch_attn=F.torch_attn,
+            switch_steps=F.switch_steps, peak_tflops=F.peak_tflops)
         command = "python -m experiments.benchmark " + " ".join(
             shlex.quote(a) for a in sys.argv[1:])
         report = bench.run(bc, shapes, modes, dtypes=F.dtypes, remats=_bools(F.remat),

@@ -98,11 +98,12 @@ def _bools(values: list[str]) -> list[bool]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fpt_jax import bench  # importing JAX does not start its backends
+    prefix = bench.env_prefix()  # the environment as the command was given
     if F.cpu_devices:
         # Read when JAX creates its CPU client, which no code has done yet.
         flag = f"--xla_force_host_platform_device_count={F.cpu_devices}"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    from fpt_jax import bench  # after XLA_FLAGS is final
 
     try:
         shapes = []
@@ -126,8 +127,9 @@ def main(argv):
             rounds=F.rounds, seed=F.seed, torch_reference=F.torch_reference,
             torch_threads=F.torch_threads, torch_attn=F.torch_attn,
             switch_steps=F.switch_steps, peak_tflops=F.peak_tflops)
-        command = "python -m experiments.benchmark " + " ".join(
-            shlex.quote(a) for a in sys.argv[1:])
+        command = " ".join(filter(None, (
+            prefix, "python -m experiments.benchmark",
+            " ".join(shlex.quote(a) for a in sys.argv[1:]))))
         report = bench.run(bc, shapes, modes, dtypes=F.dtypes, remats=_bools(F.remat),
                            command=command)
     except ValueError as e:

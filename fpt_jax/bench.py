@@ -721,8 +721,21 @@ def environment(devices) -> dict[str, Any]:
         "versions": {m: version(m) for m in ("jax", "jaxlib", "flax", "optax", "numpy",
                                              "torch", "transformers")},
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "git_commit": commit,
+        "env": {k: os.environ[k] for k in PERF_ENV if k in os.environ},
         "load_average": _loadavg(),
     }
+
+
+# Environment variables that change speed (allocator, threads, XLA), recorded with results.
+PERF_ENV = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS",
+            "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")
+
+
+def env_prefix() -> str:
+    """`NAME=value ...` of the speed-relevant variables set, to prefix a command with."""
+    import shlex
+    return " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in PERF_ENV
+                    if k in os.environ and k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL"))
 
 
 def _loadavg():
@@ -883,7 +896,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"Measured {report['started']} on {env['backend']} ({env['device_kind']}; "
         f"CPU {env['cpu']}, {env['cpu_cores']} cores), {env['local_devices']} local device(s) x "
-        f"{env['process_count']} process(es); XLA_FLAGS=`{env['xla_flags']}`; load average at "
+        f"{env['process_count']} process(es); environment "
+        f"`{' '.join(f'{k}={v}' for k, v in env.get('env', {}).items()) or '(none set)'}`; "
+        f"load average at "
         f"start {_f(env['load_average'] and env['load_average'][0])}, at end "
         f"{_f(env.get('load_average_end') and env['load_average_end'][0])}.")
     lines.append("")

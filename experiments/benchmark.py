@@ -76,6 +76,8 @@ flags.DEFINE_enum("torch_attn", None, ["eager", "sdpa"], "Attention of the PyTor
                   "default. The original code ran eager attention (transformers 4.x, 2021).")
 flags.DEFINE_integer("switch_steps", 1, "Untimed steps each time the interleaving turns to a "
                      "case (absorbs the previous case's threads and cache).")
+flags.DEFINE_bool("compile_only", False, "Compile the steps and report FLOPs and memory "
+                  "(XLA's analyses) without running them: what fits where.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for utilisation; default "
                    "measured (CPU) or published (GPU/TPU).")
 
@@ -126,7 +128,8 @@ def main(argv):
             dropout=F.dropout, num_devices=F.num_devices, warmup=F.warmup, steps=F.steps,
             rounds=F.rounds, seed=F.seed, torch_reference=F.torch_reference,
             torch_threads=F.torch_threads, torch_attn=F.torch_attn,
-            switch_steps=F.switch_steps, peak_tflops=F.peak_tflops)
+            switch_steps=F.switch_steps, peak_tflops=F.peak_tflops,
+            compile_only=F.compile_only)
         command = " ".join(filter(None, (
             prefix, "python -m experiments.benchmark",
             " ".join(shlex.quote(a) for a in sys.argv[1:]))))

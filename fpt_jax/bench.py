@@ -152,6 +152,9 @@ class BenchConfig:
     torch_attn: str | None = None  # HF attn_implementation ('eager', 'sdpa'); default theirs
     switch_steps: int = 1  # untimed steps of a runner each time the interleaving turns to it
     peak_tflops: float | None = None  # overrides the measured / published peak (per device)
+    compile_only: bool = False  # FLOPs and memory of the compiled steps; no step is run
+    memory_fraction: float = 0.8  # CPU: skip running a step whose XLA memory estimate exceeds
+    # this fraction of the host's available memory (it is reported as not fitting)
 
     def __post_init__(self):
         if self.steps < 1 or self.rounds < 1 or self.warmup < 0:
@@ -308,6 +311,7 @@ class JaxRunner:
         self.warmup_times: list[float] = []
         self.compiled = None
         self.donated: bool | None = None
+        self.skipped: str | None = None  # why no step was timed
 
     def _args(self):
         batch = self.batches[self.i % len(self.batches)]
@@ -372,23 +376,55 @@ class JaxRunner:
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             "first_loss": self.losses[0] if self.losses else None,
         })
-        med_s = out["step_ms"]["median"] / 1e3
-        out["achieved_tflops"] = out["flops_per_step"] / med_s / 1e12 if med_s > 0 else None
+        if out["step_ms"]:
+            med_s = out["step_ms"]["median"] / 1e3
+            out["achieved_tflops"] = out["flops_per_step"] / med_s / 1e12
+        else:
+            out["achieved_tflops"] = None
+        if self.skipped:
+            out["skipped"] = self.skipped
         return out
 
 
 def _throughput(case: Case, times: Sequence[float], n_devices: int) -> dict[str, Any]:
     shape = case.shape
+    out = {"case": case.label, "shape": dataclasses.asdict(shape), "mode": case.mode,
+           "trainable": case.trainable, "dtype": case.dtype, "remat": case.remat,
+           "global_devices": n_devices, "step_ms": None, "steps_per_s": None,
+           "examples_per_s": None, "tokens_per_s": None, "tokens_per_s_per_device": None}
+    if not times:  # compiled only
+        return out
     stats = summarize(times)
     med_s = stats["median"] / 1e3
-    return {
-        "case": case.label, "shape": dataclasses.asdict(shape), "mode": case.mode,
-        "trainable": case.trainable, "dtype": case.dtype, "remat": case.remat,
-        "global_devices": n_devices, "step_ms": stats,
-        "steps_per_s": 1 / med_s, "examples_per_s": shape.batch_size / med_s,
-        "tokens_per_s": shape.tokens / med_s,
-        "tokens_per_s_per_device": shape.tokens / med_s / n_devices,
-    }
+    out.update({"step_ms": stats, "steps_per_s": 1 / med_s,
+                "examples_per_s": shape.batch_size / med_s, "tokens_per_s": shape.tokens / med_s,
+                "tokens_per_s_per_device": shape.tokens / med_s / n_devices})
+    return out
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fits_on_host(memory: dict | None, n_local: int, fraction: float) -> tuple[bool, str]:
+    """Whether the compiled step's memory, on all local CPU devices, fits the host."""
+    avail = host_available_bytes()
+    if not memory or avail is None:
+        return True, ""
+    # The arguments already live in memory; the outputs not aliased and temporaries come on top.
+    need = (memory["output"] - memory["alias"] + memory["temp"]) * n_local
+    if need <= fraction * avail:
+        return True, ""
+    return False, (f"does not fit: the step needs {need / 2**30:.1f} GiB more (XLA memory "
+                   f"analysis x {n_local} devices), the host has {avail / 2**30:.1f} GiB available")
 
 
 # --- the PyTorch reference ----------------------------------------------------------------
@@ -777,7 +813,7 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
                                           if not torch_available() else
                                           f"not run: no torch device next to {env['backend']}")
     peak_cache: dict = {}
-    for dtype in dtypes:
+    for dtype in dtypes if not bc.compile_only else ():
         peak = peak_for(bc, devices, dtype, peak_cache)
         report["peaks"][dtype] = peak
         if peak:
@@ -786,6 +822,7 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
         log(f"shape {shape.name}: batch {shape.batch_size} x {shape.seq_len} tokens x "
             f"{shape.features} features -> {shape.classes} classes")
         runners: list[Any] = []
+        compiled_only: list[JaxRunner] = []
         for mode in modes:
             for dtype in dtypes:
                 for remat in (remats if mode != "forward" else (False,)):
@@ -793,10 +830,19 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
                     r = JaxRunner(bc, case, devices)
                     log(f"  compiling {case.label}")
                     r.compile()
-                    log(f"  compiled in {r.compile_s:.1f} s; warming up")
+                    log(f"  compiled in {r.compile_s:.1f} s")
+                    fits, why = (fits_on_host(r.memory, len(devices), bc.memory_fraction)
+                                 if devices[0].platform == "cpu" else (True, ""))
+                    if bc.compile_only or not fits:
+                        r.skipped = "compile only" if bc.compile_only else why
+                        log(f"  {r.skipped}")
+                        compiled_only.append(r)
+                        r.carry = r.s = None  # frees the state
+                        continue
+                    log("  warming up")
                     r.warm_up(bc.warmup)
                     runners.append(r)
-                if torch_device:
+                if torch_device and not bc.compile_only:
                     case = Case(shape, mode, dtype, False)
                     global_batches = [SyntheticTask(shape.seq_len, shape.features,
                                                     shape.classes).batch(
@@ -805,19 +851,21 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
                     log(f"  torch {case.label}: warming up")
                     r.warm_up(bc.warmup)
                     runners.append(r)
-        log(f"  timing {bc.steps} steps of {len(runners)} runners in {bc.rounds} rounds")
-        interleave(runners, bc.steps, bc.rounds, bc.switch_steps, log)
-        for r in runners:
+        if runners:
+            log(f"  timing {bc.steps} steps of {len(runners)} runners in {bc.rounds} rounds")
+            interleave(runners, bc.steps, bc.rounds, bc.switch_steps, log)
+        for r in [*compiled_only, *runners]:
             res = r.result()
             if r.framework == "jax":
                 peak = report["peaks"].get(r.case.dtype)
                 res["utilisation"] = (res["achieved_tflops"] / peak["tflops"]
                                       if peak and res["achieved_tflops"] else None)
             report["results"].append(res)
-            log(f"  {r.framework:5s} {r.case.label:32s} {res['step_ms']['median']:9.2f} ms "
-                f"(p10 {res['step_ms']['p10']:.2f}, p90 {res['step_ms']['p90']:.2f})")
-        del runners
-    if not bc.peak_tflops and devices[0].platform == "cpu":
+            if res["step_ms"]:
+                log(f"  {r.framework:5s} {r.case.label:32s} {res['step_ms']['median']:9.2f} ms "
+                    f"(p10 {res['step_ms']['p10']:.2f}, p90 {res['step_ms']['p90']:.2f})")
+        del runners, compiled_only
+    if not bc.peak_tflops and devices[0].platform == "cpu" and not bc.compile_only:
         # Measured again at the end: the best of both is the peak (machine drift, load).
         for dtype, peak in report["peaks"].items():
             again = measure_matmul_peak(devices, dtype)
@@ -832,7 +880,8 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
             if res["framework"] == "jax" and peak and res["achieved_tflops"]:
                 res["utilisation"] = res["achieved_tflops"] / peak["tflops"]
     report["device_memory_stats"] = device_memory_stats(devices)
-    if loss_check if loss_check is not None else "bfloat16" in dtypes:
+    if loss_check if loss_check is not None else ("bfloat16" in dtypes
+                                                   and not bc.compile_only):
         for shape in shapes[:1] if len(shapes) > 2 else shapes:
             log(f"bf16 loss check on {shape.name}")
             report["checks"].setdefault("bf16_loss", []).append(
@@ -852,6 +901,7 @@ def comparisons(results: Sequence[dict]) -> list[dict[str, Any]]:
              "remat": r["remat"], "framework": r["framework"]}
         k.update(over)
         return tuple(sorted(k.items()))
+    results = [r for r in results if r["step_ms"]]
     index = {key(r): r for r in results}
     out = []
     for r in results:
@@ -941,13 +991,16 @@ def markdown(report: dict[str, Any]) -> str:
         s = r["shape"]
         mem = r.get("memory_per_device") or {}
         util = r.get("utilisation")
+        st = r["step_ms"]
+        timing = (f"{st['median']:.2f} | {st['p10']:.2f}-{st['p90']:.2f} | "
+                  f"{r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_device']:.0f}" if st else
+                  f"{r.get('skipped', 'not run')} | - | - | - | - | -")
         lines.append(
             f"| {s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']}) | {r['mode']} | "
             f"{r['dtype']} | {'yes' if r['remat'] else 'no'} | {r['framework']} | "
-            f"{r['step_ms']['median']:.2f} | {r['step_ms']['p10']:.2f}-"
-            f"{r['step_ms']['p90']:.2f} | {r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | "
-            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_device']:.0f} | "
-            f"{_f(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.2f')} | "
+            f"{timing} | "
+            f"{_f(r.get('flops_per_step') and r['flops_per_step'] / 1e9, '.4g')} | "
             f"{_f(r.get('achieved_tflops') and r['achieved_tflops'] * 1e3, '.0f')} | "
             f"{_f(util and 100 * util, '.1f')} | {_fmt_bytes(mem.get('peak_estimate'))} | "
             f"{_f(r.get('compile_s'), '.1f')} |")
@@ -992,7 +1045,7 @@ def scaling_series(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]
     series: dict[str, list[tuple[int, float]]] = {}
     names = report.get("scaling_shapes")
     for r in report["results"]:
-        if names and r["shape"]["name"] not in names:
+        if (names and r["shape"]["name"] not in names) or not r["tokens_per_s"]:
             continue
         name = ("fpt-jax " if r["framework"] == "jax" else "PyTorch ") + r["mode"]
         if r["dtype"] != "float32":

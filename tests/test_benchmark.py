@@ -197,3 +197,25 @@ def test_scaling_plot_and_table(tmp_path):
     assert "| fpt-jax frozen | 100 | 150 |" in bench.scaling_table(report)
     bench.plot_scaling(report, str(tmp_path / "scaling.png"))
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_only_reports_memory_without_running(tmp_path):
+    bc = bench.BenchConfig(**{**TINY.__dict__, "compile_only": True})
+    report = bench.run(bc, [SHAPE], ["frozen"], remats=(False, True), log=None)
+    rows = report["results"]
+    assert [r["remat"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["step_ms"] is None and r["skipped"] == "compile only"
+        assert r["flops_per_step"] > 0 and r["memory_per_device"]["temp"] > 0
+    # recomputing each block's forward pass costs FLOPs
+    assert rows[1]["flops_per_step"] > rows[0]["flops_per_step"]
+    md = open(bench.write(report, str(tmp_path), "co")["markdown"]).read()
+    assert "compile only" in md
+
+
+def test_a_step_that_does_not_fit_is_not_run(monkeypatch):
+    memory = {"output": 10, "alias": 10, "temp": 2**30}
+    monkeypatch.setattr(bench, "host_available_bytes", lambda: 2**31)
+    assert bench.fits_on_host(memory, 1, 0.8) == (True, "")
+    fits, why = bench.fits_on_host(memory, 2, 0.8)
+    assert not fits and "does not fit" in why and "2.0 GiB" in why

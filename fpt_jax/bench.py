@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -153,7 +154,7 @@ class BenchConfig:
     switch_steps: int = 1  # untimed steps of a runner each time the interleaving turns to it
     peak_tflops: float | None = None  # overrides the measured / published peak (per device)
     compile_only: bool = False  # FLOPs and memory of the compiled steps; no step is run
-    memory_fraction: float = 0.8  # CPU: skip running a step whose XLA memory estimate exceeds
+    memory_fraction: float = 0.6  # CPU: skip running a step whose XLA memory estimate exceeds
     # this fraction of the host's available memory (it is reported as not fitting)
 
     def __post_init__(self):
@@ -305,6 +306,7 @@ class JaxRunner:
                                          self.s.trainable_mask, self.cfg.grad_accum)
             self.fn = train.pmapped_train_step(step, self.mapped)
             self.carry = parallel.replicate(self.s.state, self.devices)
+        self.s.state = None  # the host copy: the devices hold the state now
         self.i = 0
         self.losses: list[float] = []
         self.times: list[float] = []
@@ -838,6 +840,7 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
                         log(f"  {r.skipped}")
                         compiled_only.append(r)
                         r.carry = r.s = None  # frees the state
+                        gc.collect()
                         continue
                     log("  warming up")
                     r.warm_up(bc.warmup)

@@ -660,6 +660,58 @@ def measure_matmul_peak(devices: Sequence[jax.Device], dtype: str, repeats: int 
             "devices": n, "matmuls": per_size}
 
 
+def _gpt2_matmuls(width: int, rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The backbone's weight matmuls (`[rows, width] @ [width, 4 width]` and back) at the
+    given row counts (batch x tokens)."""
+    return [(m, k, n) for m in rows for k, n in ((width, 4 * width), (4 * width, width))]
+
+
+def measure_torch_matmul_peak(dtype: str, threads: int | None, repeats: int = 10,
+                              sizes: Sequence[tuple[int, int, int]] = PEAK_MATMULS,
+                              device: str = "cpu") -> dict[str, Any]:
+    """`measure_matmul_peak` for PyTorch (one device, its `threads`): what the reference's
+    matmuls reach on the same sizes. XLA's over PyTorch's rate bounds the speed-up a
+    matmul-bound step can show over the reference, whatever else the step does."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    per_size = []
+    for m, k, n in sizes:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(m, k, generator=gen).to(device=device, dtype=tdtype)
+        b = torch.randn(k, n, generator=gen).to(device=device, dtype=tdtype)
+        with torch.inference_mode():
+            a @ b
+            sync()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a @ b
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        per_size.append({"m": m, "k": k, "n": n, "tflops": 2 * m * k * n / best / 1e12})
+    best = max(per_size, key=lambda r: r["tflops"])
+    return {"tflops": best["tflops"], "source": "measured", "dtype": dtype, "devices": 1,
+            "matmuls": per_size}
+
+
+def matmul_comparison(devices: Sequence[jax.Device], dtype: str, threads: int | None,
+                      sizes: Sequence[tuple[int, int, int]], torch_device: str = "cpu"
+                      ) -> dict[str, Any]:
+    """XLA's and PyTorch's matmul rates on the step's own weight shapes, measured in this
+    process on one device (A B per size, so that drift cancels)."""
+    rows = []
+    for size in sizes:
+        xla = measure_matmul_peak(devices[:1], dtype, sizes=(size,))["tflops"]
+        ref = measure_torch_matmul_peak(dtype, threads, sizes=(size,),
+                                        device=torch_device)["tflops"]
+        rows.append({"m": size[0], "k": size[1], "n": size[2], "xla_tflops": xla,
+                     "torch_tflops": ref, "ratio": xla / ref})
+    return {"dtype": dtype, "threads": threads, "sizes": rows}
+
+
 def peak_for(bc: BenchConfig, devices, dtype: str, cache: dict) -> dict[str, Any] | None:
     """The peak (total over `devices` and processes) that utilisation is computed against."""
     n_glob = len(devices) * jax.process_count()
@@ -820,6 +872,16 @@ def run(bc: BenchConfig, shapes: Sequence[Shape], modes: Sequence[str],
         report["peaks"][dtype] = peak
         if peak:
             log(f"peak {dtype}: {peak['tflops']:.3f} TFLOP/s ({peak['source']})")
+    if torch_device and not bc.compile_only:
+        width = report["model"]["n_embd"]
+        sizes = _gpt2_matmuls(width, sorted({s.tokens for s in shapes}))
+        for dtype in dtypes:
+            cmp = matmul_comparison(devices, dtype, bc.torch_threads, sizes, torch_device)
+            report.setdefault("matmul_comparison", []).append(cmp)
+            for row in cmp["sizes"]:
+                log(f"matmul {dtype} {row['m']}x{row['k']}@{row['k']}x{row['n']}: XLA "
+                    f"{row['xla_tflops'] * 1e3:.0f}, PyTorch {row['torch_tflops'] * 1e3:.0f} "
+                    f"GFLOP/s ({row['ratio']:.2f}x)")
     for shape in shapes:
         log(f"shape {shape.name}: batch {shape.batch_size} x {shape.seq_len} tokens x "
             f"{shape.features} features -> {shape.classes} classes")
@@ -986,6 +1048,16 @@ def markdown(report: dict[str, Any]) -> str:
     elif report.get("torch_reference_note"):
         lines.append("")
         lines.append(f"PyTorch reference {report['torch_reference_note']}.")
+    for cmp in report.get("matmul_comparison", []):
+        lines += ["", f"Matmuls of the backbone's weight shapes ({cmp['dtype']}, one device, "
+                  f"PyTorch with {cmp['threads']} threads): a step made of these matmuls can be "
+                  "at most about the XLA / PyTorch ratio faster than the reference.", "",
+                  "| rows x in @ in x out | XLA GFLOP/s | PyTorch GFLOP/s | XLA / PyTorch |",
+                  "|---|---:|---:|---:|"]
+        for row in cmp["sizes"]:
+            lines.append(f"| {row['m']}x{row['k']} @ {row['k']}x{row['n']} | "
+                         f"{row['xla_tflops'] * 1e3:.0f} | {row['torch_tflops'] * 1e3:.0f} | "
+                         f"{row['ratio']:.2f} |")
     lines += ["", "| shape (batch x tokens x feat) | mode | dtype | remat | framework | "
               "ms/step median | p10-p90 | steps/s | examples/s | tokens/s | tokens/s/device | "
               "GFLOP/step | GFLOP/s | % of peak | peak mem/device | compile s |",

@@ -112,6 +112,14 @@ def test_torch_reference_is_interleaved_and_compared(report):
     comp = {c["case"]: c for c in report["comparisons"]}
     assert comp["tiny/frozen/float32"]["speedup_vs_torch"] > 0
     assert comp["tiny/frozen/float32"]["time_vs_full"] > 0
+    # XLA's and PyTorch's matmul rates on the backbone's own weight shapes, side by side
+    (cmp,) = report["matmul_comparison"]
+    w, rows = TINY.n_embd, SHAPE.tokens
+    assert [(r["m"], r["k"], r["n"]) for r in cmp["sizes"]] == [(rows, w, 4 * w),
+                                                                (rows, 4 * w, w)]
+    for r in cmp["sizes"]:
+        assert r["xla_tflops"] > 0 and r["torch_tflops"] > 0
+        assert r["ratio"] == pytest.approx(r["xla_tflops"] / r["torch_tflops"])
 
 
 def test_train_step_donates_its_state(report):

@@ -138,7 +138,8 @@ def test_remat_gives_the_same_loss_and_gradients():
     task = bench.SyntheticTask(SHAPE.seq_len, SHAPE.features, SHAPE.classes)
     batch = task.batch("train", 0, 4, seed=0)
     rng = jax.random.PRNGKey(3)
-    cfg = train.TrainConfig(task="synthetic", init="random", n_layer=1, n_head=2, n_embd=16,
+    # Two blocks: the last one, computed only where the head reads, is never rematted.
+    cfg = train.TrainConfig(task="synthetic", init="random", n_layer=2, n_head=2, n_embd=16,
                             trainable="full", dropout=0.1)
     s = train.setup(cfg, task)
     out = {}
@@ -225,7 +226,8 @@ def test_scaling_plot_and_table(tmp_path):
 
 
 def test_compile_only_reports_memory_without_running(tmp_path):
-    bc = bench.BenchConfig(**{**TINY.__dict__, "compile_only": True})
+    # Two blocks: the last one, computed only where the head reads, is never rematted.
+    bc = bench.BenchConfig(**{**TINY.__dict__, "compile_only": True, "n_layer": 2})
     report = bench.run(bc, [SHAPE], ["frozen"], remats=(False, True), log=None)
     rows = report["results"]
     assert [r["remat"] for r in rows] == [False, True]

@@ -89,3 +89,72 @@ def test_return_all_positions_and_attention_weights():
     assert logits.shape == (2, 4, 3)
     assert len(attentions) == 2 and attentions[0].shape == (2, 2, 4, 4)
     np.testing.assert_allclose(attentions[1].sum(-1), 1.0, atol=1e-5)
+
+
+def _loss_and_grads(model, params, x, length=None, rng=None):
+    """A scalar of every logit (fixed random weights) and its gradients."""
+    def loss(p):
+        logits = model.apply({"params": p}, x, length)
+        w = jax.random.normal(jax.random.PRNGKey(9), logits.shape)
+        return jnp.sum(w * logits)
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("kind", ["patches", "tokens_with_length"])
+def test_last_block_at_the_read_positions_only_equals_the_whole_block(kind):
+    # FPT computes its last block only where the head reads (the last row's patches, or
+    # position length - 1); values and every gradient equal the whole block's, read after.
+    if kind == "patches":
+        kw, x, length = dict(input_dim=2, output_dim=3), jax.random.normal(
+            jax.random.PRNGKey(1), (3, 4, 6)), None
+    else:
+        kw = dict(input_dim=20, output_dim=4, input_kind="tokens")
+        x, length = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 1, 20), jnp.array([5, 12])
+    trimmed = FPT(CONFIG, **kw)
+    whole = FPT(CONFIG, **kw, trim_last_block=False)
+    params = _init(whole, x, length=length)
+    assert jax.tree_util.tree_structure(_init(trimmed, x, length=length)) == \
+        jax.tree_util.tree_structure(params)
+    (la, ga), (lb, gb) = (_loss_and_grads(m, params, x, length) for m in (trimmed, whole))
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_last_block_trim_saves_its_unread_positions_flops():
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    batch, seq = 4, 32
+    x = jnp.zeros((batch, seq, 1))
+
+    def flops(model):
+        params = _init(model, x)
+        compiled = jax.jit(lambda p: model.apply({"params": p}, x)).lower(params).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    full = flops(FPT(cfg, input_dim=1, output_dim=2, trim_last_block=False))
+    trimmed = flops(FPT(cfg, input_dim=1, output_dim=2))
+    # Not computed for the seq - 1 unread positions of the last block: its attention output
+    # projection (d x d) and MLP (d x 4d, 4d x d), 2 FLOPs per multiply-add.
+    d = cfg.n_embd
+    assert full - trimmed >= 0.9 * 2 * 9 * d * d * batch * (seq - 1), (full, trimmed)
+
+
+def test_unrolled_threefry_on_cpu_gives_the_same_bits_without_while_loops():
+    from jax._src.random import threefry2x32 as threefry
+    from fpt_jax import fast_rng
+    assert fast_rng.use_unrolled_threefry_on_cpu()
+    k1, k2 = jnp.uint32(12345), jnp.uint32(678)
+    x1, x2 = (jnp.arange(1000, dtype=jnp.uint32), jnp.arange(1000, 2000, dtype=jnp.uint32))
+    rolled = jax.jit(lambda *a: threefry._threefry2x32_lowering(*a, use_rolled_loops=True))
+    registered = jax.jit(threefry.threefry_2x32)
+    np.testing.assert_array_equal(rolled(k1, k2, x1, x2)[0],
+                                  registered(jnp.stack([k1, k2]), jnp.concatenate([x1, x2]))[:1000])
+    # A dropout step lowers without the rolled loop (one while loop per mask before).
+    model = FPT(CONFIG, input_dim=1, output_dim=2, dropout=0.1)
+    x = jnp.ones((2, 8, 1))
+    params = _init(model, x)
+    hlo = jax.jit(lambda p, r: model.apply({"params": p}, x, deterministic=False,
+                                           rngs={"dropout": r})).lower(
+        params, jax.random.PRNGKey(0)).compile().as_text()
+    assert " while(" not in hlo

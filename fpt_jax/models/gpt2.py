@@ -16,7 +16,12 @@ from einops import rearrange
 from flax.core import lift
 from flax.core.scope import Scope
 
+from fpt_jax import fast_rng
+
 Dtype = Any
+
+# Dropout masks are the bulk of jax.random's work here: fused on CPU too (same bits).
+fast_rng.use_unrolled_threefry_on_cpu()
 
 # Hugging Face's GPT-2 initialisation, so that `--init=random` is the paper's random model:
 # normal(0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
@@ -115,13 +120,19 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, query_positions: jax.Array | None = None):
+        """Causal self-attention over `x` [b, t, d]; with `query_positions` ([b, r] ints)
+        only those positions query (they still attend to every earlier key): [b, r, d]."""
         cfg = self.config
         qkv = _dense(3 * cfg.n_embd, self.dtype, "c_attn")(x)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=cfg.n_head)
         t = x.shape[1]
+        if query_positions is None:
+            causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        else:
+            q = jnp.take_along_axis(q, query_positions[:, None, :, None], axis=2)
+            causal = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(self.dtype)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
         # Softmax in float32 even under bfloat16 compute: it is where precision is lost.
         scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1)
@@ -155,10 +166,15 @@ class Block(nn.Module):
     output_attentions: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, query_positions: jax.Array | None = None):
+        """`query_positions` ([b, r] ints): compute the block's output only there ([b, r, d]);
+        keys and values still come from every position."""
         eps = self.config.layer_norm_epsilon
         a, weights = Attention(self.config, self.dtype, name="attn")(
-            nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.deterministic)
+            nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.deterministic,
+            query_positions)
+        if query_positions is not None:
+            x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         x = x + a
         x = x + MLP(self.config, self.dtype, name="mlp")(
             nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), self.deterministic)
@@ -296,6 +312,11 @@ class GPT2(nn.Module):
     `remat` recomputes each block's activations in the backward pass (activation
     checkpointing, see `_remat`), trading compute for memory on long sequences and large
     presets: the train step keeps the block inputs plus one block's activations.
+
+    `read_positions` ([batch, r] ints) returns the hidden states at those positions only
+    ([batch, r, n_embd]) and computes the last block only there: a classifier that reads the
+    last position skips the last block's attention output, MLP and final layer norm at every
+    other position. Values and gradients are those of the whole model read afterwards.
     """
     config: GPT2Config
     dtype: Dtype = jnp.float32
@@ -303,7 +324,7 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 output_attentions: bool = False):
+                 output_attentions: bool = False, read_positions: jax.Array | None = None):
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
             raise ValueError(f"GPT2 expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
@@ -319,7 +340,13 @@ class GPT2(nn.Module):
         block = _remat(Block, self.dtype) if self.remat else Block
         attentions = []
         for i in range(cfg.n_layer):
-            out = block(cfg, self.dtype, deterministic, output_attentions, name=f"h_{i}")(x)
+            if i == cfg.n_layer - 1 and read_positions is not None:
+                # Recomputing the last block would buy nothing: its backward follows at once.
+                out = Block(cfg, self.dtype, deterministic, output_attentions,
+                            name=f"h_{i}")(x, read_positions)
+            else:
+                out = block(cfg, self.dtype, deterministic, output_attentions,
+                            name=f"h_{i}")(x)
             if output_attentions:
                 x, weights = out
                 attentions.append(weights)

@@ -26,6 +26,10 @@ library versions and this command.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
+    from fpt_jax import hugepages
+    hugepages.reexec_with_huge_pages()
+
 import os
 import shlex
 import sys

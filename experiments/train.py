@@ -19,6 +19,10 @@ that every process sees.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
+    from fpt_jax import hugepages
+    hugepages.reexec_with_huge_pages()
+
 import sys
 
 import jax

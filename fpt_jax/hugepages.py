@@ -10,7 +10,10 @@ full fine-tuning at the Bit XOR shape 590-727 -> 410-444 ms.
 
 A tunable is read once, at process start, so the entry points re-execute themselves with
 it (`reexec_with_huge_pages`). Nothing changes when the user already set `GLIBC_TUNABLES`,
-when `FPT_JAX_HUGEPAGES=0`, or off Linux/glibc; an older glibc ignores the tunable.
+when `FPT_JAX_HUGEPAGES=0` (set it when a debugger or IPython's `%run` runs the entry point
+in its own process), for a program read from stdin, or off Linux/glibc; an older glibc
+ignores the tunable. A process re-executes at most once (`_MARKER`), and carries on without
+huge pages when it cannot.
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "FPT_JAX_HUGEPAGES"
+_MARKER = "FPT_JAX_HUGEPAGES_REEXECUTED"  # set in the re-executed process: never twice
 
 
 def wanted(environ: dict | os._Environ = os.environ) -> bool:
     """Whether this process should be re-executed with the tunable."""
     return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and "GLIBC_TUNABLES" not in environ and environ.get(OPT_OUT, "1") != "0")
+            and "GLIBC_TUNABLES" not in environ and environ.get(OPT_OUT, "1") != "0"
+            and _MARKER not in environ
+            and sys.argv[0] not in ("-", ""))  # stdin was read already: it cannot rerun
 
 
 def reexec_with_huge_pages() -> None:
@@ -33,7 +39,10 @@ def reexec_with_huge_pages() -> None:
     Call it first thing in a `__main__` block: nothing before it runs twice."""
     if not wanted():
         return
-    env = dict(os.environ, GLIBC_TUNABLES=TUNABLE)
+    env = dict(os.environ, GLIBC_TUNABLES=TUNABLE, **{_MARKER: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as e:  # e.g. no usable sys.executable: run on, without huge pages
+        print(f"fpt_jax: not restarting with huge pages ({e})", file=sys.stderr)

@@ -20,7 +20,8 @@ PROBE = ("from fpt_jax import hugepages; hugepages.reexec_with_huge_pages(); imp
 
 
 def _run(**env_changes) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._MARKER)}
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-c", PROBE, "--flag=1"], env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -43,3 +44,14 @@ def test_leaves_a_users_tunables_and_the_opt_out_alone():
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     if os.path.exists(thp) and "[madvise]" in open(thp).read():
         assert int(huge_kib) == 0  # malloc alone asks for no huge page
+
+
+def test_reexecutes_at_most_once_and_never_a_program_read_from_stdin():
+    # the loader may drop GLIBC_TUNABLES (glibc >= 2.39 in secure mode): the marker still
+    # stops a second restart
+    assert _run(**{hugepages._MARKER: "1"})[0] == "None"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._MARKER)}
+    out = subprocess.run([sys.executable, "-"], input=PROBE.replace("sys.argv[1:]", "1"),
+                         env=env, check=True, capture_output=True, text=True).stdout
+    assert out.startswith("None ")  # ran, without a restart that would have lost stdin

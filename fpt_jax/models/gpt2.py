@@ -199,7 +199,8 @@ class Block(nn.Module):
 # keys to the block's input. Block i's recomputation can then only run once block i+1's
 # backward has produced that cotangent, on any backend and scheduler: the step holds the
 # block inputs plus one block's activations. Outputs, dropout masks and gradients are the
-# plain block's (bit for bit in float32; in bfloat16 up to rounding, as with `nn.remat`).
+# plain block's (bit for bit in float32 under `jit`; in bfloat16 up to rounding, as with
+# `nn.remat`). Unlike `nn.remat`, forward-mode autodiff (`jax.jvp`, `jacfwd`) is not supported.
 
 def _zero_after(tree) -> jax.Array | None:
     """A float32 +0.0 that XLA can only compute once the first floating-point array of

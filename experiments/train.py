@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from fpt_jax import freeze, parallel, train
 from fpt_jax.weights import WeightsError
-from fpt_jax.models.gpt2 import PRESETS
+from fpt_jax.models.gpt2 import GPT2_PRESETS
 from fpt_jax.tasks import task_names
 
 F = flags.FLAGS
@@ -50,7 +50,7 @@ flags.DEFINE_multi_string(
     "true/false are parsed), e.g. --task_option=image_size=28. Repeatable: the values of a "
     "flagfile and of the command line add up, and a later key wins.")
 
-flags.DEFINE_enum("model", "gpt2", [*sorted(PRESETS), "auto"], "GPT-2 preset; 'auto' takes "
+flags.DEFINE_enum("model", "gpt2", [*sorted(GPT2_PRESETS), "auto"], "GPT-2 preset; 'auto' takes "
                   "the architecture from --weights (e.g. a custom or distilled GPT-2).")
 flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
                   "Backbone initialisation: pretrained weights or random (the paper's "

@@ -26,7 +26,7 @@ import optax
 
 GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
 LAYERED = ("ln", "attn", "mlp")
-PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS), "all": ",".join(GROUPS),
+SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS), "all": ",".join(GROUPS),
            "none": ""}
 TRAIN, FREEZE = "train", "freeze"
 
@@ -76,14 +76,14 @@ _ITEM = re.compile(r"^(?P<group>[a-z_]+)(\[(?P<slice>-?\d*:?-?\d*)\])?$")
 
 def parse_selection(spec: str, n_layer: int) -> Selection:
     """Parses a trainable selection (see the module doc); errors name the bad item."""
-    expanded = PRESETS.get(spec.strip(), spec)
+    expanded = SELECTION_PRESETS.get(spec.strip(), spec)
     groups: dict[str, frozenset[int] | None] = {}
     for item in filter(None, (s.strip() for s in _split_items(expanded))):
         m = _ITEM.match(item)
         if not m or m.group("group") not in GROUPS:
             raise ValueError(f"unknown trainable group {item!r} in {spec!r}; accepted: groups "
                              f"{GROUPS}, optionally with a block range like attn[-2:], or "
-                             f"presets {sorted(PRESETS)}")
+                             f"presets {sorted(SELECTION_PRESETS)}")
         group, slc = m.group("group"), m.group("slice")
         if slc is None:
             groups[group] = None

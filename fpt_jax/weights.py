@@ -22,11 +22,11 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from fpt_jax.models.gpt2 import PRESETS, GPT2Config, param_shapes
+from fpt_jax.models.gpt2 import GPT2_PRESETS, GPT2Config, param_shapes
 
 Params = dict[str, Any]
 
-HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+HUB_REPOS = {name: f"openai-community/{name}" for name in GPT2_PRESETS}
 CONVERTED_MARKER = "fpt_jax_converted.json"  # written by `save_converted`
 
 _LEAF = {"weight": "kernel", "bias": "bias"}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax.models.gpt2 import GPT2, PRESETS, GPT2Config, num_params, param_shapes
+from fpt_jax.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config, num_params, param_shapes
 
 TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32)
 TINY_INNER = GPT2Config(n_layer=3, n_head=3, n_embd=48, n_positions=24, n_inner=80)
@@ -68,7 +68,7 @@ def test_preset_has_published_layers_heads_width_and_1024_positions(name, layers
 
 
 def test_preset_list_is_exactly_the_four_published_sizes():
-    assert sorted(PRESETS) == ["gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl"]
+    assert sorted(GPT2_PRESETS) == ["gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl"]
 
 
 def test_preset_overrides_replace_fields():

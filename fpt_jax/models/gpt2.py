@@ -60,9 +60,9 @@ class GPT2Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; accepted: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        if name not in GPT2_PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; accepted: {sorted(GPT2_PRESETS)}")
+        return dataclasses.replace(GPT2_PRESETS[name], **overrides)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "GPT2Config":
@@ -103,7 +103,7 @@ class GPT2Config:
                     activation_function="gelu_new")
 
 
-PRESETS: dict[str, GPT2Config] = {
+GPT2_PRESETS: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),

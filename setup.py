@@ -16,7 +16,7 @@ setup(
     description="Frozen Pretrained Transformers (Lu et al. 2021) in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["fpt_jax", "fpt_jax.*", "experiments", "experiments.*"]),
-    package_data={"experiments": ["configs/*.cfg"]},
+    package_data={"experiments": ["configs/*.py"]},
     install_requires=_requirements(),
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.

@@ -5,8 +5,8 @@ copy of the state: orbax writes host numpy arrays from process 0 only (its prima
 every process joins the save's barriers, and every process reads the checkpoint back, so
 the directory must be on storage that all of them see.
 
-A checkpoint holds what training changed: the step, the trainable parameters and the
-optimizer state, plus the run's identity (model, task, trainable selection) as JSON.
+A checkpoint holds what training changed: the step, the trainable parameter tree and the
+optimizer state (as the train state holds them), plus the run's identity (model, task, trainable selection) as JSON.
 Frozen parameters are not written: they are bit-identical to their initial values (from the
 pretrained weights or the seed), so a resumed run rebuilds them exactly, and a `gpt2-xl`
 checkpoint stays the size of what was trained.
@@ -19,11 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class CheckpointError(ValueError):
@@ -56,14 +51,11 @@ class Checkpoints:
                     "every process sees (a shared filesystem)")
         return step
 
-    def save(self, step: int, params, opt_state, trainable_mask, meta: dict,
-             force: bool = False) -> bool:
-        """Saves if `step` is due (or `force`); params/opt_state are host (unreplicated)."""
+    def save(self, step: int, trainable, opt_state, meta: dict, force: bool = False) -> bool:
+        """Saves if `step` is due (or `force`); `trainable` and `opt_state` are host trees."""
         if not force and not self.manager.should_save(step):
             return False
-        state = {"params": {k: v for k, v in _flat(params).items()
-                            if _flat(trainable_mask)[k]},
-                 "opt_state": _flat(opt_state)}
+        state = {"trainable": trainable, "opt_state": opt_state}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -72,28 +64,22 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, params, opt_state, trainable_mask) -> tuple[Any, Any]:
-        """Restores into templates `params` (frozen leaves kept) and `opt_state`."""
-        flat_params, mask = _flat(params), _flat(trainable_mask)
-        abstract = {"params": {k: _abstract(v) for k, v in flat_params.items() if mask[k]},
-                    "opt_state": {k: _abstract(v) for k, v in _flat(opt_state).items()}}
+    def restore(self, step: int, trainable, opt_state) -> tuple[Any, Any]:
+        """`(trainable, opt_state)` of checkpoint `step`, as host numpy trees shaped like the
+        templates (arrays or `jax.ShapeDtypeStruct`s)."""
+        abstract = jax.tree_util.tree_map(_abstract, {"trainable": trainable,
+                                                      "opt_state": opt_state})
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))["state"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(
                 f"checkpoint {step} in {self.manager.directory} does not fit this run's model "
-                f"and trainable selection ({str(e)[:300]}); use another --workdir or the run's "
-                "own flags"
+                f"and trainable selection ({str(e)[:300]}); use another workdir or the run's "
+                "own settings"
             ) from e
-        new_params = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(params),
-            [np.asarray(restored["params"][k]) if mask[k] else v
-             for k, v in flat_params.items()])
-        new_opt = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(opt_state),
-            [np.asarray(restored["opt_state"][k]) for k in _flat(opt_state)])
-        return new_params, new_opt
+        restored = jax.tree_util.tree_map(np.asarray, restored)
+        return restored["trainable"], restored["opt_state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -8,7 +8,6 @@ set" (the task's own default, no clipping, the whole split, ...), never a magic 
 The task fields (`n` ... `num_classes`) are passed to the task only when set, so each task
 keeps its own defaults; a task field that the chosen task does not take is an error.
 """
-from __future__ import annotations
 
 import dataclasses
 import math

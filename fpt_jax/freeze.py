@@ -10,9 +10,9 @@ slice syntax:
     output,attn[-2:]          the output head and the last two blocks' attention
     ln[0:6]                   the layer norms of blocks 0-5 (ln_f has no block: plain `ln`)
 
-Frozen is everything not selected. Freezing is an optimizer concern: `optax.multi_transform`
-gives frozen leaves `optax.set_to_zero()`, so they carry no optimizer state, and the train
-step passes them through untouched.
+Frozen is everything not selected. `partition` splits the parameter tree into the trainable
+and the frozen part: the train step differentiates and updates the trainable tree only, and
+reads the frozen one in place (never an output of the step, so never copied).
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from typing import Any, Iterable
 
 import jax
 import numpy as np
-import optax
+from flax import traverse_util
 
 GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
 LAYERED = ("ln", "attn", "mlp")
 SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS), "all": ",".join(GROUPS),
            "none": ""}
-TRAIN, FREEZE = "train", "freeze"
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -76,7 +75,8 @@ _ITEM = re.compile(r"^(?P<group>[a-z_]+)(\[(?P<slice>-?\d*:?-?\d*)\])?$")
 
 def parse_selection(spec: str, n_layer: int) -> Selection:
     """Parses a trainable selection (see the module doc); errors name the bad item."""
-    expanded = SELECTION_PRESETS.get(spec.strip(), spec)
+    expanded = ",".join(SELECTION_PRESETS.get(item.strip(), item)
+                        for item in _split_items(spec))
     groups: dict[str, frozenset[int] | None] = {}
     for item in filter(None, (s.strip() for s in _split_items(expanded))):
         m = _ITEM.match(item)
@@ -111,21 +111,25 @@ def _split_items(spec: str) -> list[str]:
     return re.split(r",(?![^\[]*\])", spec)
 
 
-def labels(params, selection: Selection):
-    """A tree like `params` of 'train' / 'freeze' labels, for optax.multi_transform."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: TRAIN if selection.is_trainable(*param_group(p)) else FREEZE, params)
+def is_trainable(path: Iterable[Any], selection: Selection) -> bool:
+    return selection.is_trainable(*param_group(path))
 
 
-def trainable_mask(params, selection: Selection):
-    return jax.tree_util.tree_map(lambda lab: lab == TRAIN, labels(params, selection))
+def partition(params, selection: Selection) -> tuple[dict, dict]:
+    """`(trainable, frozen)`: the parameter tree split into two nested dicts of the same
+    layout, each holding only its own leaves. The optimizer only ever sees `trainable`, so
+    frozen parameters get no gradient, no optimizer state and no update by construction."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k, selection)}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
-def make_optimizer(base: optax.GradientTransformation, params, selection: Selection
-                   ) -> optax.GradientTransformation:
-    """`base` on trainable leaves, `set_to_zero` (no state) on frozen ones."""
-    return optax.multi_transform({TRAIN: base, FREEZE: optax.set_to_zero()},
-                                 labels(params, selection))
+def merge(trainable: dict, frozen: dict) -> dict:
+    """The whole parameter tree again (no copy: the leaves are the same arrays)."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
 
 
 def count_table(params, selection: Selection) -> tuple[str, dict[str, dict[str, int]]]:

@@ -1,8 +1,8 @@
-"""Parameter groups, trainable selections and the multi_transform optimizer."""
+"""Parameter groups, trainable selections, and the trainable/frozen partition."""
 import jax
 import numpy as np
-import optax
 import pytest
+from flax import traverse_util
 
 from fpt_jax import freeze
 from fpt_jax.models.fpt import FPT
@@ -45,10 +45,8 @@ def test_every_parameter_of_the_model_has_a_group(params):
 
 
 def _trainable_paths(params, spec):
-    sel = freeze.parse_selection(spec, N_LAYER)
-    labels = freeze.labels(params, sel)
-    return {"/".join(str(k.key) for k in p) for p, lab in
-            jax.tree_util.tree_flatten_with_path(labels)[0] if lab == freeze.TRAIN}
+    trainable, _ = freeze.partition(params, freeze.parse_selection(spec, N_LAYER))
+    return {"/".join(k) for k in traverse_util.flatten_dict(trainable)}
 
 
 def test_fpt_preset_trains_input_pos_ln_output_only(params):
@@ -93,16 +91,25 @@ def test_bad_selection_is_a_clear_error(spec, message):
         freeze.parse_selection(spec, N_LAYER)
 
 
-def test_frozen_parameters_get_no_optimizer_state(params):
-    sel = freeze.parse_selection("fpt", N_LAYER)
-    tx = freeze.make_optimizer(optax.adam(1e-3), params, sel)
-    state = tx.init(params)
-    n_trainable = sum(x.size for x, m in zip(jax.tree_util.tree_leaves(params),
-                                             jax.tree_util.tree_leaves(
-                                                 freeze.trainable_mask(params, sel))) if m)
-    # Adam keeps two moments per trainable element plus a step count: nothing for frozen ones.
-    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
-    assert n_state == 2 * n_trainable + 1
+def test_partition_splits_the_tree_and_merge_restores_it_exactly(params):
+    sel = freeze.parse_selection("fpt,mlp[-1]", N_LAYER)
+    trainable, frozen = freeze.partition(params, sel)
+    flat_t, flat_f = traverse_util.flatten_dict(trainable), traverse_util.flatten_dict(frozen)
+    assert not flat_t.keys() & flat_f.keys()
+    assert all(freeze.is_trainable(k, sel) for k in flat_t)
+    assert not any(freeze.is_trainable(k, sel) for k in flat_f)
+    merged = freeze.merge(trainable, frozen)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(params)):
+        assert a is b  # the same arrays: merging copies nothing
+
+
+def test_preset_names_combine_with_groups_in_a_list(params):
+    assert _trainable_paths(params, "fpt,mlp") == (_trainable_paths(params, "fpt")
+                                                   | _trainable_paths(params, "mlp"))
+    last_attn = {p.split("/")[1] for p in _trainable_paths(params, "fpt,attn[-2:]")
+                 if "/attn/" in p}
+    assert last_attn == {"h_2", "h_3"}
 
 
 def test_count_table_sums_to_the_parameter_count(params):

@@ -4,12 +4,13 @@ import glob
 import json
 import os
 
+import flax
 import jax
 import numpy as np
 import pytest
 
 from fpt_jax import freeze, parallel, train
-from fpt_jax.train import TrainConfig
+from fpt_jax.config import TrainConfig
 
 TINY = dict(task="bit_xor", init="random", n_layer=2, n_head=2, n_embd=32, batch_size=8,
             log_every=1, eval_every=1000, eval_batches=2, checkpoint_every=1000)
@@ -20,68 +21,65 @@ def _run_steps(cfg: TrainConfig, n: int, num_devices: int):
     s = train.setup(cfg)
     devices = parallel.local_devices(num_devices)
     step = train.pmapped_train_step(
-        train.make_train_step(s.model, s.task, s.tx, s.trainable_mask, cfg.grad_accum), devices)
+        train.make_train_step(s.model, s.task, s.tx, cfg.grad_accum), devices)
     state = parallel.replicate(s.state, devices)
+    frozen = parallel.replicate(s.frozen, devices)
     per_process = cfg.batch_size
     losses = []
     for i in range(n):
         batch = s.task.batch("train", i, per_process, seed=cfg.seed)
-        state, metrics = step(state, parallel.shard_batch(batch, len(devices), cfg.grad_accum),
+        state, metrics = step(state, frozen,
+                              parallel.shard_batch(batch, len(devices), cfg.grad_accum),
                               jax.random.PRNGKey(1))
         losses.append(float(metrics["loss"][0]))
-    return s, parallel.unreplicate(state), losses
-
-
-def _leaves_with_mask(tree, mask):
-    return zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree_util.tree_leaves(mask))
+    return s, parallel.unreplicate(state), parallel.unreplicate(frozen), losses
 
 
 @pytest.mark.parametrize("trainable", ["fpt", "output,ln[-1:],attn[0]"])
 def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable):
     cfg = TrainConfig(**TINY, trainable=trainable)
-    s, final, _ = _run_steps(cfg, 3, num_devices=4)
-    n_frozen = n_trained = 0
-    for ((path, before), m), after in zip(_leaves_with_mask(s.state.params, s.trainable_mask),
-                                          jax.tree_util.tree_leaves(final.params)):
-        name = jax.tree_util.keystr(path)
-        if m:
-            n_trained += 1
-            assert not np.array_equal(before, after), f"trainable {name} did not change"
-        else:
-            n_frozen += 1
-            assert np.array_equal(before, after), f"frozen {name} changed"
-            assert after.dtype == before.dtype
-    assert n_frozen > 0 and n_trained > 0
+    s, final, frozen_after, _ = _run_steps(cfg, 3, num_devices=4)
+    flat = lambda t: flax.traverse_util.flatten_dict(t)  # noqa: E731
+    before_t, before_f = flat(s.state.trainable), flat(s.frozen)
+    after_t, after_f = flat(final.trainable), flat(frozen_after)
+    assert before_t.keys() == after_t.keys() and before_f.keys() == after_f.keys()
+    assert before_t and before_f
+    for k, v in before_t.items():
+        assert not np.array_equal(v, after_t[k]), f"trainable {k} did not change"
+    for k, v in before_f.items():
+        assert np.array_equal(v, after_f[k]) and v.dtype == after_f[k].dtype, f"frozen {k} changed"
+        assert freeze.is_trainable(k, s.selection) is False
 
 
 def test_optimizer_state_holds_moments_for_trainable_params_only():
     cfg = TrainConfig(**TINY)
     s = train.setup(cfg)
-    sizes = [x.size for x, m in zip(jax.tree_util.tree_leaves(s.state.params),
-                                    jax.tree_util.tree_leaves(s.trainable_mask)) if m]
+    trainable = sum(x.size for x in jax.tree_util.tree_leaves(s.state.trainable))
+    _, counts = freeze.count_table(freeze.merge(s.state.trainable, s.frozen), s.selection)
+    assert trainable == counts["total"]["trainable"] > 0
     opt_elements = sum(np.size(x) for x in jax.tree_util.tree_leaves(s.state.opt_state))
     # Adam keeps mu and nu per trainable element; Adam and the lr schedule count steps.
-    assert opt_elements == 2 * sum(sizes) + 2
+    assert opt_elements == 2 * trainable + 2
 
 
 def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
     # Dropout off: its keys are per device, so masks differ between device counts by design.
     cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
-    _, final1, losses1 = _run_steps(cfg, 5, num_devices=1)
-    _, final4, losses4 = _run_steps(cfg, 5, num_devices=4)
+    _, final1, _, losses1 = _run_steps(cfg, 5, num_devices=1)
+    _, final4, _, losses4 = _run_steps(cfg, 5, num_devices=4)
     # Tolerance: float32 reassociation of the mean over 4 partial batches.
     np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(final1.params),
-                    jax.tree_util.tree_leaves(final4.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(final1.trainable),
+                    jax.tree_util.tree_leaves(final4.trainable)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
-    _, big, losses_big = _run_steps(cfg, 4, num_devices=2)
-    _, acc, losses_acc = _run_steps(dataclasses.replace(cfg, grad_accum=4), 4, num_devices=2)
+    _, big, _, losses_big = _run_steps(cfg, 4, num_devices=2)
+    _, acc, _, losses_acc = _run_steps(dataclasses.replace(cfg, grad_accum=4), 4, num_devices=2)
     np.testing.assert_allclose(losses_big, losses_acc, rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(big.params), jax.tree_util.tree_leaves(acc.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(big.trainable), jax.tree_util.tree_leaves(acc.trainable)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -128,16 +126,19 @@ def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(task="bit_parity"), "unknown task 'bit_parity'; accepted: .*bit_xor"),
-    (dict(model="gpt5"), "unknown GPT-2 preset 'gpt5'; accepted"),
+    (dict(model="gpt5"), "unknown model 'gpt5'; accepted"),
     (dict(trainable="input,embeddings"), "unknown trainable group 'embeddings'"),
     (dict(batch_size=6), "batch_size=6 is not divisible by devices x grad_accum = 4 x 1"),
-    (dict(task_options={"n": 5, "patch_size": 2}), "patch_size=2 must divide n=5"),
+    (dict(n=5, patch_size=2), "patch_size=2 must divide n=5"),
+    (dict(max_length=64), "task bit_xor takes no setting max_length"),
+    (dict(learning_rate=float("nan")), "learning_rate=nan; accepted"),
+    (dict(dropout=1.5), "dropout=1.5; accepted"),
     (dict(schedule="linear"), "unknown schedule 'linear'; accepted"),
-    (dict(init="pretrained", n_layer=2), "apply to --init=random only"),
+    (dict(init="pretrained", n_layer=2), "apply to init='random' only"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        cfg = TrainConfig(**{**TINY, **overrides})
+        cfg = TrainConfig(**{**TINY, **overrides})  # field checks raise here, others below
         train.train_and_evaluate(cfg, str(tmp_path))
 
 
@@ -148,7 +149,7 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path):
     weights.save_converted(tmp_path / "w", small, init_params(small, jax.random.PRNGKey(0)))
     cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, weights=str(tmp_path / "w"), model="gpt2")
-    with pytest.raises(ValueError, match="holds a GPT-2 with .*'n_layer': 2.*but --model=gpt2 "
+    with pytest.raises(ValueError, match="holds a GPT-2 with .*'n_layer': 2.*but model=gpt2 "
                                          "is .*'n_layer': 12"):
         train.setup(cfg)
 
@@ -162,7 +163,8 @@ def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
     s = train.setup(TrainConfig(task="bit_xor", init="pretrained", weights=str(tmp_path / "w"),
                                 model="auto", batch_size=4))
     assert s.config.n_layer == 2
-    for a, b in zip(jax.tree_util.tree_leaves(s.state.params["transformer"]),
+    params = freeze.merge(s.state.trainable, s.frozen)
+    for a, b in zip(jax.tree_util.tree_leaves(params["transformer"]),
                     jax.tree_util.tree_leaves(backbone)):
         assert np.array_equal(a, b)
 

@@ -18,7 +18,9 @@ A batch is a dict of numpy arrays with a leading per-host batch dimension:
 from __future__ import annotations
 
 import abc
-import dataclasses
+import importlib
+import inspect
+import pkgutil
 from typing import Callable, Iterator
 
 import jax
@@ -93,30 +95,47 @@ def get_task(name: str, **options) -> Task:
     _import_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; accepted: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    factory = _REGISTRY[name]
+    accepted = task_settings(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"task {name} takes no setting {', '.join(unknown)}; its settings: "
+                         f"{', '.join(accepted) or 'none'}")
+    return factory(**options)
+
+
+def task_settings(name: str) -> list[str]:
+    """The keyword options that task `name` takes."""
+    _import_all()
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _import_all() -> None:
-    # Task modules register themselves on import; optional ones may be absent.
-    import importlib
-    for module in ("bits", "images", "listops", "homology"):
-        try:
-            importlib.import_module(f"fpt_jax.tasks.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"fpt_jax.tasks.{module}":
-                raise
+    """Imports every module of this package: task modules register themselves on import."""
+    import fpt_jax.tasks as package
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def check_process(process_index: int, process_count: int) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                         f"{process_count})")
+
+
+def split_id(split: str) -> int:
+    """A split's name as an integer, to seed its random streams apart from other splits'."""
+    return int.from_bytes(split.encode()[:8].ljust(8, b"\0"), "little")
 
 
 def host_shard(batch: Batch, batch_size: int, process_index: int, process_count: int) -> Batch:
     """Host `process_index`'s rows `[process_index * batch_size, ...)` of a global batch."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                         f"{process_count})")
+    check_process(process_index, process_count)
     lo = process_index * batch_size
     return {k: v[lo:lo + batch_size] for k, v in batch.items()}
 
 
 def host_rng(seed: int, split: str, step: int, process_index: int) -> np.random.Generator:
     """An independent numpy generator per (seed, split, step, host)."""
-    split_id = int.from_bytes(split.encode()[:8].ljust(8, b"\0"), "little")
-    return np.random.default_rng([seed, split_id, step, process_index])
+    return np.random.default_rng([seed, split_id(split), step, process_index])

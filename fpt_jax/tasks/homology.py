@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from fpt_jax.tasks.base import register
-from fpt_jax.tasks.data_utils import SequenceTable, TokenSequenceTask
+from fpt_jax.tasks.sequence import SequenceTable, TokenSequenceTask
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<sep>", "<unk>")
 AMINO_ACIDS = "ABCDEFGHIKLMNOPQRSTUVWXYZ"

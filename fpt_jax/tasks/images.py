@@ -44,7 +44,7 @@ import numpy as np
 
 from fpt_jax.tasks import data_utils
 from fpt_jax.tasks import tfds_builders
-from fpt_jax.tasks.base import Batch, Task, classification_metrics, register
+from fpt_jax.tasks.base import Batch, Task, classification_metrics, register, split_id
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2023, 0.1994, 0.2010], np.float32)
@@ -214,7 +214,7 @@ class ImageTask(Task):
         images, labels = self._read(split, idx)
         aug = None
         if self.augment and split == "train":
-            rng = np.random.default_rng([seed, data_utils.split_id(split), step, _AUG_TAG])
+            rng = np.random.default_rng([seed, split_id(split), step, _AUG_TAG])
             params = sample_augmentation(rng, batch_size * process_count)
             lo = process_index * batch_size
             aug = {k: v[lo:lo + batch_size] for k, v in params.items()}

@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 
 from fpt_jax.tasks.base import register
-from fpt_jax.tasks.data_utils import SequenceTable, TokenSequenceTask
+from fpt_jax.tasks.sequence import SequenceTable, TokenSequenceTask
 
 PAD_ID = 0
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")

@@ -1,0 +1,89 @@
+"""What the entry points share: the `--config` flag and flag parsing with clear errors.
+
+`--config` is a `fpt_jax.config.TrainConfig`: by default the library's defaults, or
+`--config=experiments/configs/<task>.py` (a python file whose `get_config()` returns one;
+`--config=file.py:arg` passes `arg` to it, as big_vision does). Any field is overridden with
+`--config.<field>=<value>`, after `--config`; `none` sets an optional field to None.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import runpy
+import sys
+from typing import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from fpt_jax.config import TrainConfig, describe_fields
+
+
+class _NoneOr(flags.ArgumentParser):
+    """A number parser that also reads `none` (any case) as None, for optional fields."""
+
+    def __init__(self, inner: flags.ArgumentParser):
+        self.inner = inner
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip().lower() == "none":
+            return None
+        return self.inner.parse(argument)
+
+    def flag_type(self) -> str:
+        return self.inner.flag_type()
+
+
+def load_config_file(spec: str) -> TrainConfig:
+    """`path.py` or `path.py:arg` -> the `TrainConfig` its `get_config([arg])` returns."""
+    path, *arg = spec.split(":", 1)
+    if not os.path.isfile(path):
+        raise ValueError(f"--config={spec}: no such file; accepted: a python file whose "
+                         "get_config() returns a TrainConfig, e.g. "
+                         "experiments/configs/bit_xor.py")
+    module = runpy.run_path(path)
+    if "get_config" not in module:
+        raise ValueError(f"--config={spec}: {path} defines no get_config()")
+    config = module["get_config"](*arg)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"--config={spec}: get_config() returned {type(config).__name__}, "
+                         "not a fpt_jax.config.TrainConfig")
+    return config
+
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None) -> flags.FlagHolder:
+    """Defines `--config` (and, from the command line, its `--config.<field>` overrides)."""
+    # Optional numbers accept `none` (process-wide: these parsers serve every config flag).
+    config_flags.register_flag_parser_for_type(float, _NoneOr(flags.FloatParser()))
+    config_flags.register_flag_parser_for_type(int, _NoneOr(flags.IntegerParser()))
+    help_text = ("The run's settings: a python file whose get_config() returns a "
+                 "fpt_jax.config.TrainConfig (experiments/configs/<task>.py), or by default "
+                 "the library's defaults. Override any field after it with "
+                 "--config.<field>=<value> ('none' for None). The fields:\n" + describe_fields())
+    return config_flags.DEFINE_config_dataclass(
+        "config", TrainConfig(), help_text, flag_values=flag_values,
+        sys_argv=list(sys_argv) if sys_argv is not None else None, parse_fn=load_config_file)
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """`app.run`'s flags parser: defines `--config` and parses `argv`. A bad flag, an unknown
+    or badly typed field, a missing config file: `error: ...` and exit code 2."""
+    try:
+        define_config_flag(flag_values, argv)
+        rest = flag_values(argv)
+        config = flag_values["config"].value
+        config.validate()
+        return rest
+    except KeyError as e:  # config_flags: a field the dataclass does not have
+        names = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        _fail(f"{e.args[0] if e.args else e}; the config's fields: {names}")
+    except (flags.Error, ValueError, TypeError) as e:
+        _fail(str(e))
+    return []
+
+
+def _fail(message: str) -> None:
+    message = message.replace("Error whilst parsing config file:\n\n", "")
+    print(f"error: {message.strip()}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -9,7 +9,8 @@ alternating pairs of processes): frozen CIFAR-10-shape step 1,143-1,272 -> 982-1
 full fine-tuning at the Bit XOR shape 590-727 -> 410-444 ms.
 
 A tunable is read once, at process start, so the entry points re-execute themselves with
-it (`reexec_with_huge_pages`). Nothing changes when the user already set `GLIBC_TUNABLES`,
+it (`reexec_with_huge_pages`), on CPU backends only (`cpu_backend`). Nothing changes when
+the user already set `GLIBC_TUNABLES`,
 when `FPT_JAX_HUGEPAGES=0` (set it when a debugger or IPython's `%run` runs the entry point
 in its own process), for a program read from stdin, or off Linux/glibc; an older glibc
 ignores the tunable. A process re-executes at most once (`_MARKER`), and carries on without
@@ -17,6 +18,8 @@ huge pages when it cannot.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -30,8 +33,22 @@ def wanted(environ: dict | os._Environ = os.environ) -> bool:
     """Whether this process should be re-executed with the tunable."""
     return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
             and "GLIBC_TUNABLES" not in environ and environ.get(OPT_OUT, "1") != "0"
-            and _MARKER not in environ
+            and _MARKER not in environ and cpu_backend(environ)
             and sys.argv[0] not in ("-", ""))  # stdin was read already: it cannot rerun
+
+
+def cpu_backend(environ: dict | os._Environ = os.environ) -> bool:
+    """Whether JAX will compute on the CPU, decided before JAX loads: `JAX_PLATFORMS` names
+    cpu first, or it is unset and no accelerator plugin (CUDA, ROCm, TPU) is installed. The
+    huge-page gain was measured on XLA:CPU only; on GPU/TPU the weights live in device
+    memory and the restart buys nothing."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    # JAX finds plugins by entry point or in the `jax_plugins` namespace package.
+    plugins = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    return (not plugins and importlib.util.find_spec("jax_plugins") is None
+            and importlib.util.find_spec("libtpu") is None)
 
 
 def reexec_with_huge_pages() -> None:

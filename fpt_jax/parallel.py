@@ -7,9 +7,9 @@ devices its shard of the global batch, and `lax.pmean` over `AXIS` averages acro
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -53,23 +53,25 @@ def pmap_devices(num_devices: int | None = None) -> list[jax.Device]:
 
 # --- multi-process setup ---------------------------------------------------------------
 
-def detect_cluster() -> tuple[str, int] | None:
-    """`(environment, process count)` of the cluster that `jax.distributed.initialize()`
-    would auto-detect (Cloud TPU VMs and pod slices, SLURM, Open MPI), or None on a plain
-    machine. Kubernetes and mpi4py are not probed (pass `--distributed=on` there)."""
-    try:
-        from jax._src import clusters  # where JAX keeps its auto-detection
-        envs = list(clusters.ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):  # a JAX without it: nothing is detected
-        return None
-    for env in envs:
-        if getattr(env, "opt_in_only_method", False) or env.__name__ == "K8sCluster":
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            present = env.is_env_present()
-        if present:
-            return env.__name__, int(env.get_process_count())
+def detect_cluster(environ: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
+    """`(launcher, process count)` of a multi-process launcher that this process runs under,
+    read from the launchers' own environment variables: SLURM (`SLURM_JOB_ID` with
+    `SLURM_STEP_NUM_TASKS` / `SLURM_NTASKS`), Open MPI (`OMPI_COMM_WORLD_SIZE`) and Cloud TPU
+    pod slices (`TPU_WORKER_HOSTNAMES`, or a TPU VM's runtime `libtpu`, where JAX asks the
+    metadata server: the count is then unknown here, -1). None on a plain machine.
+    Kubernetes and mpi4py are not probed (pass `--distributed=on` there)."""
+    if "SLURM_JOB_ID" in environ:
+        tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS"))
+        if tasks and tasks.isdigit():
+            return "SlurmCluster", int(tasks)
+    size = environ.get("OMPI_COMM_WORLD_SIZE")
+    if size and size.isdigit():
+        return "OmpiCluster", int(size)
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if hosts:
+        return "GceTpuCluster", len(hosts)
+    if importlib.util.find_spec("libtpu") is not None:
+        return "GceTpuCluster", -1
     return None
 
 
@@ -119,13 +121,9 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
             how = "JAX_COORDINATOR_ADDRESS"
         else:
             found = detect_cluster()
-            if found is None or found[1] <= 1:
+            if found is None or 0 <= found[1] <= 1:  # one process: keep all its devices
                 return False
-            how = f"{found[0]} ({found[1]} processes)"
-    from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized():
-        raise RuntimeError("initialize_distributed must run before anything touches a JAX "
-                           "device (jax.devices(), a computation, device_put)")
+            how = f"{found[0]} ({found[1] if found[1] > 0 else 'JAX counts the'} processes)"
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
         # CPU devices of different processes talk through gloo (older JAX defaults to none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -137,6 +135,11 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
             cluster_detection_method=cluster_detection_method,
             initialization_timeout=init_timeout_seconds,
             heartbeat_timeout_seconds=timeout_seconds, shutdown_timeout_seconds=timeout_seconds)
+    except RuntimeError as e:
+        if "before" not in str(e):
+            raise
+        raise RuntimeError("initialize_distributed must run before anything touches a JAX "
+                           f"device (jax.devices(), a computation, device_put): {e}") from e
     except ValueError as e:  # what JAX could not detect: name the flags that supply it
         raise ValueError(f"jax.distributed.initialize: {e} No cluster environment (TPU pod "
                          "slice, SLURM, Open MPI) supplied it: pass --coordinator_address, "

@@ -55,3 +55,10 @@ def test_reexecutes_at_most_once_and_never_a_program_read_from_stdin():
     out = subprocess.run([sys.executable, "-"], input=PROBE.replace("sys.argv[1:]", "1"),
                          env=env, check=True, capture_output=True, text=True).stdout
     assert out.startswith("None ")  # ran, without a restart that would have lost stdin
+
+
+def test_only_cpu_backends_are_restarted():
+    assert hugepages.cpu_backend({"JAX_PLATFORMS": "cpu"})
+    assert not hugepages.cpu_backend({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not hugepages.cpu_backend({"JAX_PLATFORMS": "tpu"})
+    assert _run(JAX_PLATFORMS="cuda")[0] == "None"  # decided before JAX loads: no restart

@@ -45,7 +45,8 @@ class TrainConfig:
                                       "side (MNIST: 32 is the paper's, 28 the code's).")
     augment: bool | None = _setting(None, "Image tasks: training augmentation (crop, flip, "
                                     "rotation).")
-    source: str | None = _setting(None, "Image tasks: 'auto', 'tfds' or 'prepared' data.")
+    source: str | None = _setting(None, "Image tasks: 'fpt' (prepared by experiments."
+                                  "prepare_data), 'tfds' (TFDS's own) or 'auto' (either).")
     num_validation: int | None = _setting(None, "Image tasks: training examples held out as "
                                           "the 'validation' split.")
     task_name: str | None = _setting(None, "ListOps: the LRA file prefix ('basic').")

@@ -230,9 +230,9 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     fast_rng.use_unrolled_threefry_on_cpu()  # same dropout bits, fused on CPU
     task = task or get_task(cfg.task, **cfg.task_options())
     config, pretrained = backbone(cfg)
+    selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
     params = init_params(model, task, jax.random.PRNGKey(cfg.seed), pretrained)
-    selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     table, _ = freeze.count_table(params, selection)
     trainable, frozen = freeze.partition(params, selection)
     tx = make_optimizer(cfg)

@@ -13,31 +13,34 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments import train as cli  # defines the command-line flags
+from experiments import cli
+from experiments import train as train_cli  # defines the command-line flags
 from fpt_jax import train
-from fpt_jax.checkpoint import Checkpoints, _flat
+from fpt_jax.checkpoint import Checkpoints
 
 flags.DEFINE_string("restored_to", None, "Test only: write this process's restore of the latest "
                     "checkpoint here ({process} is replaced by the process index).")
 F = flags.FLAGS
 
 
+def _named_leaves(prefix: str, tree) -> dict[str, np.ndarray]:
+    return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def main(argv):
-    cli.main(argv)
+    train_cli.main(argv)
     if not F.restored_to:
         return
-    s = train.setup(cli.config_from_flags())
+    s = train.setup(F.config)
     ckpts = Checkpoints(os.path.join(F.workdir, "checkpoints"))
     step = ckpts.latest_step()
-    params, opt_state = ckpts.restore(step, s.state.params, s.state.opt_state,
-                                      s.trainable_mask)[:2]
+    trainable, opt_state = ckpts.restore(step, s.state.trainable, s.state.opt_state)
     ckpts.close()
-    mask = _flat(s.trainable_mask)
-    arrays = {f"params/{k}": np.asarray(v) for k, v in _flat(params).items() if mask[k]}
-    arrays.update({f"opt_state/{k}": np.asarray(v) for k, v in _flat(opt_state).items()})
+    arrays = {**_named_leaves("params/", trainable), **_named_leaves("opt_state/", opt_state)}
     path = F.restored_to.format(process=jax.process_index())
     np.savez(path, step=np.int64(step), **arrays)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -29,6 +29,7 @@ MIN_ACCURACY = 0.55
 
 def test_prepare_and_train_fashion_mnist(tmp_path):
     from fpt_jax import train
+    from fpt_jax.config import TrainConfig
     from fpt_jax.tasks import get_task, tfds_builders
 
     tfds_builders.prepare_images("fashion_mnist", RAW, tmp_path / "tfds")
@@ -39,9 +40,8 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
                                                                   num_batches=None)])
     assert np.bincount(labels).tolist() == [1_000] * 10  # the real test split's balance
 
-    cfg = train.TrainConfig(
-        task="fashion_mnist",
-        task_options={"data_dir": str(tmp_path / "tfds"), "image_size": 28, "patch_size": 7},
+    cfg = TrainConfig(
+        task="fashion_mnist", data_dir=str(tmp_path / "tfds"), image_size=28, patch_size=7,
         model="gpt2", init="random", n_layer=2, n_head=4, n_embd=128, trainable="fpt",
         learning_rate=3e-3, batch_size=32, steps=STEPS, eval_every=STEPS,
         eval_batch_size=1_000, log_every=100, checkpoint_every=10 * STEPS, seed=0,

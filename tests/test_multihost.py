@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from fpt_jax import parallel, train
+from fpt_jax.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -33,11 +34,12 @@ RTOL, ATOL = 1e-5, 1e-6
 DEATH_TIMEOUT = 10  # --distributed_timeout of the run that loses a process
 DEATH_DEADLINE = 60  # the survivor must be gone this long after the kill
 
-RUN_FLAGS = ["--task=bit_xor", "--init=random", "--n_layer=1", "--n_embd=32", "--n_head=2",
-             "--dropout=0", "--batch_size=8", "--log_every=1", "--eval_every=2",
-             "--eval_batches=1", "--checkpoint_every=1000", "--seed=3"]
+RUN_FLAGS = ["--config.task=bit_xor", "--config.init=random", "--config.n_layer=1",
+             "--config.n_embd=32", "--config.n_head=2", "--config.dropout=0",
+             "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=2",
+             "--config.eval_batches=1", "--config.checkpoint_every=1000", "--config.seed=3"]
 # The same run as a TrainConfig (the flags' defaults are TrainConfig's defaults otherwise).
-REF_CONFIG = train.TrainConfig(task="bit_xor", init="random", n_layer=1, n_embd=32, n_head=2,
+REF_CONFIG = TrainConfig(task="bit_xor", init="random", n_layer=1, n_embd=32, n_head=2,
                                dropout=0.0, batch_size=8, log_every=1, eval_every=2,
                                eval_batches=1, checkpoint_every=1000, seed=3, steps=6)
 FIRST_STEPS = 4  # the first multi-process run; the resumed one continues past REF_CONFIG.steps
@@ -135,7 +137,7 @@ def runs(tmp_path_factory):
                     "(XLA_FLAGS from conftest.py)")
     root = tmp_path_factory.mktemp("multihost")
     multi, ref = root / "multi", root / "ref"
-    cluster = Cluster(root / "logs_first", [*RUN_FLAGS, f"--steps={FIRST_STEPS}",
+    cluster = Cluster(root / "logs_first", [*RUN_FLAGS, f"--config.steps={FIRST_STEPS}",
                                             f"--workdir={multi}",
                                             f"--restored_to={root}/restored_{{process}}.npz"],
                       root / "jax_cache", timeout=120)
@@ -192,7 +194,7 @@ def test_resume_in_every_process_then_a_dead_process_fails_the_run(runs):
     """The second run resumes from the checkpoint (its losses continue the reference's),
     then process 1 is killed: process 0 must exit non-zero with a clear error in time."""
     multi = runs["multi"]
-    cluster = Cluster(runs["root"] / "logs_resume", [*RUN_FLAGS, "--steps=1000000",
+    cluster = Cluster(runs["root"] / "logs_resume", [*RUN_FLAGS, "--config.steps=1000000",
                                                      f"--workdir={multi}"],
                       runs["root"] / "jax_cache", timeout=DEATH_TIMEOUT)
     try:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--task=bit_xor", "--init=random", "--n_layer=1", "--n_head=2", "--n_embd=16",
-        "--batch_size=4", "--dropout=0.1", "--eval_batches=2", "--log_every=1",
-        "--num_devices=1"]
+TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
+        "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16", "--config.batch_size=4",
+        "--config.dropout=0.1", "--config.eval_batches=2", "--config.log_every=1",
+        "--config.num_devices=1"]
 
 
 def _env():
@@ -28,16 +29,25 @@ def _train(args, **kwargs):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--task=bit_parity", "error: unknown task 'bit_parity'; accepted:"),
-    ("--trainable=input,embeddings", "error: unknown trainable group 'embeddings'"),
-    ("--batch_size=0", "error: batch_size (0) and grad_accum (1) must be >= 1"),
-    ("--patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
-    ("--weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory nor a "
-                               "known hub name"),
+    ("--config.task=bit_parity", "error: unknown task 'bit_parity'; accepted:"),
+    ("--config.trainable=input,embeddings", "error: unknown trainable group 'embeddings'"),
+    ("--config.batch_size=0", "error: batch_size=0; accepted: an integer >= 1"),
+    ("--config.patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
+    ("--config.weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory "
+                                      "nor a known hub name"),
+    ("--config.learning_rat=1", "error: Field learning_rat not found"),
+    ("--config.steps=ten", "error: flag --config.steps=ten: invalid literal for int()"),
+    ("--config.max_length=64", "error: task bit_xor takes no setting max_length; its "
+                               "settings: n, num_patterns, patch_size"),
+    ("--config=experiments/configs/nothing.py", "error: flag --config=experiments/configs/"
+                                                "nothing.py: --config=experiments/configs/"
+                                                "nothing.py: no such file"),
 ])
 def test_bad_flag_exits_with_a_clear_message(tmp_path, flag, message):
-    extra = ["--init=pretrained"] if flag.startswith("--weights") else []
-    args = [a for a in TINY if not (extra and a.startswith(("--n_", "--init")))]
+    extra = ["--config.init=pretrained"] if flag.startswith("--config.weights") else []
+    args = [a for a in TINY if not (extra and a.startswith(("--config.n_", "--config.init")))]
+    if flag.startswith("--config="):
+        args = []
     result = _train([*args, *extra, flag, f"--workdir={tmp_path}"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
@@ -49,7 +59,8 @@ def _records(workdir):
 
 
 def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path):
-    common = [*TINY, "--steps=60", "--eval_every=20", "--checkpoint_every=20"]
+    common = [*TINY, "--config.steps=60", "--config.eval_every=20",
+              "--config.checkpoint_every=20"]
     straight = tmp_path / "straight"
     done = _train([*common, f"--workdir={straight}"])
     assert done.returncode == 0, done.stderr[-2000:]

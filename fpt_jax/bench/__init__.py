@@ -1,0 +1,24 @@
+"""Step time, FLOPs, utilisation and memory of the training step, against the PyTorch recipe.
+
+What is timed is the step training runs, built from a `TrainConfig` (the benchmark's
+`BenchConfig.base`) by `train.setup`: pmapped over the local devices, the state donated,
+the frozen parameters read in place. Per case: compile time, median and p10-p90 of the step
+time after warm-up, tokens/s; FLOPs and bytes accessed from XLA's cost analysis of the
+compiled step; utilisation against the device's peak; memory from XLA's memory analysis;
+dot and all-reduce counts in the optimised HLO.
+
+  core       shapes, cases, `BenchConfig`, what every runner shares
+  jax_step   the timed JAX step and what XLA says of it; the bfloat16 loss check
+  torch_ref  the original PyTorch recipe on the same shapes
+  peaks      measured / published peaks; XLA vs PyTorch matmuls
+  suite      `run`: every case, interleaved with the reference, into a report dict
+  report     `write`: the report as JSON, markdown and a tokens/s plot
+
+Only plain arguments here: `experiments/benchmark.py` reads the flags.
+"""
+from fpt_jax.bench.core import MODES, SHAPES, BenchConfig, Case, Shape, scaling_shapes
+from fpt_jax.bench.report import markdown, write
+from fpt_jax.bench.suite import run
+
+__all__ = ["MODES", "SHAPES", "BenchConfig", "Case", "Shape", "scaling_shapes", "markdown",
+           "write", "run"]

@@ -1,0 +1,203 @@
+"""What is measured: shapes, cases, the benchmark's settings, and what every runner shares.
+
+A case is (shape, trainable selection, dtype, remat) over a base training config: the shape
+(batch x tokens x features -> classes) is a `synthetic` task, the selection is what the step
+trains (None: forward only). Modes name selections: `frozen` is the base config's
+`trainable` (the paper's `fpt` by default), `full` fine-tunes everything, `forward` times the
+eval step; any other selection string is a mode of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from fpt_jax import freeze, train
+from fpt_jax.config import TrainConfig
+from fpt_jax.models.gpt2 import GPT2Config
+from fpt_jax.tasks import Task, get_task
+
+MODES = ("frozen", "full", "forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A global batch of `batch_size` examples of `seq_len` tokens with `features` each,
+    classified into `classes` (one token per input row)."""
+    name: str
+    batch_size: int
+    seq_len: int
+    features: int
+    classes: int
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"shape {self.name!r}: batch_size must be >= 1, got "
+                             f"{self.batch_size}")
+        try:
+            self.task()
+        except ValueError as e:
+            raise ValueError(f"shape {self.name!r}: {e}") from None
+
+    def task(self) -> Task:
+        return get_task("synthetic", seq_len=self.seq_len, features=self.features,
+                        classes=self.classes)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+# The paper's Bit XOR (2 strings of 5 bits, patch 1 -> 10 one-feature tokens, batch 4) and
+# CIFAR-10 (32x32x3 images in 4x4 patches -> 64 tokens of 48 features, batch 8).
+SHAPES = {
+    "bit_xor": Shape("bit_xor", batch_size=4, seq_len=10, features=1, classes=2),
+    "cifar10": Shape("cifar10", batch_size=8, seq_len=64, features=48, classes=10),
+}
+
+
+def scaling_shapes(seq_lens: Sequence[int], batch_size: int, features: int,
+                   classes: int) -> list[Shape]:
+    return [Shape(f"seq{t}", batch_size, t, features, classes) for t in seq_lens]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: Shape
+    trainable: str | None = "fpt"  # the trainable selection; None: forward only
+    dtype: str = "float32"
+    remat: bool = False
+
+    @property
+    def mode(self) -> str:
+        return {None: "forward", "fpt": "frozen", "full": "full"}.get(self.trainable,
+                                                                       self.trainable)
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.name}/{self.mode}/{self.dtype}{'/remat' if self.remat else ''}"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """The training run to time (`base`, a `TrainConfig`) and how to time it. From `base`
+    every step-shaping setting is used (model and sizes, dropout, input/output layers,
+    trainable, optimizer, grad_accum, seed, dtype, remat, num_devices); its task and batch
+    size are replaced by each shape's, and `init` is always 'random': FLOPs and time do not
+    depend on the weights' values."""
+    base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    shapes: tuple[Shape, ...] = tuple(SHAPES.values())
+    modes: tuple[str, ...] = MODES  # and/or trainable selections
+    dtypes: tuple[str, ...] | None = None  # None: (base.dtype,)
+    remats: tuple[bool, ...] | None = None  # None: (base.remat,)
+    steps: int = 20  # timed steps per case, split over `rounds`
+    warmup: int = 3  # untimed steps after compilation
+    rounds: int = 5  # interleaving rounds (A B C A B C ...)
+    switch_steps: int = 1  # untimed steps each time the interleaving turns to a runner
+    torch_reference: bool = True
+    torch_threads: int | None = None  # default: the machine's cores
+    torch_attn: str | None = None  # HF attn_implementation ('eager', 'sdpa'); default theirs
+    peak_tflops: float | None = None  # per device; default measured (CPU) or published
+    compile_only: bool = False  # FLOPs and memory of the compiled steps; no step is run
+    memory_fraction: float = 0.6  # CPU: a step needing more of the available memory is not run
+
+    def __post_init__(self):
+        self.shapes, self.modes = tuple(self.shapes), tuple(self.modes)
+        self.dtypes = tuple(self.dtypes or (self.base.dtype,))
+        self.remats = tuple(dict.fromkeys(self.remats or (self.base.remat,)))
+        self.validate()
+
+    def validate(self) -> "BenchConfig":
+        if self.steps < 1 or self.rounds < 1 or self.warmup < 0 or self.switch_steps < 0:
+            raise ValueError(f"steps ({self.steps}) and rounds ({self.rounds}) must be >= 1, "
+                             f"warmup ({self.warmup}) and switch_steps ({self.switch_steps}) "
+                             ">= 0")
+        if self.steps < self.rounds:
+            raise ValueError(f"steps={self.steps} is fewer than rounds={self.rounds}: every "
+                             "round times at least one step of each case")
+        if not self.shapes:
+            raise ValueError("no shape to measure")
+        if self.base.model == "auto":
+            raise ValueError("model='auto' reads the architecture from pretrained weights; "
+                             "the benchmark initialises at random: set a preset as model")
+        for dtype in self.dtypes:  # TrainConfig's own check names what is accepted
+            dataclasses.replace(self.base, dtype=dtype)
+        n_layer = self.gpt2().n_layer
+        for mode in self.modes:
+            if mode not in MODES:
+                try:
+                    freeze.parse_selection(mode, n_layer)
+                except ValueError as e:
+                    raise ValueError(f"unknown mode {mode!r}: accepted {MODES} or a "
+                                     f"trainable selection ({e})") from None
+        return self
+
+    def gpt2(self) -> GPT2Config:
+        return train.backbone(dataclasses.replace(self.base, init="random"))[0]
+
+    def selections(self) -> list[str | None]:
+        named = {"frozen": self.base.trainable, "full": "full", "forward": None}
+        return list(dict.fromkeys(named.get(m, m) for m in self.modes))
+
+    def cases(self, shape: Shape) -> list[Case]:
+        return [Case(shape, sel, dtype, remat) for sel in self.selections()
+                for dtype in self.dtypes for remat in (self.remats if sel else (False,))]
+
+    def train_config(self, case: Case) -> TrainConfig:
+        """The training config whose step the case times."""
+        return dataclasses.replace(
+            self.base, task="synthetic", init="random", weights=None,
+            trainable=case.trainable or self.base.trainable, batch_size=case.shape.batch_size,
+            dtype=case.dtype, remat=case.remat)
+
+
+def summarize(times_s: Sequence[float]) -> dict[str, float]:
+    """Median and spread of step times, in milliseconds."""
+    q10, q50, q90 = np.percentile(np.asarray(times_s, np.float64) * 1e3, [10, 50, 90])
+    return {"median": float(q50), "p10": float(q10), "p90": float(q90), "n": len(times_s)}
+
+
+class Runner:
+    """A case's step, timed: `run_step` runs one step to completion and returns seconds."""
+    framework: str
+    min_warmup = 1
+
+    def __init__(self, case: Case):
+        self.case = case
+        self.times: list[float] = []
+        self.skipped: str | None = None  # why no step was timed
+
+    def run_step(self) -> float:
+        raise NotImplementedError
+
+    def compile(self) -> None:
+        pass
+
+    def warm_up(self, n: int) -> None:
+        for _ in range(max(n, self.min_warmup)):
+            self.run_step()
+
+    def step(self) -> None:
+        self.times.append(self.run_step())
+
+    def result(self) -> dict[str, Any]:
+        case = self.case
+        out = {"case": case.label, "framework": self.framework,
+               "shape": dataclasses.asdict(case.shape), "mode": case.mode,
+               "trainable": case.trainable, "dtype": case.dtype, "remat": case.remat,
+               "step_ms": None, "tokens_per_s": None}
+        if self.times:
+            out["step_ms"] = summarize(self.times)
+            out["tokens_per_s"] = case.shape.tokens / (out["step_ms"]["median"] / 1e3)
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
+
+
+def timed(call) -> float:
+    """Seconds that `call()` takes (it waits for its own result)."""
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0

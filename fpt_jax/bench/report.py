@@ -1,0 +1,195 @@
+"""The report of a run as files: `<name>.json` (everything), `<name>.md` (the tables), and
+for several sequence lengths `<name>.png` (tokens/s against sequence length)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _f(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _table(header: list[str], align: str, rows: list[list[Any]]) -> list[str]:
+    """A markdown table; `align` has one letter per column: l(eft) or r(ight)."""
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule,
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, v, bc, m = report["environment"], report["environment"]["versions"], \
+        report["config"], report["model"]
+    base = bc["base"]
+    env_vars = " ".join(f"{k}={val}" for k, val in env["env"].items()) or "(none set)"
+    load = [(x or [None])[0] for x in (env["load_average"], env.get("load_average_end"))]
+    lines = ["# fpt-jax benchmark", "", f"Command: `{report['command']}`", "",
+             f"Measured {report['started']} on {env['backend']} ({env['device_kind']}; CPU "
+             f"{env['cpu']}, {env['cpu_cores']} cores), {env['local_devices']} local device(s) "
+             f"x {env['process_count']} process(es); environment `{env_vars}`; load average "
+             f"at start {_f(load[0])}, at end {_f(load[1])}.", "",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+             + f", python {env['python']}; fpt-jax commit {env['git_commit']}.", "",
+             f"Model: GPT-2 preset `{base['model']}` (random init: time and FLOPs do not depend "
+             f"on the weights), {m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} "
+             f"heads; dropout {base['dropout']}; frozen = trainable `{base['trainable']}`. "
+             f"{bc['steps']} timed steps per case after {bc['warmup']} warm-up steps, "
+             f"interleaved over {bc['rounds']} rounds (A B C .. A B C ..), each turn after "
+             f"{bc['switch_steps']} untimed step(s)."]
+    for dtype, peak in report["peaks"].items():
+        if peak:
+            lines += ["", f"Peak ({dtype}): {peak['tflops'] * 1e3:.0f} GFLOP/s over "
+                      f"{peak['devices']} device(s), {peak['source']}"
+                      + (" (best of " + ", ".join(
+                          f"{x['m']}x{x['k']}@{x['k']}x{x['n']}: {x['tflops'] * 1e3:.0f}"
+                          for x in peak["matmuls"]) + " GFLOP/s)" if "matmuls" in peak else "")
+                      + ("; measured at the start {:.0f} and at the end {:.0f} GFLOP/s, the "
+                         "best counts".format(*(1e3 * t for t in peak["tflops_start_end"]))
+                         if "tflops_start_end" in peak else "") + "."]
+    tr = next((r for r in report["results"] if r["framework"] == "torch"), None)
+    if tr:
+        lines += ["", f"PyTorch reference: the original recipe on {tr['device']}, "
+                  f"{tr['threads']} threads, attention `{tr['attn_implementation']}`."]
+    elif report.get("torch_reference_note"):
+        lines += ["", f"PyTorch reference {report['torch_reference_note']}."]
+    for cmp in report.get("matmul_comparison", []):
+        lines += ["", f"Matmuls of the backbone's weight shapes ({cmp['dtype']}, one device, "
+                  f"PyTorch with {cmp['threads']} threads): what each library's matmuls reach "
+                  "on the step's own weight shapes, best of several calls.", ""]
+        lines += _table(["rows x in @ in x out", "XLA GFLOP/s", "PyTorch GFLOP/s",
+                         "XLA / PyTorch"], "lrrr",
+                        [[f"{r['m']}x{r['k']} @ {r['k']}x{r['n']}", f"{r['xla_tflops'] * 1e3:.0f}",
+                          f"{r['torch_tflops'] * 1e3:.0f}", f"{r['ratio']:.2f}"]
+                         for r in cmp["sizes"]])
+    rows = []
+    for r in report["results"]:
+        s, st = r["shape"], r["step_ms"]
+        mem = r.get("memory_per_device") or {}
+        timing = ([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
+                   f"{r['tokens_per_s']:.0f}"] if st else [r.get("skipped", "not run"), "-", "-"])
+        util = r.get("utilisation")
+        rows.append([f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})",
+                     r["mode"], r["dtype"], "yes" if r["remat"] else "no", r["framework"],
+                     *timing, _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
+                     _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
+                     _f(util and 100 * util, ".1f"), _bytes(mem.get("peak_estimate")),
+                     _f(r.get("compile_s"), ".1f")])
+    lines += [""] + _table(
+        ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "framework",
+         "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s", "% of peak",
+         "peak mem/device", "compile s"], "lllllrrrrrrrr", rows)
+    comps = [c for c in report["comparisons"]
+             if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
+    if comps:
+        lines += [""] + _table(
+            ["case", "fpt-jax ms", "PyTorch ms", "speed-up vs PyTorch",
+             "time vs full fine-tuning"], "lrrrr",
+            [[c["case"], f"{c['jax_ms']:.2f}", _f(c["torch_ms"]),
+              _f(c["speedup_vs_torch"]) + ("x" if c["speedup_vs_torch"] else ""),
+              _f(c["time_vs_full"])] for c in comps])
+    for chk in report["checks"].get("bf16_loss", []):
+        lines += ["", f"bfloat16 loss check ({chk['shape']}, eval loss at init): float32 "
+                  f"{chk['loss_float32']:.5f}, bfloat16 {chk['loss_bfloat16']:.5f}, relative "
+                  f"difference {chk['rel_diff']:.2e} (tolerance {chk['rtol']}): "
+                  f"{'within' if chk['within_tolerance'] else 'OUTSIDE'} tolerance."]
+    hlo_rows = [r for r in report["results"] if r.get("hlo")]
+    if hlo_rows:
+        lines += ["", "Compiled step per device (XLA): dot ops, all-reduced elements (the "
+                  "trainable gradients plus metric scalars), bytes accessed, memory.", ""]
+        lines += _table(
+            ["case", "trainable params", "dot ops", "all-reduce ops", "all-reduced elements",
+             "bytes accessed", "arguments", "temporaries", "donated (aliased)"], "lrrrrrrrr",
+            [[r["case"], f"{r['trainable_params']:,}", r["hlo"]["dot_ops"],
+              r["hlo"]["all_reduce_ops"], f"{r['hlo']['all_reduce_elements']:,}",
+              _bytes(r["bytes_accessed_per_step_per_device"]),
+              *(_bytes((r["memory_per_device"] or {}).get(k))
+                for k in ("argument", "temp", "alias"))] for r in hlo_rows])
+    if report.get("device_memory_stats"):
+        lines += ["", "Device memory stats (whole run): " + ", ".join(
+            f"{k} {_bytes(val)}" for k, val in report["device_memory_stats"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def scaling_series(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """tokens/s against sequence length per (framework, mode, dtype, remat) series."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in report["results"]:
+        if r["shape"]["name"] not in report["scaling_shapes"] or not r["tokens_per_s"]:
+            continue
+        name = ("fpt-jax " if r["framework"] == "jax" else "PyTorch ") + r["mode"]
+        name += (f" {r['dtype']}" if r["dtype"] != "float32" else "") + (
+            " remat" if r["remat"] else "")
+        series.setdefault(name, []).append((r["shape"]["seq_len"], r["tokens_per_s"]))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def scaling_table(report: dict[str, Any]) -> str:
+    series = scaling_series(report)
+    lens = sorted({t for pts in series.values() for t, _ in pts})
+    return "\n".join(_table(["tokens/s", *map(str, lens)], "l" + "r" * len(lens),
+                            [[name, *(_f(dict(pts).get(t), ".0f") for t in lens)]
+                             for name, pts in series.items()])) + "\n"
+
+
+def plot_scaling(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = scaling_series(report)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", linestyle="--" if name.startswith("PyTorch") else "-",
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    lens = sorted({t for pts in series.values() for t, _ in pts})
+    ax.set_xticks(lens)
+    ax.set_xticklabels([str(t) for t in lens])
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("tokens / s (training step)")
+    env, m = report["environment"], report["model"]
+    batch = "/".join(str(b) for b in sorted({r["shape"]["batch_size"] for r in report["results"]
+                                             if r["shape"]["name"] in report["scaling_shapes"]}))
+    ax.set_title(f"{report['config']['base']['model']} ({m['n_layer']}x{m['n_embd']}), batch "
+                 f"{batch}, {env['device_kind']} x{env['global_devices']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict[str, Any], out_dir: str, name: str, plot: bool | None = None
+          ) -> dict[str, str]:
+    """Writes `<name>.json`, `<name>.md` and (`plot`; default: for several sequence
+    lengths) `<name>.png`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{name}.json"),
+             "markdown": os.path.join(out_dir, f"{name}.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=1, default=lambda x: x.item() if isinstance(
+            x, (np.floating, np.integer)) else repr(x))
+        f.write("\n")
+    text = markdown(report)
+    if plot if plot is not None else len(report["scaling_shapes"]) > 1:
+        paths["png"] = os.path.join(out_dir, f"{name}.png")
+        plot_scaling(report, paths["png"])
+        text += ("\n## Scaling with sequence length\n\n"
+                 f"![tokens/s against sequence length]({name}.png)\n\n" + scaling_table(report))
+    with open(paths["markdown"], "w") as f:
+        f.write(text)
+    return paths

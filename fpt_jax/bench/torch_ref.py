@@ -1,0 +1,160 @@
+"""The PyTorch reference: the original code's recipe on the same shapes, threads and dtype.
+
+universal_computation/fpt.py + trainer.py: a Linear input layer (orthogonal init, gain
+`orth_gain`, zero bias) + dropout, Hugging Face `GPT2Model(inputs_embeds=...)` with the
+frozen groups' `requires_grad=False`, a Linear head on the last token, cross-entropy,
+`clip_grad_norm_(model.parameters(), grad_clip)`, `Adam(model.parameters(), lr)` (AdamW
+when the config says so), `zero_grad()`, `loss.item()`. bfloat16 runs under
+`torch.autocast`. Only with torch and transformers installed.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from fpt_jax import freeze, train
+from fpt_jax.bench.core import BenchConfig, Case, Runner, timed
+from fpt_jax.tasks.base import Batch
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_device_for(backend: str) -> str | None:
+    """Where the reference runs: the CPU next to a CPU backend, CUDA next to a GPU; none
+    next to a TPU (a host-CPU reference says nothing about the TPU)."""
+    if not torch_available():
+        return None
+    import torch
+    if backend == "cpu":
+        return "cpu"
+    if backend in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def unsupported(bc: BenchConfig) -> str | None:
+    """Why the reference cannot run the base config's recipe, or None."""
+    cfg = bc.base
+    if cfg.in_layer_sizes or cfg.out_layer_sizes or cfg.grad_accum > 1:
+        return "the reference recipe has no in/out layer MLPs and no gradient accumulation"
+    return None
+
+
+def _param_path(name: str) -> tuple[str, ...] | None:
+    """The fpt-jax path of a parameter of the reference model (None: the unused `wte`)."""
+    if name.startswith("in_net."):
+        return ("input",)
+    if name.startswith("out_net."):
+        return ("output",)
+    parts = name.removeprefix("sequence_model.").split(".")
+    if parts[0] == "wte":
+        return None
+    if parts[0] == "h":
+        return ("transformer", f"h_{parts[1]}", *parts[2:])
+    return ("transformer", *parts)
+
+
+class TorchRunner(Runner):
+    framework = "torch"
+
+    def __init__(self, bc: BenchConfig, case: Case, batches: Sequence[Batch],
+                 device: str = "cpu"):
+        import torch
+        import transformers
+        from torch import nn
+        super().__init__(case)
+        self.torch, self.device = torch, device
+        cfg = bc.train_config(case)
+        if bc.torch_threads:
+            torch.set_num_threads(bc.torch_threads)
+        torch.manual_seed(cfg.seed)
+        gcfg, _ = train.backbone(cfg)
+        hf = transformers.GPT2Config(
+            n_layer=gcfg.n_layer, n_head=gcfg.n_head, n_embd=gcfg.n_embd,
+            n_positions=gcfg.n_positions, vocab_size=gcfg.vocab_size,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            **({"attn_implementation": bc.torch_attn} if bc.torch_attn else {}))
+        shape = case.shape
+
+        class Reference(nn.Module):
+            def __init__(self):
+                super().__init__()
+                proj = nn.Linear(shape.features, gcfg.n_embd)
+                if cfg.orth_gain is not None:
+                    nn.init.orthogonal_(proj.weight, gain=cfg.orth_gain)
+                    proj.bias.data.zero_()
+                self.in_net = nn.Sequential(proj, nn.Dropout(cfg.dropout))
+                self.sequence_model = transformers.GPT2Model(hf)
+                self.out_net = nn.Linear(gcfg.n_embd, shape.classes)
+
+            def forward(self, x):
+                h = self.sequence_model(inputs_embeds=self.in_net(x),
+                                        return_dict=True).last_hidden_state
+                return self.out_net(h[:, -1])
+
+        self.model = Reference().to(device)
+        self.attn_implementation = getattr(self.model.sequence_model.config,
+                                           "_attn_implementation", None)
+        selection = (freeze.parse_selection(case.trainable, gcfg.n_layer)
+                     if case.trainable else None)
+        for name, p in self.model.named_parameters():
+            path = _param_path(name)
+            p.requires_grad = bool(selection and path is not None
+                                   and selection.is_trainable(*freeze.param_group(path)))
+        self.trainable_params = sum(p.numel() for p in self.model.parameters()
+                                    if p.requires_grad)
+        params = self.model.parameters()
+        self.optim = (torch.optim.Adam(params, lr=cfg.learning_rate) if cfg.optimizer == "adam"
+                      else torch.optim.AdamW(params, lr=cfg.learning_rate,
+                                             weight_decay=cfg.weight_decay))
+        self.grad_clip = cfg.grad_clip
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.batches = [(torch.from_numpy(np.asarray(b["x"])).to(device),
+                         torch.from_numpy(np.asarray(b["y"]).astype(np.int64)).to(device))
+                        for b in batches]
+        self.autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+                         if case.dtype == "bfloat16" else contextlib.nullcontext())
+        self.i = 0
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def _step(self, x, y) -> float:
+        torch = self.torch
+        if self.case.trainable is None:
+            self.model.eval()
+            with torch.inference_mode(), self.autocast:
+                return self.loss_fn(self.model(x).float(), y).item()
+        self.model.train()
+        with self.autocast:
+            loss = self.loss_fn(self.model(x).float(), y)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optim.step()
+        self.optim.zero_grad()
+        return loss.item()
+
+    def run_step(self) -> float:
+        x, y = self.batches[self.i % len(self.batches)]
+        self._sync()
+        dt = timed(lambda: (self._step(x, y), self._sync()))
+        self.i += 1
+        return dt
+
+    def result(self) -> dict[str, Any]:
+        out = super().result()
+        out.update({"device": self.device, "threads": self.torch.get_num_threads(),
+                    "attn_implementation": self.attn_implementation,
+                    "trainable_params": self.trainable_params})
+        return out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fpt_jax.models.fpt import FPT
-from fpt_jax.models.gpt2 import GPT2, GPT2Config
+from fpt_jax.models.gpt2 import GPT2, GPT2Config, attention_weights
 
 CONFIG = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64)
 
@@ -85,10 +85,24 @@ def test_return_all_positions_and_attention_weights():
     model = FPT(CONFIG, input_dim=2, output_dim=3, return_last_only=False)
     x = jnp.ones((2, 4, 2))
     params = _init(model, x)
-    logits, attentions = model.apply({"params": params}, x, output_attentions=True)
+    logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    attentions = attention_weights(state)
     assert logits.shape == (2, 4, 3)
     assert len(attentions) == 2 and attentions[0].shape == (2, 2, 4, 4)
     np.testing.assert_allclose(attentions[1].sum(-1), 1.0, atol=1e-5)
+
+
+def test_attention_weights_cover_every_position_and_leave_the_logits_unchanged():
+    # The head reads the last row's 3 patches; with the weights requested the last block is
+    # computed everywhere (not trimmed), so every map is [batch, heads, 12, 12].
+    model = FPT(CONFIG, input_dim=2, output_dim=3)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 6))
+    params = _init(model, x)
+    logits, state = jax.jit(lambda p: model.apply({"params": p}, x,
+                                                  mutable=["intermediates"]))(params)
+    assert [a.shape for a in attention_weights(state)] == [(2, 2, 12, 12)] * 2
+    plain = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+    np.testing.assert_allclose(logits, plain, rtol=0, atol=1e-6)
 
 
 def _loss_and_grads(model, params, x, length=None, rng=None):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config, num_params, param_shapes
+from fpt_jax.models.gpt2 import (GPT2, GPT2_PRESETS, Attention, GPT2Config, attention_weights,
+                                 num_params, param_shapes)
 
 TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32)
 TINY_INNER = GPT2Config(n_layer=3, n_head=3, n_embd=48, n_positions=24, n_inner=80)
@@ -28,20 +29,18 @@ def random_params(config: GPT2Config, seed: int) -> dict:
         param_shapes(config))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "deterministic"))
-def _forward(params, x, rng, *, config, dtype, remat, deterministic):
-    return GPT2(config, dtype=dtype, remat=remat).apply(
-        {"params": params}, x, deterministic=deterministic, output_attentions=True,
-        rngs={} if rng is None else {"dropout": rng})
-
-
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "deterministic",
+                                             "output_attentions"))
 def forward(params, x, rng=None, *, config, dtype=jnp.float32, remat=False, deterministic=True,
             output_attentions=False):
-    """`GPT2(...).apply` under jit: eager flax compiles op by op, which is slow on CPU. One
-    compilation serves both values of output_attentions."""
-    out, attentions = _forward(params, x, rng, config=config, dtype=dtype, remat=remat,
-                               deterministic=deterministic)
-    return (out, attentions) if output_attentions else out
+    """`GPT2(...).apply` under jit (eager flax compiles op by op, which is slow on CPU); with
+    `output_attentions`, also the attention weights (`mutable=["intermediates"]`)."""
+    model, rngs = GPT2(config, dtype=dtype, remat=remat), {} if rng is None else {"dropout": rng}
+    if not output_attentions:
+        return model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs)
+    out, state = model.apply({"params": params}, x, deterministic=deterministic, rngs=rngs,
+                             mutable=["intermediates"])
+    return out, attention_weights(state)
 
 
 def inputs(config: GPT2Config, seed: int = 0, seq: int | None = None) -> np.ndarray:
@@ -149,7 +148,7 @@ def test_sequence_longer_than_n_positions_raises_naming_both_lengths(tiny_params
 def test_sequence_of_exactly_n_positions_is_accepted(tiny_params):
     out = jax.eval_shape(lambda p, x: GPT2(TINY).apply({"params": p}, x),
                          tiny_params[TINY], inputs(TINY))
-    assert isinstance(out, jax.ShapeDtypeStruct)  # without output_attentions: just the array
+    assert isinstance(out, jax.ShapeDtypeStruct)  # weights not requested: just the array
     assert out.shape == (2, TINY.n_positions, TINY.n_embd) and out.dtype == jnp.float32
 
 
@@ -160,8 +159,8 @@ def test_inputs_of_wrong_width_raise_naming_expected_width(tiny_params):
 
 @CONFIGS
 def test_attention_weights_are_causal_and_normalised(config, tiny_params):
-    out, attn = forward(tiny_params[config], inputs(config), config=config,
-                        output_attentions=True)
+    _, attn = forward(tiny_params[config], inputs(config), config=config,
+                      output_attentions=True)
     t = config.n_positions
     assert len(attn) == config.n_layer
     for a in attn:
@@ -169,13 +168,122 @@ def test_attention_weights_are_causal_and_normalised(config, tiny_params):
         assert a.shape == (2, config.n_head, t, t)
         np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
         assert np.all(a[..., np.triu_indices(t, k=1)[0], np.triu_indices(t, k=1)[1]] == 0)
-    # Causality end to end: changing the last token leaves earlier outputs unchanged. (A
-    # random change: a constant shift of a token's features is removed by LayerNorm.)
+    # Causality end to end, on both attention paths: changing the last token leaves earlier
+    # outputs unchanged. (A random change: LayerNorm removes a constant shift of a token.)
     x = inputs(config)
     x[:, -1] += np.random.default_rng(1).standard_normal(x[:, -1].shape, np.float32)
-    y = forward(tiny_params[config], x, config=config)
-    np.testing.assert_array_equal(np.asarray(y)[:, :-1], np.asarray(out)[:, :-1])
-    assert np.abs(np.asarray(y)[:, -1] - np.asarray(out)[:, -1]).max() > 0.1
+    for weights in (True, False):
+        before = forward(tiny_params[config], inputs(config), config=config,
+                         output_attentions=weights)
+        after = forward(tiny_params[config], x, config=config, output_attentions=weights)
+        before, after = (np.asarray(y[0] if weights else y) for y in (before, after))
+        np.testing.assert_array_equal(after[:, :-1], before[:, :-1])
+        assert np.abs(after[:, -1] - before[:, -1]).max() > 0.1
+
+
+# --- the two attention paths --------------------------------------------------------------
+# jax.nn.dot_product_attention unless the weights are requested or attention dropout is
+# active; the explicit softmax otherwise. Both must compute the same attention.
+
+def _attention(config, params, x, query_positions=None, dtype=jnp.float32, weights=False):
+    """One Attention layer under jit; `weights` requests them (the explicit path)."""
+    def run(p, x, qp):
+        model = Attention(config, dtype)
+        if not weights:
+            return model.apply({"params": p}, x, True, qp)
+        out, state = model.apply({"params": p}, x, True, qp, mutable=["intermediates"])
+        return out, state["intermediates"]["attention_weights"][0]
+    return jax.jit(run)(params["h_0"]["attn"], x, query_positions)
+
+
+def _query_positions(config, seed=0):
+    """Two query positions per row, in no particular order, the last one included."""
+    rng, t = np.random.default_rng(seed), config.n_positions
+    return jnp.array([[t - 1, rng.integers(t - 1)], [rng.integers(1, t), 0]])
+
+
+@CONFIGS
+@pytest.mark.parametrize("queries", ["every_position", "query_positions"])
+def test_fused_attention_equals_explicit_softmax_within_1e6(config, queries, tiny_params):
+    x = inputs(config, seed=11)
+    qp = _query_positions(config) if queries == "query_positions" else None
+    fused = np.asarray(_attention(config, tiny_params[config], x, qp))
+    explicit, weights = _attention(config, tiny_params[config], x, qp, weights=True)
+    rows = config.n_positions if qp is None else qp.shape[1]
+    assert fused.shape == explicit.shape == (2, rows, config.n_embd)
+    assert weights.shape == (2, config.n_head, rows, config.n_positions)
+    assert np.abs(fused).max() > 0.1  # not trivially equal
+    np.testing.assert_allclose(fused, np.asarray(explicit), rtol=0, atol=1e-6)
+    if qp is not None:  # the rows of the whole sequence's attention at those positions
+        everywhere = np.asarray(_attention(config, tiny_params[config], x))
+        np.testing.assert_allclose(fused, np.take_along_axis(everywhere, qp[:, :, None], 1),
+                                   rtol=0, atol=1e-6)
+        _, all_weights = _attention(config, tiny_params[config], x, weights=True)
+        np.testing.assert_allclose(
+            weights, np.take_along_axis(np.asarray(all_weights), qp[:, None, :, None], 2),
+            rtol=0, atol=1e-6)
+
+
+@CONFIGS
+def test_fused_and_explicit_attention_agree_under_bfloat16(config, tiny_params):
+    # Both take float32 logits of bfloat16 q, k and a float32 softmax, and round the
+    # probabilities to bfloat16 for the product with v (measured here: bit-identical). Bound:
+    # one bfloat16 unit roundoff (2**-8) of the output's scale.
+    x = inputs(config, seed=12)
+    fused = np.asarray(_attention(config, tiny_params[config], x, dtype=jnp.bfloat16), np.float32)
+    explicit, weights = _attention(config, tiny_params[config], x, dtype=jnp.bfloat16,
+                                   weights=True)
+    assert weights.dtype == jnp.float32  # the softmax stays float32
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+    diff = np.abs(fused - np.asarray(explicit, np.float32)).max()
+    assert diff <= 2 ** -8 * np.abs(fused).max(), diff
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("deterministic", "fused"), ("dropout_without_attn_pdrop", "fused"),
+    ("attn_dropout", "explicit"), ("weights_requested", "explicit")])
+def test_attention_takes_the_fused_path_unless_weights_or_attention_dropout(
+        case, expected, tiny_params, monkeypatch):
+    calls = []
+    fused = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    config = dataclasses.replace(TINY, attn_pdrop=0.0 if case == "dropout_without_attn_pdrop"
+                                 else 0.1)
+    deterministic = case in ("deterministic", "weights_requested")
+    jax.eval_shape(  # traces the model (a jitted `forward` may come from the cache)
+        lambda p, x, r: forward.__wrapped__(p, x, r, config=config, deterministic=deterministic,
+                                            output_attentions=case == "weights_requested"),
+        tiny_params[TINY], inputs(TINY), jax.random.PRNGKey(0))
+    assert len(calls) == (TINY.n_layer if expected == "fused" else 0)
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_requesting_attention_weights_leaves_the_output_unchanged(remat, tiny_params):
+    params, x = tiny_params[TINY], inputs(TINY, seed=13)
+    plain = np.asarray(forward(params, x, config=TINY))
+    out, weights = forward(params, x, config=TINY, remat=remat, output_attentions=True)
+    np.testing.assert_allclose(np.asarray(out), plain, rtol=0, atol=1e-6)
+    _, reference = forward(params, x, config=TINY, output_attentions=True)
+    assert len(weights) == TINY.n_layer
+    for a, b in zip(weights, reference):  # under remat too, the same weights in layer order
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(weights[0]) - np.asarray(weights[1])).max() > 1e-3
+
+
+def test_attention_weights_with_read_positions_cover_the_read_rows_of_the_last_block(
+        tiny_params):
+    params, x = tiny_params[TINY], inputs(TINY, seed=14)
+    read = _query_positions(TINY, seed=1)
+    _, full = forward(params, x, config=TINY, output_attentions=True)
+    y, state = jax.jit(lambda p: GPT2(TINY).apply({"params": p}, x, read_positions=read,
+                                                 mutable=["intermediates"]))(params)
+    weights = attention_weights(state)
+    assert y.shape == (2, 2, TINY.n_embd)
+    np.testing.assert_allclose(weights[0], full[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        weights[-1], np.take_along_axis(np.asarray(full[-1]), read[:, None, :, None], 2),
+        rtol=0, atol=1e-6)
 
 
 # --- bfloat16 compute ------------------------------------------------------------------

@@ -26,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 from flax import serialization  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from fpt_jax.models.gpt2 import GPT2, GPT2Config, num_params, param_shapes  # noqa: E402
+from fpt_jax.models.gpt2 import (GPT2, GPT2Config, attention_weights, num_params,  # noqa: E402
+                                 param_shapes)
 from fpt_jax.weights import WeightsError, load_gpt2  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,14 +148,19 @@ def _build_reference(name: str, tmp_path_factory) -> Reference:
 
 @functools.partial(jax.jit, static_argnames="config")
 def _forward(params, x, *, config):
-    return GPT2(config).apply({"params": params}, x, deterministic=True, output_attentions=True)
+    """The hidden states of both attention paths (fused; explicit, with the weights)."""
+    fused = GPT2(config).apply({"params": params}, x, deterministic=True)
+    hidden, state = GPT2(config).apply({"params": params}, x, deterministic=True,
+                                       mutable=["intermediates"])
+    return fused, hidden, attention_weights(state)
 
 
 def assert_matches_reference(ref: Reference, config: GPT2Config, params) -> None:
-    hidden, attentions = _forward(params, jnp.asarray(ref.x), config=config)
-    assert hidden.dtype == jnp.float32
-    err = np.abs(np.asarray(hidden) - ref.hidden).max()
-    assert err <= 1e-5, f"last_hidden_state differs from the reference by {err}"
+    fused, hidden, attentions = _forward(params, jnp.asarray(ref.x), config=config)
+    for path, h in (("fused", fused), ("explicit", hidden)):
+        assert h.dtype == jnp.float32
+        err = np.abs(np.asarray(h) - ref.hidden).max()
+        assert err <= 1e-5, f"last_hidden_state ({path}) differs from the reference by {err}"
     assert len(attentions) == len(ref.attentions)
     for i, (a, b) in enumerate(zip(attentions, ref.attentions)):
         assert a.shape == b.shape

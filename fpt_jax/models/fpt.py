@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from fpt_jax.models.gpt2 import GPT2, GPT2Config
+from fpt_jax.models.gpt2 import GPT2, GPT2Config, weights_requested
 
 # PyTorch's nn.Linear default, which the original's output head uses.
 _torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -80,6 +80,10 @@ class FPT(nn.Module):
     computed only there (`GPT2(read_positions=...)`): the same values and gradients for
     fewer FLOPs (about 10/12 of one block at the Bit XOR and CIFAR-10 shapes). With dropout,
     the masks of the trimmed block are drawn for the read positions only.
+
+    Attention weights: apply with `mutable=["intermediates"]` and read them with
+    `gpt2.attention_weights(state)`; the last block is then computed at every position, so
+    every map is `[B, heads, T * ratio, T * ratio]`.
     """
     config: GPT2Config
     input_dim: int
@@ -96,7 +100,7 @@ class FPT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, length: jax.Array | None = None,
-                 deterministic: bool = True, output_attentions: bool = False):
+                 deterministic: bool = True) -> jax.Array:
         width = self.config.n_embd
         if self.input_kind == "tokens":
             if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
@@ -128,15 +132,14 @@ class FPT(nn.Module):
             else:
                 t = h.shape[1]
                 read = jnp.broadcast_to(jnp.arange(t - ratio, t), (h.shape[0], ratio))
-        trim = read is not None and self.trim_last_block and not output_attentions
-        out = GPT2(self.config, self.dtype, self.remat, name="transformer")(
-            h, deterministic=deterministic, output_attentions=output_attentions,
-            read_positions=read if trim else None)
-        h, attentions = out if output_attentions else (out, None)
+        # Attention maps cover every query position: no trimmed last block when they are asked for.
+        trim = read is not None and self.trim_last_block and not weights_requested(self)
+        h = GPT2(self.config, self.dtype, self.remat, name="transformer")(
+            h, deterministic=deterministic, read_positions=read if trim else None)
         if read is not None and not trim:
             h = jnp.take_along_axis(h, read[:, :, None], axis=1)
         logits = OutputHead(self.out_layer_sizes, self.output_dim, self.dropout, self.dtype,
                             name="output")(h, deterministic).astype(jnp.float32)
         if self.return_last_only:
             logits = rearrange(logits, "b r o -> b (r o)")
-        return (logits, attentions) if output_attentions else logits
+        return logits

@@ -3,25 +3,32 @@
 Parameter names mirror the Hugging Face checkpoint (`wpe`, `h_{i}/attn/c_attn`, ...), so
 loading pretrained weights is a rename and freezing is a rule on paths. The token
 embedding `wte` is not part of the module: FPT brings its own input layer.
+
+Attention weights (maps) are asked for one way: apply with `intermediates` mutable.
+
+    y, state = GPT2(config).apply({"params": params}, x, mutable=["intermediates"])
+    maps = attention_weights(state)  # n_layer arrays [batch, heads, query, key], float32
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from einops import rearrange
-from flax.core import lift
-from flax.core.scope import Scope
+from flax import traverse_util
+from flax.typing import Dtype
 
-from fpt_jax import fast_rng
+from fpt_jax.models.remat import remat
 
-Dtype = Any
+INTERMEDIATES = "intermediates"  # the collection that attention weights are sown into
 
-# Dropout masks are the bulk of jax.random's work here: fused on CPU too (same bits).
-fast_rng.use_unrolled_threefry_on_cpu()
+# The values of Hugging Face GPT-2 options that this module implements (first: the default).
+_HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                 "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                 "reorder_and_upcast_attn": (False,)}
 
 # Hugging Face's GPT-2 initialisation, so that `--init=random` is the paper's random model:
 # normal(0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
@@ -68,39 +75,22 @@ class GPT2Config:
     def from_hf(cls, hf: Mapping[str, Any]) -> "GPT2Config":
         """Reads a Hugging Face GPT-2 `config.json` (as a dict)."""
         model_type = hf.get("model_type", "gpt2")
-        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
+        missing = {"n_layer", "n_head", "n_embd"} - set(hf)
         if model_type != "gpt2" or missing:
             raise ValueError(f"config.json is not a GPT-2 config (model_type={model_type!r}"
-                             f"{', missing ' + str(missing) if missing else ''}); accepted: "
-                             "model_type 'gpt2' with n_layer, n_head, n_embd")
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(
-                f"config.json activation_function={act!r} is not supported; accepted: "
-                "gelu_new, gelu_pytorch_tanh")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError("config.json options scale_attn_by_inverse_layer_idx / "
-                             "reorder_and_upcast_attn are not supported")
-        if not hf.get("scale_attn_weights", True):
-            raise ValueError("config.json scale_attn_weights=false is not supported: this "
-                             "GPT-2 always scales attention scores by 1/sqrt(head_dim)")
-        return cls(
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf.get("vocab_size", 50257), n_inner=hf.get("n_inner"),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            embd_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
-            resid_pdrop=hf.get("resid_pdrop", 0.1),
-        )
+                             f"{', missing ' + str(sorted(missing)) if missing else ''}); "
+                             "accepted: model_type 'gpt2' with n_layer, n_head, n_embd")
+        wrong = [f"{k}={hf[k]!r}" for k, ok in _HF_SUPPORTED.items() if hf.get(k, ok[0]) not in ok]
+        if wrong:
+            raise ValueError(f"config.json {', '.join(wrong)} is not supported; accepted: "
+                             + ", ".join(f"{k} in {ok}" for k, ok in _HF_SUPPORTED.items()))
+        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
+        fields.setdefault("n_positions", hf.get("n_ctx", 1024))  # n_ctx: older files
+        return cls(**fields)  # our field names are Hugging Face's, and so are the defaults
 
     def to_hf(self) -> dict[str, Any]:
         """The fields of a Hugging Face `config.json` that describe this model."""
-        return dict(model_type="gpt2", n_layer=self.n_layer, n_head=self.n_head,
-                    n_embd=self.n_embd, n_positions=self.n_positions,
-                    vocab_size=self.vocab_size, n_inner=self.n_inner,
-                    layer_norm_epsilon=self.layer_norm_epsilon, embd_pdrop=self.embd_pdrop,
-                    attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop,
-                    activation_function="gelu_new")
+        return dict(model_type="gpt2", activation_function="gelu_new", **dataclasses.asdict(self))
 
 
 GPT2_PRESETS: dict[str, GPT2Config] = {
@@ -115,32 +105,60 @@ def _residual_std(cfg: GPT2Config) -> float:
     return _INIT_STD / (2 * cfg.n_layer) ** 0.5
 
 
+def weights_requested(module: nn.Module) -> bool:
+    """Whether the caller asked for attention weights (`mutable=["intermediates"]`)."""
+    return module.is_mutable_collection(INTERMEDIATES)
+
+
+def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
+    """Every block's attention weights `[batch, heads, query, key]`, in layer order, from the
+    `state` of `apply(..., mutable=["intermediates"])` on a `GPT2` or a model holding one."""
+    flat = traverse_util.flatten_dict(dict(state[INTERMEDIATES]))
+    layers = {int(path[-3].removeprefix("h_")): sown[0]  # sow keeps a tuple of values
+              for path, sown in flat.items() if path[-1] == "attention_weights"}
+    return tuple(layers[i] for i in sorted(layers))
+
+
 class Attention(nn.Module):
     config: GPT2Config
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool, query_positions: jax.Array | None = None):
+    def __call__(self, x: jax.Array, deterministic: bool,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         """Causal self-attention over `x` [b, t, d]; with `query_positions` ([b, r] ints)
         only those positions query (they still attend to every earlier key): [b, r, d]."""
         cfg = self.config
+        # Both built first, whichever path runs: their names (Dropout_0/1) fix their keys.
+        attn_dropout, resid_dropout = nn.Dropout(cfg.attn_pdrop), nn.Dropout(cfg.resid_pdrop)
         qkv = _dense(3 * cfg.n_embd, self.dtype, "c_attn")(x)
-        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=cfg.n_head)
-        t = x.shape[1]
-        if query_positions is None:
-            causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=cfg.n_head)
+        mask = None  # None: every position queries, causal (key position <= query position)
+        if query_positions is not None:
+            q = jnp.take_along_axis(q, query_positions[:, :, None, None], axis=1)
+            mask = query_positions[:, None, :, None] >= jnp.arange(x.shape[1])  # [b,1,r,t]
+        if weights_requested(self) or (not deterministic and cfg.attn_pdrop > 0):
+            # The explicit softmax: to return the weights, and for dropout on the attention
+            # probabilities, which GPT-2 applies in training and dot_product_attention lacks.
+            # Heads first: the training step's program from before the fused path (the same
+            # bits in float32). Logits and softmax in float32, as in the fused path.
+            if mask is None:
+                mask = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
+            q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+            logits = logits * jnp.float32(1 / q.shape[-1] ** 0.5)
+            weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min))
+            self.sow(INTERMEDIATES, "attention_weights", weights)
+            weights = attn_dropout(weights, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), v)
+            out = rearrange(out, "b h q d -> b q h d")
         else:
-            q = jnp.take_along_axis(q, query_positions[:, None, :, None], axis=2)
-            causal = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(self.dtype)
-        # Softmax in float32 even under bfloat16 compute: it is where precision is lost.
-        scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        dropped = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), v)
-        out = rearrange(out, "b h t d -> b t (h d)")
+            # The library's fused attention (cuDNN flash attention on GPU; on XLA it also
+            # computes logits and softmax in float32 for bfloat16 inputs).
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        out = rearrange(out, "b q h d -> b q (h d)")
         out = _dense(cfg.n_embd, self.dtype, "c_proj", _residual_std(cfg))(out)
-        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), weights
+        return resid_dropout(out, deterministic=deterministic)
 
 
 class MLP(nn.Module):
@@ -148,7 +166,7 @@ class MLP(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         h = _dense(cfg.mlp_width, self.dtype, "c_fc")(x)
         h = nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" is the tanh approximation
@@ -157,167 +175,36 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One GPT-2 block; returns the new hidden state, and the attention weights when
-    `output_attentions` (only then: under remat an extra output would be one more
-    `[batch, heads, seq, seq]` array per block)."""
     config: GPT2Config
     dtype: Dtype = jnp.float32
-    deterministic: bool = True
-    output_attentions: bool = False
+    deterministic: bool = True  # an attribute: `remat` passes positional arguments only
 
     @nn.compact
-    def __call__(self, x, query_positions: jax.Array | None = None):
+    def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
         """`query_positions` ([b, r] ints): compute the block's output only there ([b, r, d]);
         keys and values still come from every position."""
         eps = self.config.layer_norm_epsilon
-        a, weights = Attention(self.config, self.dtype, name="attn")(
+        a = Attention(self.config, self.dtype, name="attn")(
             nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.deterministic,
             query_positions)
         if query_positions is not None:
             x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         x = x + a
-        x = x + MLP(self.config, self.dtype, name="mlp")(
+        return x + MLP(self.config, self.dtype, name="mlp")(
             nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), self.deterministic)
-        return (x, weights) if self.output_attentions else x
-
-
-# --- activation checkpointing -----------------------------------------------------------
-#
-# `nn.remat` (`jax.checkpoint`) saves no memory on XLA:CPU. JAX orders a block's
-# recomputation after the cotangent of its output with an optimisation barrier over both,
-# but XLA:CPU removes optimisation barriers early in its pipeline (`cse_barrier_expander`,
-# right after CSE), long before scheduling. The recomputation then depends on the block's
-# input and parameters only, and the CPU scheduler (concurrency-optimised by default) runs
-# it as soon as they exist, in the forward pass, for every block: the step holds every block's
-# activations as without remat, plus the recomputation's. Likewise, what depends on the
-# parameters or the dropout keys only (the dropout bits of every block, broadcast layer-norm
-# scales shared by the forward pass and the recomputation) is computed at the start and kept.
-#
-# `_remat` recomputes in a custom VJP instead, and ties, by a data dependence that no XLA
-# pass removes (`_tie`), the recomputation's inputs (block input, parameters, dropout keys)
-# to the cotangent of the block's output, and the forward pass's parameters and dropout
-# keys to the block's input. Block i's recomputation can then only run once block i+1's
-# backward has produced that cotangent, on any backend and scheduler: the step holds the
-# block inputs plus one block's activations. Outputs, dropout masks and gradients are the
-# plain block's (bit for bit in float32 under `jit`; in bfloat16 up to rounding, as with
-# `nn.remat`). Unlike `nn.remat`, forward-mode autodiff (`jax.jvp`, `jacfwd`) is not supported.
-
-def _zero_after(tree) -> jax.Array | None:
-    """A float32 +0.0 that XLA can only compute once the first floating-point array of
-    `tree` exists (None if there is none). NaN != NaN, so the product is +0.0 for any
-    value, and XLA does not fold `x * 0.0` (it is NaN for an infinite or NaN `x`)."""
-    leaves = [c for c in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(c.dtype, jnp.inexact) and c.size]
-    if not leaves:
-        return None
-    first = leaves[0].reshape(-1)[0]
-    return (first != first).astype(jnp.float32) * 0.0
-
-
-def _tie(tree, zero: jax.Array):
-    """`tree` unchanged bit for bit, but computed from `zero` (see `_zero_after`): arrays
-    cannot be read before `zero` exists. Floating-point leaves are copied (`x - 0.0`) unless
-    XLA fuses the subtraction into their consumers."""
-    bits = jax.lax.bitcast_convert_type(zero, jnp.uint32)  # +0.0 -> 0
-
-    def tie(a):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            impl = jax.random.key_impl(a)
-            return jax.random.wrap_key_data(tie(jax.random.key_data(a)), impl=impl)
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return a - zero.astype(a.dtype)  # x - (+0.0) == x, -0.0 and NaN included
-        if jnp.issubdtype(a.dtype, jnp.integer):
-            return a ^ bits.astype(a.dtype)
-        return a
-    return jax.tree_util.tree_map(tie, tree)
-
-
-def _tie_parameters(variables, zero: jax.Array, dtype: Dtype):
-    """`_tie` on the parameters that the block reads through a computation of their own,
-    which XLA would otherwise run ahead (and share between the forward pass and the
-    recomputation): vectors, which are broadcast, and arrays that are converted to the
-    compute `dtype`. Matrices that the matmuls read as they are stay untied: tying them
-    would copy them."""
-    def tie(a):
-        if jnp.issubdtype(a.dtype, jnp.inexact) and a.ndim > 1 and a.dtype == dtype:
-            return a
-        return _tie(a, zero)
-    return jax.tree_util.tree_map(tie, variables)
-
-
-def _copy_counters(counters: dict) -> dict:
-    """A copy of a flax scope's RNG counters (nested dicts; the keys are kept as they are)."""
-    return {k: _copy_counters(v) if isinstance(v, dict) else v for k, v in counters.items()}
-
-
-def _lifted_remat(fn, dtype: Dtype):
-    """`flax.core.lift.checkpoint`, with the recomputation ordered after the cotangent of
-    the output arrives (see the comment above); `dtype` is the block's compute dtype.
-    Positional arguments only."""
-    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
-        start = []  # the RNG counters before the first trace of `apply`
-
-        def apply(variable_groups, rng_groups, *args):
-            scope = scope_fn(variable_groups, rng_groups)
-            # `apply` is traced more than once (forward, recomputation); each trace must
-            # draw the same keys, so every trace starts from the same RNG counters.
-            counters = [s.rng_counters for s in jax.tree_util.tree_leaves(
-                scope, is_leaf=lambda x: isinstance(x, Scope))]
-            if not start:
-                start.extend(_copy_counters(c) for c in counters)
-            else:
-                for c, c0 in zip(counters, start):
-                    c.clear()
-                    c.update(_copy_counters(c0))
-            y = fn(scope, *args)
-            return y, repack_fn(scope)
-
-        rematted = jax.custom_vjp(apply)
-
-        def forward(variable_groups, rng_groups, *args):
-            # Residuals: the inputs only; the activations are recomputed in `backward`.
-            residuals = (variable_groups, rng_groups, args)
-            zero = _zero_after(args)
-            if zero is not None:  # nothing of the block before its input exists
-                variable_groups = _tie_parameters(variable_groups, zero, dtype)
-                rng_groups = _tie(rng_groups, zero)
-            return apply(variable_groups, rng_groups, *args), residuals
-
-        def backward(residuals, cotangent):
-            variable_groups, rng_groups, args = residuals
-            zero = _zero_after(cotangent)
-            if zero is not None:
-                variable_groups = _tie_parameters(variable_groups, zero, dtype)
-                rng_groups, args = _tie((rng_groups, args), zero)
-            _, vjp = jax.vjp(lambda v, *a: apply(v, rng_groups, *a), variable_groups, *args)
-            variables_ct, *args_ct = vjp(cotangent)
-            return (variables_ct, None, *args_ct)
-
-        rematted.defvjp(forward, backward)
-        return rematted(variable_groups, rng_groups, *args)
-
-    return lift.pack(inner, (True,), (True,), (True,), name="remat")
-
-
-def _remat(module_class, dtype: Dtype):
-    """`nn.remat(module_class)` whose recomputation happens in the backward pass, one block
-    at a time, on XLA:CPU too. Parameter names and dropout keys are those of `module_class`
-    (the module is called with positional arguments only); `dtype` is its compute dtype."""
-    return nn.transforms.lift_transform(_lifted_remat, module_class, dtype)
 
 
 class GPT2(nn.Module):
     """GPT-2 without its token embedding: `[batch, seq, n_embd]` in, last hidden state out.
 
     `dtype` is the compute dtype (float32 or bfloat16); parameters are always float32.
-    `remat` recomputes each block's activations in the backward pass (activation
-    checkpointing, see `_remat`), trading compute for memory on long sequences and large
-    presets: the train step keeps the block inputs plus one block's activations.
+    `remat` recomputes each block in the backward pass (`models/remat.py`): the train step
+    keeps the block inputs plus one block's activations, for long sequences and large presets.
 
-    `read_positions` ([batch, r] ints) returns the hidden states at those positions only
-    ([batch, r, n_embd]) and computes the last block only there: a classifier that reads the
-    last position skips the last block's attention output, MLP and final layer norm at every
-    other position. Values and gradients are those of the whole model read afterwards.
+    `read_positions` ([batch, r] ints) returns the hidden states there only ([batch, r,
+    n_embd]) and computes the last block only there (its attention output, MLP, final layer
+    norm; its attention weights have r query rows): the values and gradients of the whole
+    model read afterwards, for fewer FLOPs when a classifier reads the last position.
     """
     config: GPT2Config
     dtype: Dtype = jnp.float32
@@ -325,7 +212,7 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 output_attentions: bool = False, read_positions: jax.Array | None = None):
+                 read_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
             raise ValueError(f"GPT2 expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
@@ -338,25 +225,14 @@ class GPT2(nn.Module):
                        embedding_init=nn.initializers.normal(_INIT_STD))
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        block = _remat(Block, self.dtype) if self.remat else Block
-        attentions = []
+        block = remat(Block, self.dtype) if self.remat else Block
         for i in range(cfg.n_layer):
             if i == cfg.n_layer - 1 and read_positions is not None:
                 # Recomputing the last block would buy nothing: its backward follows at once.
-                out = Block(cfg, self.dtype, deterministic, output_attentions,
-                            name=f"h_{i}")(x, read_positions)
+                x = Block(cfg, self.dtype, deterministic, name=f"h_{i}")(x, read_positions)
             else:
-                out = block(cfg, self.dtype, deterministic, output_attentions,
-                            name=f"h_{i}")(x)
-            if output_attentions:
-                x, weights = out
-                attentions.append(weights)
-            else:
-                x = out
-        x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        if output_attentions:
-            return x, tuple(attentions)
-        return x
+                x = block(cfg, self.dtype, deterministic, name=f"h_{i}")(x)
+        return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
 
 
 def init_params(config: GPT2Config, rng: jax.Array, seq_len: int = 1) -> dict:

@@ -1,22 +1,30 @@
 """The benchmark: it runs and writes its report; the step it times is the training step,
-donating its state, all-reducing only trainable gradients; remat and bf16 are faithful.
+donating its state, reading the frozen parameters in place, all-reducing only trainable
+gradients; remat and bf16 are faithful; the CLI takes the training config.
 
 Runs under the root conftest's 4 forced CPU devices, on a tiny GPT-2.
 """
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import bench, parallel, train
+from fpt_jax import bench, freeze, tasks, train
+from fpt_jax.bench import jax_step, peaks, report as report_lib, torch_ref
+from fpt_jax.config import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 # One block and no dropout keep XLA's CPU compiles (the bulk of these tests' time) short.
-TINY = bench.BenchConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0, warmup=2, steps=2,
-                         rounds=2, torch_threads=2)
+BASE = TrainConfig(init="random", n_layer=1, n_head=2, n_embd=16, dropout=0.0)
 SHAPE = bench.Shape("tiny", batch_size=4, seq_len=6, features=3, classes=5)
+TINY = bench.BenchConfig(base=BASE, shapes=[SHAPE], warmup=2, steps=2, rounds=2,
+                         torch_threads=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,11 +45,9 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report():
     assert jax.local_device_count() == 4, "conftest forces 4 CPU devices"
-    # A peak from the flag keeps the test from timing large matmuls; the measured peak has
-    # its own test below.
-    bc = bench.BenchConfig(**{**TINY.__dict__, "peak_tflops": 0.05})
-    return bench.run(bc, [SHAPE], ["frozen", "full", "forward"], command="pytest",
-                     log=None)
+    # A peak from the setting keeps the test from timing large matmuls; the measured peak
+    # has its own test below.
+    return bench.run(dataclasses.replace(TINY, peak_tflops=0.05), command="pytest", log=None)
 
 
 def test_report_is_written_as_json_and_markdown(report, tmp_path):
@@ -51,19 +57,19 @@ def test_report_is_written_as_json_and_markdown(report, tmp_path):
     env = data["environment"]
     assert env["backend"] == "cpu" and env["local_devices"] == 4
     assert env["versions"]["jax"] == jax.__version__
+    assert data["config"]["base"]["n_layer"] == 1 and data["model"]["n_embd"] == 16
     jax_rows = [r for r in data["results"] if r["framework"] == "jax"]
     assert {r["mode"] for r in jax_rows} == {"frozen", "full", "forward"}
     for r in jax_rows:
-        assert r["step_ms"]["n"] == TINY.steps and r["step_ms"]["median"] > 0
-        assert r["tokens_per_s"] == pytest.approx(SHAPE.tokens * r["steps_per_s"])
-        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 4)
+        assert r["step_ms"]["n"] == TINY.steps
+        assert 0 < r["step_ms"]["p10"] <= r["step_ms"]["median"] <= r["step_ms"]["p90"]
+        assert r["tokens_per_s"] == pytest.approx(SHAPE.tokens / r["step_ms"]["median"] * 1e3)
         assert r["compile_s"] > 0 and r["achieved_tflops"] > 0 and r["utilisation"] > 0
         assert r["memory_per_device"]["peak_estimate"] > 0
         assert r["bytes_accessed_per_step_per_device"] > 0
     md = open(paths["markdown"]).read()
     assert "`pytest`" in md and f"jax {jax.__version__}" in md
-    tables = [ln for ln in md.splitlines() if ln.startswith("|")]
-    assert tables, md
+    assert [ln for ln in md.splitlines() if ln.startswith("|")], md
     # every row of a table has as many cells as its header
     block = []
     for ln in md.splitlines() + [""]:
@@ -101,7 +107,7 @@ def test_frozen_step_all_reduces_exactly_the_trainable_gradients(report):
 
 
 def test_torch_reference_is_interleaved_and_compared(report):
-    if not bench.torch_available():
+    if not torch_ref.torch_available():
         pytest.skip("torch/transformers not installed")
     torch_rows = {r["mode"]: r for r in report["results"] if r["framework"] == "torch"}
     assert set(torch_rows) == {"frozen", "full", "forward"}
@@ -114,7 +120,7 @@ def test_torch_reference_is_interleaved_and_compared(report):
     assert comp["tiny/frozen/float32"]["time_vs_full"] > 0
     # XLA's and PyTorch's matmul rates on the backbone's own weight shapes, side by side
     (cmp,) = report["matmul_comparison"]
-    w, rows = TINY.n_embd, SHAPE.tokens
+    w, rows = BASE.n_embd, SHAPE.tokens
     assert [(r["m"], r["k"], r["n"]) for r in cmp["sizes"]] == [(rows, w, 4 * w),
                                                                 (rows, 4 * w, w)]
     for r in cmp["sizes"]:
@@ -122,26 +128,29 @@ def test_torch_reference_is_interleaved_and_compared(report):
         assert r["ratio"] == pytest.approx(r["xla_tflops"] / r["torch_tflops"])
 
 
-def test_train_step_donates_its_state(report):
+def test_train_step_donates_its_state_and_reads_frozen_in_place(report):
     for r in report["results"]:
         if r["framework"] == "jax":
             assert r["state_donated"] is (r["mode"] != "forward" or None), r["case"]
-    r = bench.JaxRunner(TINY, bench.Case(SHAPE, "frozen"))
-    before = r.carry
+    r = jax_step.JaxRunner(TINY, bench.Case(SHAPE, "fpt"))
+    state, frozen = r.state, r.frozen
     r.run_step()
-    leaves = jax.tree_util.tree_leaves(before)
+    leaves = jax.tree_util.tree_leaves(state)
     assert leaves and all(x.is_deleted() for x in leaves)
-    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(r.carry))
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(r.state))
+    # the frozen parameters are an input only: the same buffers, alive, after the step
+    assert r.frozen is frozen and jax.tree_util.tree_leaves(frozen)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(frozen))
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    task = bench.SyntheticTask(SHAPE.seq_len, SHAPE.features, SHAPE.classes)
+    task = SHAPE.task()
     batch = task.batch("train", 0, 4, seed=0)
     rng = jax.random.PRNGKey(3)
     # Two blocks: the last one, computed only where the head reads, is never rematted.
-    cfg = train.TrainConfig(task="synthetic", init="random", n_layer=2, n_head=2, n_embd=16,
-                            trainable="full", dropout=0.1)
+    cfg = dataclasses.replace(BASE, n_layer=2, trainable="full", dropout=0.1)
     s = train.setup(cfg, task)
+    params = freeze.merge(s.state.trainable, s.frozen)
     out = {}
     for remat in (False, True):
         model = train.make_model(dataclasses.replace(cfg, remat=remat), task, s.config)
@@ -151,7 +160,7 @@ def test_remat_gives_the_same_loss_and_gradients():
             logits = model.apply({"params": params}, batch["x"], deterministic=False,
                                  rngs={"dropout": rng})
             return task.per_example_metrics(logits, batch)["loss"].mean()
-        out[remat] = jax.jit(jax.value_and_grad(loss))(s.state.params)
+        out[remat] = jax.jit(jax.value_and_grad(loss))(params)
     (l0, g0), (l1, g1) = out[False], out[True]
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
@@ -162,13 +171,13 @@ def test_remat_reduces_compiled_peak_memory():
     """Per-block remat must keep only the block inputs across the forward pass plus one
     block's activations: the compiled frozen train step (pmapped, state donated, dropout
     on) needs well under half the temporaries of the step without remat. With `nn.remat`
-    on XLA:CPU it did not: the recomputation ran in the forward pass (see gpt2._remat)."""
-    bc = bench.BenchConfig(n_layer=4, n_head=2, n_embd=64, dropout=0.1, num_devices=1,
-                           torch_reference=False)
+    on XLA:CPU it did not: the recomputation ran in the forward pass (models/remat.py)."""
+    bc = bench.BenchConfig(base=dataclasses.replace(BASE, n_layer=4, n_embd=64, dropout=0.1,
+                                                    num_devices=1), torch_reference=False)
     shape = bench.Shape("long", batch_size=1, seq_len=256, features=4, classes=5)
     temp, dots = {}, {}
     for remat in (False, True):
-        r = bench.JaxRunner(bc, bench.Case(shape, "frozen", "float32", remat))
+        r = jax_step.JaxRunner(bc, bench.Case(shape, "fpt", "float32", remat))
         r.compile()
         temp[remat], dots[remat] = r.memory["temp"], r.hlo["dot_ops"]
     assert dots[True] > dots[False], dots  # it does recompute
@@ -176,13 +185,13 @@ def test_remat_reduces_compiled_peak_memory():
 
 
 def test_bf16_loss_within_stated_tolerance():
-    chk = bench.dtype_loss_check(TINY, SHAPE, batches=2)
+    chk = jax_step.dtype_loss_check(TINY, SHAPE, batches=2)
     assert chk["within_tolerance"], chk
     assert chk["loss_float32"] != chk["loss_bfloat16"]  # it did compute in bfloat16
 
 
 def test_matmul_peak_is_measured():
-    peak = bench.measure_matmul_peak(jax.local_devices()[:2], "float32", repeats=2,
+    peak = peaks.measure_matmul_peak(jax.local_devices()[:2], "float32", repeats=2,
                                      sizes=((128, 64, 128),))
     assert peak["tflops"] > 0 and peak["devices"] == 2 and peak["source"] == "measured"
 
@@ -194,17 +203,26 @@ def test_hlo_stats_counts_all_reduce_operands():
   %ars = f32[5]{0} all-reduce-start(f32[5]{0} %w), replica_groups={}
   %ard = f32[5]{0} all-reduce-done(f32[5]{0} %ars)
 """
-    h = bench.hlo_stats(hlo)
+    h = jax_step.hlo_stats(hlo)
     assert h == {"dot_ops": 1, "all_reduce_ops": 2, "all_reduce_elements": 1 + 48 + 7 + 5,
                  "all_reduce_scalars": 1}
 
 
-def test_unknown_mode_and_bad_batch_are_errors():
+def test_bad_settings_are_errors_that_say_what_is_accepted():
     with pytest.raises(ValueError, match="unknown mode 'sideways'"):
-        bench.validate_mode("sideways", 2)
-    bench.validate_mode("output,attn[-1:]", 2)  # any selection training accepts
+        dataclasses.replace(TINY, modes=["sideways"])
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        dataclasses.replace(TINY, dtypes=["float16"])
+    with pytest.raises(ValueError, match="fewer than rounds"):
+        dataclasses.replace(TINY, steps=1, rounds=2)
+    with pytest.raises(ValueError, match="shape 'flat': synthetic: classes=1"):
+        bench.Shape("flat", 4, 4, 2, 1)
+    # any selection training accepts is a mode; 'frozen' is the base config's selection
+    bc = dataclasses.replace(TINY, base=dataclasses.replace(BASE, trainable="fpt,mlp"),
+                             modes=["frozen", "output,attn[-1:]", "forward"])
+    assert [c.mode for c in bc.cases(SHAPE)] == ["fpt,mlp", "output,attn[-1:]", "forward"]
     with pytest.raises(ValueError, match="batch_size=6 is not divisible"):
-        bench.JaxRunner(TINY, bench.Case(bench.Shape("odd", 6, 4, 2, 2), "frozen"))
+        jax_step.JaxRunner(TINY, bench.Case(bench.Shape("odd", 6, 4, 2, 2), "fpt"))
 
 
 def test_scaling_plot_and_table(tmp_path):
@@ -214,21 +232,22 @@ def test_scaling_plot_and_table(tmp_path):
                 "tokens_per_s": tps}
     report = {"results": [row("jax", "frozen", 64, 100.0), row("jax", "frozen", 128, 150.0),
                           row("torch", "frozen", 64, 40.0), row("torch", "frozen", 128, 50.0)],
-              "scaling_shapes": ["seq64", "seq128"], "config": {"model": "gpt2"},
+              "scaling_shapes": ["seq64", "seq128"], "config": {"base": {"model": "gpt2"}},
               "model": {"n_layer": 2, "n_embd": 16},
               "environment": {"device_kind": "cpu", "global_devices": 4}}
-    series = bench.scaling_series(report)
+    series = report_lib.scaling_series(report)
     assert series == {"fpt-jax frozen": [(64, 100.0), (128, 150.0)],
                       "PyTorch frozen": [(64, 40.0), (128, 50.0)]}
-    assert "| fpt-jax frozen | 100 | 150 |" in bench.scaling_table(report)
-    bench.plot_scaling(report, str(tmp_path / "scaling.png"))
+    assert "| fpt-jax frozen | 100 | 150 |" in report_lib.scaling_table(report)
+    report_lib.plot_scaling(report, str(tmp_path / "scaling.png"))
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compile_only_reports_memory_without_running(tmp_path):
     # Two blocks: the last one, computed only where the head reads, is never rematted.
-    bc = bench.BenchConfig(**{**TINY.__dict__, "compile_only": True, "n_layer": 2})
-    report = bench.run(bc, [SHAPE], ["frozen"], remats=(False, True), log=None)
+    bc = dataclasses.replace(TINY, base=dataclasses.replace(BASE, n_layer=2),
+                             modes=["frozen"], remats=[False, True], compile_only=True)
+    report = bench.run(bc, log=None)
     rows = report["results"]
     assert [r["remat"] for r in rows] == [False, True]
     for r in rows:
@@ -242,7 +261,59 @@ def test_compile_only_reports_memory_without_running(tmp_path):
 
 def test_a_step_that_does_not_fit_is_not_run(monkeypatch):
     memory = {"output": 10, "alias": 10, "temp": 2**30}
-    monkeypatch.setattr(bench, "host_available_bytes", lambda: 2**31)
-    assert bench.fits_on_host(memory, 1, 0.8) == (True, "")
-    fits, why = bench.fits_on_host(memory, 2, 0.8)
+    monkeypatch.setattr(jax_step, "host_available_bytes", lambda: 2**31)
+    assert jax_step.fits_on_host(memory, 1, 0.8) == (True, "")
+    fits, why = jax_step.fits_on_host(memory, 2, 0.8)
     assert not fits and "does not fit" in why and "2.0 GiB" in why
+
+
+def test_synthetic_is_a_registered_task():
+    assert "synthetic" in tasks.task_names()
+    task = tasks.get_task("synthetic", seq_len=5, features=3, classes=4)
+    assert (task.input_dim, task.output_dim, task.example_shape) == (3, 4, (5, 3))
+    whole = task.batch("train", 7, 4, seed=1)
+    assert whole["x"].shape == (4, 5, 3) and whole["y"].max() < 4
+    # host 1 of 2 gets rows 2..3 of the same global batch
+    half = task.batch("train", 7, 2, seed=1, process_index=1, process_count=2)
+    np.testing.assert_array_equal(half["x"], whole["x"][2:])
+    with pytest.raises(ValueError, match="takes no setting patch_size"):
+        tasks.get_task("synthetic", patch_size=2)
+
+
+def _benchmark(*args, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "FPT_JAX_HUGEPAGES": "0"}
+    return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args,
+                           f"--out_dir={tmp_path}", "--name=cli"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
+    done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
+                      "--config.dropout=0", "--config.trainable=output,ln",
+                      "--shapes=bit_xor", "--modes=frozen", "--steps=1", "--rounds=1",
+                      "--warmup=0", "--notorch_reference", "--peak_tflops=1", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "cli.json").read_text())
+    base = data["config"]["base"]
+    assert (base["n_layer"], base["n_embd"], base["dropout"], base["trainable"]) == (
+        1, 16, 0.0, "output,ln")
+    assert data["model"] == {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    (row,) = data["results"]
+    assert row["trainable"] == "output,ln" and row["step_ms"]["n"] == 1
+    assert "--config.trainable=output,ln" in data["command"]
+    assert (tmp_path / "cli.md").exists()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.n_lyer=1", "error: "),
+    ("--config.dtype=float16", "error: unknown dtype 'float16'"),
+    ("--modes=sideways", "error: unknown mode 'sideways'"),
+    ("--remats=maybe", "error: --remats=maybe: 'maybe' is not true/false"),
+    ("--shapes=mnist", "error: unknown --shapes entry 'mnist'"),
+])
+def test_cli_bad_flags_exit_with_a_clear_message(tmp_path, flag, message):
+    done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
+                      "--compile_only", flag, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -105,7 +105,7 @@ class BenchConfig:
 
     def __post_init__(self):
         self.shapes, self.modes = tuple(self.shapes), tuple(self.modes)
-        self.dtypes = tuple(self.dtypes or (self.base.dtype,))
+        self.dtypes = tuple(dict.fromkeys(self.dtypes or (self.base.dtype,)))
         self.remats = tuple(dict.fromkeys(self.remats or (self.base.remat,)))
         self.validate()
 
@@ -123,8 +123,12 @@ class BenchConfig:
             raise ValueError("model='auto' reads the architecture from pretrained weights; "
                              "the benchmark initialises at random: set a preset as model")
         for dtype in self.dtypes:  # TrainConfig's own check names what is accepted
-            dataclasses.replace(self.base, dtype=dtype)
+            try:
+                dataclasses.replace(self.base, dtype=dtype)
+            except ValueError as e:
+                raise ValueError(f"dtypes={','.join(self.dtypes)}: {e}") from None
         n_layer = self.gpt2().n_layer
+        freeze.parse_selection(self.base.trainable, n_layer)  # the 'frozen' mode's
         for mode in self.modes:
             if mode not in MODES:
                 try:
@@ -171,9 +175,6 @@ class Runner:
 
     def run_step(self) -> float:
         raise NotImplementedError
-
-    def compile(self) -> None:
-        pass
 
     def warm_up(self, n: int) -> None:
         for _ in range(max(n, self.min_warmup)):

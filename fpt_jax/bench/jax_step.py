@@ -155,7 +155,7 @@ def hlo_stats(hlo_text: str) -> dict[str, int]:
     operand; an async start/done pair counts once), scalars among them apart."""
     dots = ar_ops = ar_elems = ar_scalars = 0
     for line in hlo_text.splitlines():
-        lhs, eq, rhs = line.strip().partition("=")
+        _, eq, rhs = line.strip().partition("=")
         m = re.match(r"(.*?)\s([a-z][a-z0-9\-]*)\(", rhs.strip()) if eq else None
         if not m:
             continue

@@ -31,40 +31,7 @@ def _table(header: list[str], align: str, rows: list[list[Any]]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    env, v, bc, m = report["environment"], report["environment"]["versions"], \
-        report["config"], report["model"]
-    base = bc["base"]
-    env_vars = " ".join(f"{k}={val}" for k, val in env["env"].items()) or "(none set)"
-    load = [(x or [None])[0] for x in (env["load_average"], env.get("load_average_end"))]
-    lines = ["# fpt-jax benchmark", "", f"Command: `{report['command']}`", "",
-             f"Measured {report['started']} on {env['backend']} ({env['device_kind']}; CPU "
-             f"{env['cpu']}, {env['cpu_cores']} cores), {env['local_devices']} local device(s) "
-             f"x {env['process_count']} process(es); environment `{env_vars}`; load average "
-             f"at start {_f(load[0])}, at end {_f(load[1])}.", "",
-             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
-             + f", python {env['python']}; fpt-jax commit {env['git_commit']}.", "",
-             f"Model: GPT-2 preset `{base['model']}` (random init: time and FLOPs do not depend "
-             f"on the weights), {m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} "
-             f"heads; dropout {base['dropout']}; frozen = trainable `{base['trainable']}`. "
-             f"{bc['steps']} timed steps per case after {bc['warmup']} warm-up steps, "
-             f"interleaved over {bc['rounds']} rounds (A B C .. A B C ..), each turn after "
-             f"{bc['switch_steps']} untimed step(s)."]
-    for dtype, peak in report["peaks"].items():
-        if peak:
-            lines += ["", f"Peak ({dtype}): {peak['tflops'] * 1e3:.0f} GFLOP/s over "
-                      f"{peak['devices']} device(s), {peak['source']}"
-                      + (" (best of " + ", ".join(
-                          f"{x['m']}x{x['k']}@{x['k']}x{x['n']}: {x['tflops'] * 1e3:.0f}"
-                          for x in peak["matmuls"]) + " GFLOP/s)" if "matmuls" in peak else "")
-                      + ("; measured at the start {:.0f} and at the end {:.0f} GFLOP/s, the "
-                         "best counts".format(*(1e3 * t for t in peak["tflops_start_end"]))
-                         if "tflops_start_end" in peak else "") + "."]
-    tr = next((r for r in report["results"] if r["framework"] == "torch"), None)
-    if tr:
-        lines += ["", f"PyTorch reference: the original recipe on {tr['device']}, "
-                  f"{tr['threads']} threads, attention `{tr['attn_implementation']}`."]
-    elif report.get("torch_reference_note"):
-        lines += ["", f"PyTorch reference {report['torch_reference_note']}."]
+    lines = _setting(report)
     for cmp in report.get("matmul_comparison", []):
         lines += ["", f"Matmuls of the backbone's weight shapes ({cmp['dtype']}, one device, "
                   f"PyTorch with {cmp['threads']} threads): what each library's matmuls reach "
@@ -74,23 +41,11 @@ def markdown(report: dict[str, Any]) -> str:
                         [[f"{r['m']}x{r['k']} @ {r['k']}x{r['n']}", f"{r['xla_tflops'] * 1e3:.0f}",
                           f"{r['torch_tflops'] * 1e3:.0f}", f"{r['ratio']:.2f}"]
                          for r in cmp["sizes"]])
-    rows = []
-    for r in report["results"]:
-        s, st = r["shape"], r["step_ms"]
-        mem = r.get("memory_per_device") or {}
-        timing = ([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
-                   f"{r['tokens_per_s']:.0f}"] if st else [r.get("skipped", "not run"), "-", "-"])
-        util = r.get("utilisation")
-        rows.append([f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})",
-                     r["mode"], r["dtype"], "yes" if r["remat"] else "no", r["framework"],
-                     *timing, _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
-                     _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
-                     _f(util and 100 * util, ".1f"), _bytes(mem.get("peak_estimate")),
-                     _f(r.get("compile_s"), ".1f")])
     lines += [""] + _table(
         ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "framework",
          "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s", "% of peak",
-         "peak mem/device", "compile s"], "lllllrrrrrrrr", rows)
+         "peak mem/device", "compile s"], "lllllrrrrrrrr",
+        [_result_row(r) for r in report["results"]])
     comps = [c for c in report["comparisons"]
              if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
     if comps:
@@ -121,6 +76,62 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Device memory stats (whole run): " + ", ".join(
             f"{k} {_bytes(val)}" for k, val in report["device_memory_stats"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _setting(report: dict[str, Any]) -> list[str]:
+    """The command, machine, versions, model, method, peaks and reference, as prose."""
+    env, bc, m = report["environment"], report["config"], report["model"]
+    base = bc["base"]
+    env_vars = " ".join(f"{k}={v}" for k, v in env["env"].items()) or "(none set)"
+    load = [(x or [None])[0] for x in (env["load_average"], env.get("load_average_end"))]
+    lines = ["# fpt-jax benchmark", "", f"Command: `{report['command']}`", "",
+             f"Measured {report['started']} on {env['backend']} ({env['device_kind']}; CPU "
+             f"{env['cpu']}, {env['cpu_cores']} cores), {env['local_devices']} local device(s) "
+             f"x {env['process_count']} process(es); environment `{env_vars}`; load average "
+             f"at start {_f(load[0])}, at end {_f(load[1])}.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+             + f", python {env['python']}; fpt-jax commit {env['git_commit']}.", "",
+             f"Model: GPT-2 preset `{base['model']}` (random init: time and FLOPs do not depend "
+             f"on the weights), {m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} "
+             f"heads; dropout {base['dropout']}; frozen = trainable `{base['trainable']}`. "
+             f"{bc['steps']} timed steps per case after {bc['warmup']} warm-up steps, "
+             f"interleaved over {bc['rounds']} rounds (A B C .. A B C ..), each turn after "
+             f"{bc['switch_steps']} untimed step(s)."]
+    for dtype, peak in report["peaks"].items():
+        if not peak:
+            continue
+        text = (f"Peak ({dtype}): {peak['tflops'] * 1e3:.0f} GFLOP/s over {peak['devices']} "
+                f"device(s), {peak['source']}")
+        if "matmuls" in peak:
+            text += " (best of " + ", ".join(
+                f"{x['m']}x{x['k']}@{x['k']}x{x['n']}: {x['tflops'] * 1e3:.0f}"
+                for x in peak["matmuls"]) + " GFLOP/s)"
+        if "tflops_start_end" in peak:
+            start, end = (1e3 * t for t in peak["tflops_start_end"])
+            text += (f"; measured at the start {start:.0f} and at the end {end:.0f} GFLOP/s, "
+                     "the best counts")
+        lines += ["", text + "."]
+    ref = next((r for r in report["results"] if r["framework"] == "torch"), None)
+    if ref:
+        lines += ["", f"PyTorch reference: the original recipe on {ref['device']}, "
+                  f"{ref['threads']} threads, attention `{ref['attn_implementation']}`."]
+    elif report.get("torch_reference_note"):
+        lines += ["", f"PyTorch reference {report['torch_reference_note']}."]
+    return lines
+
+
+def _result_row(r: dict[str, Any]) -> list[str]:
+    s, st = r["shape"], r["step_ms"]
+    timing = ([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
+               f"{r['tokens_per_s']:.0f}"] if st else [r.get("skipped", "not run"), "-", "-"])
+    util = r.get("utilisation")
+    return [f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})", r["mode"],
+            r["dtype"], "yes" if r["remat"] else "no", r["framework"], *timing,
+            _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
+            _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
+            _f(util and 100 * util, ".1f"),
+            _bytes((r.get("memory_per_device") or {}).get("peak_estimate")),
+            _f(r.get("compile_s"), ".1f")]
 
 
 def scaling_series(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:

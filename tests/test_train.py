@@ -167,4 +167,22 @@ def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(params["transformer"]),
                     jax.tree_util.tree_leaves(backbone)):
         assert np.array_equal(a, b)
+    # The new layers are those of a random init with the same seed, although the random
+    # backbone was never computed.
+    random_init = train.init_params(s.model, s.task, jax.random.PRNGKey(s.cfg.seed))
+    for part in ("input", "output"):
+        for a, b in zip(jax.tree_util.tree_leaves(params[part]),
+                        jax.tree_util.tree_leaves(random_init[part])):
+            assert np.array_equal(a, b)
+
+
+def test_pretrained_weights_of_the_wrong_shape_are_refused(tmp_path):
+    from fpt_jax.models.gpt2 import GPT2Config
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32)
+    s = train.setup(TrainConfig(**{**TINY, "n_layer": 1, "n_embd": 32}))
+    wrong = jax.tree_util.tree_map(lambda x: np.zeros((*x.shape[:-1], x.shape[-1] + 1), x.dtype),
+                                   freeze.merge(s.state.trainable, s.frozen)["transformer"])
+    with pytest.raises(ValueError, match="do not match the model's architecture"):
+        train.init_params(train.make_model(s.cfg, s.task, config), s.task,
+                          jax.random.PRNGKey(0), wrong)
 

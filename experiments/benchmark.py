@@ -37,6 +37,7 @@ if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
     from fpt_jax import hugepages
     hugepages.reexec_with_huge_pages()
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -44,8 +45,15 @@ import sys
 from absl import app, flags
 
 from experiments import cli
+from fpt_jax.bench.core import MODES, BenchConfig
 
 F = flags.FLAGS
+
+
+def _default(name: str):
+    """The default of a BenchConfig field: defined there once, not again here."""
+    return next(f.default for f in dataclasses.fields(BenchConfig) if f.name == name)
+
 
 flags.DEFINE_list("shapes", ["bit_xor", "cifar10"], "Named shapes: bit_xor (batch 4 x 10 "
                   "tokens x 1 feature, 2 classes), cifar10 (batch 8 x 64 tokens x 48 "
@@ -57,7 +65,7 @@ flags.DEFINE_integer("batch_size", 8, "Global batch of the --seq_lens shapes (th
 flags.DEFINE_integer("features", 48, "Features per token of the --seq_lens shapes.")
 flags.DEFINE_integer("classes", 10, "Classes of the --seq_lens shapes.")
 
-flags.DEFINE_list("modes", ["frozen", "full", "forward"], "frozen (train the config's "
+flags.DEFINE_list("modes", list(MODES), "frozen (train the config's "
                   "trainable selection, the paper's 'fpt' by default), full (fine-tune "
                   "everything), forward (eval step only).")
 flags.DEFINE_multi_string("selections", [], "Further train modes as trainable selections, as "
@@ -71,17 +79,17 @@ flags.DEFINE_list("remats", None, "Activation checkpointing per block to sweep: 
 
 flags.DEFINE_integer("cpu_devices", None, "CPU only: split the host into N XLA devices "
                      "(sets --xla_force_host_platform_device_count before JAX starts).")
-flags.DEFINE_integer("steps", 20, "Timed steps per case (--config.steps is not read).")
-flags.DEFINE_integer("warmup", 3, "Untimed steps per case after compilation.")
-flags.DEFINE_integer("rounds", 5, "Interleaving rounds: each round times steps/rounds steps "
+flags.DEFINE_integer("steps", _default("steps"), "Timed steps per case (--config.steps is not read).")
+flags.DEFINE_integer("warmup", _default("warmup"), "Untimed steps per case after compilation.")
+flags.DEFINE_integer("rounds", _default("rounds"), "Interleaving rounds: each round times steps/rounds steps "
                      "of every case and of the PyTorch reference, in turn.")
-flags.DEFINE_bool("torch_reference", True, "Also time the original recipe in PyTorch (when "
+flags.DEFINE_bool("torch_reference", _default("torch_reference"), "Also time the original recipe in PyTorch (when "
                   "torch and transformers are installed).")
 flags.DEFINE_integer("torch_threads", None, "PyTorch threads; default the machine's cores.")
 flags.DEFINE_enum("torch_attn", None, ["eager", "sdpa"], "Attention of the PyTorch reference "
                   "(Hugging Face attn_implementation); default the installed transformers' "
                   "default. The original code ran eager attention (transformers 4.x, 2021).")
-flags.DEFINE_integer("switch_steps", 1, "Untimed steps each time the interleaving turns to a "
+flags.DEFINE_integer("switch_steps", _default("switch_steps"), "Untimed steps each time the interleaving turns to a "
                      "case (absorbs the previous case's threads and cache).")
 flags.DEFINE_bool("compile_only", False, "Compile the steps and report FLOPs and memory "
                   "(XLA's analyses) without running them: what fits where.")

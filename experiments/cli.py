@@ -20,7 +20,8 @@ from fpt_jax.config import TrainConfig, describe_fields
 
 
 class _NoneOr(flags.ArgumentParser):
-    """A number parser that also reads `none` (any case) as None, for optional fields."""
+    """A field parser that also reads `none` (any case) as None, for optional fields
+    (`TrainConfig.validate` refuses None where a field has no 'not set' value)."""
 
     def __init__(self, inner: flags.ArgumentParser):
         self.inner = inner
@@ -37,26 +38,32 @@ class _NoneOr(flags.ArgumentParser):
 def load_config_file(spec: str) -> TrainConfig:
     """`path.py` or `path.py:arg` -> the `TrainConfig` its `get_config([arg])` returns."""
     path, *arg = spec.split(":", 1)
+    # Errors here reach the user prefixed with "flag --config=<spec>: " by absl.
     if not os.path.isfile(path):
-        raise ValueError(f"--config={spec}: no such file; accepted: a python file whose "
-                         "get_config() returns a TrainConfig, e.g. "
-                         "experiments/configs/bit_xor.py")
-    module = runpy.run_path(path)
-    if "get_config" not in module:
-        raise ValueError(f"--config={spec}: {path} defines no get_config()")
-    config = module["get_config"](*arg)
+        raise ValueError("no such file; accepted: a python file whose get_config() returns a "
+                         "TrainConfig, e.g. experiments/configs/bit_xor.py")
+    try:
+        module = runpy.run_path(path)
+        if "get_config" not in module:
+            raise ValueError(f"{path} defines no get_config()")
+        config = module["get_config"](*arg)
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # the user's own code: its error, named, without our traceback
+        raise ValueError(f"{path} raised {type(e).__name__}: {e}") from e
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"--config={spec}: get_config() returned {type(config).__name__}, "
-                         "not a fpt_jax.config.TrainConfig")
+        raise ValueError(f"get_config() returned {type(config).__name__}, not a "
+                         "fpt_jax.config.TrainConfig")
     return config
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
                        sys_argv: Sequence[str] | None = None) -> flags.FlagHolder:
     """Defines `--config` (and, from the command line, its `--config.<field>` overrides)."""
-    # Optional numbers accept `none` (process-wide: these parsers serve every config flag).
-    config_flags.register_flag_parser_for_type(float, _NoneOr(flags.FloatParser()))
-    config_flags.register_flag_parser_for_type(int, _NoneOr(flags.IntegerParser()))
+    # Optional fields accept `none` (process-wide: these parsers serve every config flag).
+    for kind, parser in ((float, flags.FloatParser()), (int, flags.IntegerParser()),
+                         (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+        config_flags.register_flag_parser_for_type(kind, _NoneOr(parser))
     help_text = ("The run's settings: a python file whose get_config() returns a "
                  "fpt_jax.config.TrainConfig (experiments/configs/<task>.py), or by default "
                  "the library's defaults. Override any field after it with "
@@ -77,7 +84,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         return rest
     except KeyError as e:  # config_flags: a field the dataclass does not have
         names = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        _fail(f"{e.args[0] if e.args else e}; the config's fields: {names}")
+        _fail(f"{e.args[0] if e.args else e}; accepted: --config.<field> for the fields "
+              f"{names}")
     except (flags.Error, ValueError, TypeError) as e:
         _fail(str(e))
     return []

@@ -1,7 +1,7 @@
 r"""Converts GPT-2 weights (hub name or local Hugging Face directory) to an orbax checkpoint.
 
   python -m experiments.convert --source=gpt2 --output=/tmp/gpt2_converted
-  python -m experiments.train --init=pretrained --weights=/tmp/gpt2_converted ...
+  python -m experiments.train --config=experiments/configs/bit_xor.py --config.weights=/tmp/gpt2_converted ...
 """
 from absl import app, flags, logging
 

@@ -51,7 +51,8 @@ class TrainConfig:
                                           "the 'validation' split.")
     task_name: str | None = _setting(None, "ListOps: the LRA file prefix ('basic').")
     max_length: int | None = _setting(None, "Token tasks: longest sequence, in tokens.")
-    overlength: str | None = _setting(None, "ListOps: 'drop' or 'truncate' longer sequences.")
+    overlength: str | None = _setting(None, "ListOps: 'drop', 'truncate' or 'error' for longer "
+                                      "sequences.")
     bucket_size: int | None = _setting(None, "Token tasks: pad each batch to a multiple of "
                                        "this (0: always to max_length).")
     num_classes: int | None = _setting(None, "Remote homology: number of fold classes.")
@@ -104,18 +105,22 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError naming the field, its value and what is accepted."""
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and not _optional(f.name):
+                raise ValueError(f"{f.name}=None; {f.name} has no 'not set' value: give one "
+                                 f"(default {f.default!r})")
         _one_of("init", self.init, INITS)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*GPT2_PRESETS, "auto"))
-        for name, lo in (("steps", 0), ("eval_every", 1), ("log_every", 1),
+        for name, lo in (("seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
                          ("eval_batch_size", 1), ("num_devices", 1), ("n_layer", 1),
                          ("n_head", 1), ("n_embd", 1)):
             value = getattr(self, name)
-            if value is None:
+            if value is None:  # optional: checked above
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"{name}={value!r}; accepted: an integer >= {lo}"
@@ -146,8 +151,8 @@ class TrainConfig:
 
 
 def _optional(name: str) -> bool:
-    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-    return default is None or "None" in str(TrainConfig.__annotations__[name])
+    """Whether the field may be None ("not set"): its type says so."""
+    return "None" in str(TrainConfig.__annotations__[name])
 
 
 def _one_of(name: str, value, accepted) -> None:
@@ -156,8 +161,10 @@ def _one_of(name: str, value, accepted) -> None:
 
 
 def describe_fields() -> str:
-    """Every field with its default and help, one per line (for `--helpfull`)."""
+    """Every field with its type, default and help, one per line (for `--helpfull`)."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --config.{f.name} (default: {f.default!r}): {f.metadata['help']}")
+        kind = str(f.type).replace("typing.", "")
+        lines.append(f"  --config.{f.name} ({kind}, default {f.default!r}): "
+                     f"{f.metadata['help']}")
     return "\n".join(lines)

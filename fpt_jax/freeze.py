@@ -26,8 +26,8 @@ from flax import traverse_util
 
 GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
 LAYERED = ("ln", "attn", "mlp")
-SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS), "all": ",".join(GROUPS),
-           "none": ""}
+SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS),
+                     "all": ",".join(GROUPS)}
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -103,6 +103,9 @@ def parse_selection(spec: str, n_layer: int) -> Selection:
             raise ValueError(f"{item!r} selects no block of {n_layer}")
         previous = groups.get(group, frozenset())
         groups[group] = None if previous is None else previous | frozenset(layers)
+    if not groups:
+        raise ValueError(f"trainable selection {spec!r} selects nothing to train; accepted: "
+                         f"groups {GROUPS} or presets {sorted(SELECTION_PRESETS)}")
     return Selection(groups, spec)
 
 

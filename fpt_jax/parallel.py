@@ -7,8 +7,10 @@ devices its shard of the global batch, and `lax.pmean` over `AXIS` averages acro
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+import urllib.request
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -55,11 +57,11 @@ def pmap_devices(num_devices: int | None = None) -> list[jax.Device]:
 
 def detect_cluster(environ: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
     """`(launcher, process count)` of a multi-process launcher that this process runs under,
-    read from the launchers' own environment variables: SLURM (`SLURM_JOB_ID` with
-    `SLURM_STEP_NUM_TASKS` / `SLURM_NTASKS`), Open MPI (`OMPI_COMM_WORLD_SIZE`) and Cloud TPU
-    pod slices (`TPU_WORKER_HOSTNAMES`, or a TPU VM's runtime `libtpu`, where JAX asks the
-    metadata server: the count is then unknown here, -1). None on a plain machine.
-    Kubernetes and mpi4py are not probed (pass `--distributed=on` there)."""
+    from the launchers' own public interfaces: SLURM (`SLURM_JOB_ID` with
+    `SLURM_STEP_NUM_TASKS` / `SLURM_NTASKS`), Open MPI (`OMPI_COMM_WORLD_SIZE`), Cloud TPU
+    (`TPU_PROCESS_ADDRESSES` / `TPU_WORKER_HOSTNAMES` as GKE sets them; on a TPU VM, the
+    slice's `worker-network-endpoints` from the GCE metadata server, as JAX reads them).
+    None on a plain machine. Kubernetes and mpi4py are not probed (pass `--distributed=on`)."""
     if "SLURM_JOB_ID" in environ:
         tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS"))
         if tasks and tasks.isdigit():
@@ -67,12 +69,34 @@ def detect_cluster(environ: Mapping[str, str] = os.environ) -> tuple[str, int] |
     size = environ.get("OMPI_COMM_WORLD_SIZE")
     if size and size.isdigit():
         return "OmpiCluster", int(size)
-    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
     if hosts:
-        return "GceTpuCluster", len(hosts)
-    if importlib.util.find_spec("libtpu") is not None:
-        return "GceTpuCluster", -1
+        return "GkeTpuCluster", len([h for h in hosts.split(",") if h.strip()])
+    if tpu_vm() and "TPU_SKIP_MDS_QUERY" not in environ:
+        endpoints = gce_metadata("worker-network-endpoints", environ)
+        if endpoints:
+            return "GceTpuCluster", len(endpoints.split(","))
     return None
+
+
+def tpu_vm() -> bool:
+    """A Cloud TPU VM: the TPU runtime is installed and TPU chips are attached."""
+    return (importlib.util.find_spec("libtpu") is not None
+            and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
+def gce_metadata(key: str, environ: Mapping[str, str] = os.environ,
+                 timeout_s: float = 5.0) -> str | None:
+    """An instance attribute from the GCE metadata server, None when it cannot be read."""
+    host = environ.get("GCE_METADATA_IP", "metadata.google.internal")
+    request = urllib.request.Request(
+        f"http://{host}/computeMetadata/v1/instance/attributes/{key}",
+        headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read().decode().strip() or None
+    except (OSError, ValueError):
+        return None
 
 
 def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
@@ -121,9 +145,9 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
             how = "JAX_COORDINATOR_ADDRESS"
         else:
             found = detect_cluster()
-            if found is None or 0 <= found[1] <= 1:  # one process: keep all its devices
+            if found is None or found[1] <= 1:  # one process: keep all its devices
                 return False
-            how = f"{found[0]} ({found[1] if found[1] > 0 else 'JAX counts the'} processes)"
+            how = f"{found[0]} ({found[1]} processes)"
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
         # CPU devices of different processes talk through gloo (older JAX defaults to none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -285,8 +285,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
     latest = ckpts.latest_step()
     if latest is not None:
         _check_identity(ckpts.meta(latest).get("identity", {}), identity, workdir)
-        trainable, opt_state = ckpts.restore(latest, state.trainable, state.opt_state)
-        state, start = TrainState(np.int32(latest), trainable, opt_state), latest
+        state = TrainState(np.int32(latest), *ckpts.restore(latest, state.trainable,
+                                                            state.opt_state))
+        start = latest
         logging.info("resumed from step %d in %s", latest, workdir)
         if is_main:
             print(f"resumed from checkpoint at step {latest}", flush=True)
@@ -340,6 +341,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
             host_state = parallel.unreplicate(state)
             ckpts.save(done, host_state.trainable, host_state.opt_state,
                        {"identity": identity}, force=True)
+            del host_state  # orbax keeps what it still writes; no host copy between saves
             if preempted:
                 ckpts.wait()
                 logging.warning("preempted at step %d; checkpoint written", done)

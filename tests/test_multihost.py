@@ -235,9 +235,24 @@ def test_resume_in_every_process_then_a_dead_process_fails_the_run(runs):
 @pytest.fixture
 def no_cluster_env(monkeypatch):
     for key in list(os.environ):
-        if key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "TPU_WORKER")):
+        if key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "TPU_")):
             monkeypatch.delenv(key)
     return monkeypatch
+
+
+def test_tpu_slices_are_counted_from_the_env_or_the_metadata_server(no_cluster_env):
+    no_cluster_env.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3")
+    assert parallel.detect_cluster() == ("GkeTpuCluster", 4)
+    no_cluster_env.delenv("TPU_WORKER_HOSTNAMES")
+    # A TPU VM (runtime + chips) asks the metadata server; one host is one process.
+    no_cluster_env.setattr(parallel, "tpu_vm", lambda: True)
+    no_cluster_env.setattr(parallel, "gce_metadata", lambda key, environ: "10.0.0.2")
+    assert parallel.detect_cluster() == ("GceTpuCluster", 1)
+    assert parallel.initialize_distributed("auto") is False
+    no_cluster_env.setattr(parallel, "gce_metadata", lambda key, environ: "10.0.0.2,10.0.0.3")
+    assert parallel.detect_cluster() == ("GceTpuCluster", 2)
+    no_cluster_env.setattr(parallel, "gce_metadata", lambda key, environ: None)
+    assert parallel.detect_cluster() is None  # unreachable: a plain single process
 
 
 def test_auto_is_one_process_on_a_plain_machine(no_cluster_env):

@@ -40,8 +40,10 @@ def _train(args, **kwargs):
     ("--config.max_length=64", "error: task bit_xor takes no setting max_length; its "
                                "settings: n, num_patterns, patch_size"),
     ("--config=experiments/configs/nothing.py", "error: flag --config=experiments/configs/"
-                                                "nothing.py: --config=experiments/configs/"
-                                                "nothing.py: no such file"),
+                                                "nothing.py: no such file; accepted: a python "
+                                                "file whose get_config() returns a TrainConfig"),
+    ("--config.steps=none", "error: steps=None; steps has no 'not set' value"),
+    ("--config.seed=-1", "error: seed=-1; accepted: an integer >= 0"),
 ])
 def test_bad_flag_exits_with_a_clear_message(tmp_path, flag, message):
     extra = ["--config.init=pretrained"] if flag.startswith("--config.weights") else []

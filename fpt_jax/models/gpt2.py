@@ -30,7 +30,7 @@ _HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
                  "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
                  "reorder_and_upcast_attn": (False,)}
 
-# Hugging Face's GPT-2 initialisation, so that `--init=random` is the paper's random model:
+# Hugging Face's GPT-2 initialisation, so that `init='random'` is the paper's random model:
 # normal(0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
 _INIT_STD = 0.02
 

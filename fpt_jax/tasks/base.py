@@ -38,7 +38,7 @@ class Task(abc.ABC):
     output_dim: int  # logits per output token
     # Model input for shape inference and tests: one example's x shape (without batch).
     example_shape: tuple[int, ...]
-    # Splits this task can serve; `eval_split` is what `--eval` reads by default.
+    # Splits this task can serve; `eval_split` is what evaluation reads by default.
     splits: tuple[str, ...] = ("train", "test")
     eval_split: str = "test"
 

@@ -91,6 +91,18 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return []
 
 
+def parse_plain_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS
+                      ) -> list[str]:
+    """`app.run`'s flags parser for entry points without `--config` (convert, prepare_data):
+    an unknown, badly typed or missing flag is `error: ...` and exit code 2 (absl's default
+    is a 'FATAL Flags parsing error' and exit code 1)."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        _fail(f"{'; '.join(str(e).splitlines())}; see --helpshort")
+    return []
+
+
 def _fail(message: str) -> None:
     message = message.replace("Error whilst parsing config file:\n\n", "")
     print(f"error: {message.strip()}", file=sys.stderr, flush=True)

@@ -115,18 +115,63 @@ def _read_config(directory: Path) -> GPT2Config:
         raise WeightsError(f"{directory} has no config.json; a GPT-2 directory needs "
                            "config.json plus model.safetensors, pytorch_model.bin or "
                            "flax_model.msgpack")
-    return GPT2Config.from_hf(json.loads(config_file.read_text()))
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg}); accepted: a "
+                           "Hugging Face GPT-2 config.json") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config_file}: cannot read it: {_reason(e)}") from e
+    if not isinstance(hf, dict):
+        raise WeightsError(f"{config_file}: expected a JSON object, got "
+                           f"{type(hf).__name__}")
+    # Sizes of another type would fail deep inside the model, far from this file.
+    wrong = [f"{k}={hf[k]!r}" for k in ("n_layer", "n_head", "n_embd", "n_positions", "n_ctx")
+             if k in hf and (not isinstance(hf[k], int) or isinstance(hf[k], bool))]
+    if wrong:
+        raise WeightsError(f"{config_file}: {', '.join(wrong)}; accepted: integers >= 1")
+    try:
+        return GPT2Config.from_hf(hf)
+    except (ValueError, TypeError) as e:
+        # from_hf's messages start with "config.json ...": name the file by its full path.
+        text = str(e)
+        text = (f"{directory}/{text}" if text.startswith("config.json")
+                else f"{config_file}: {text}")
+        raise WeightsError(text) from e
+
+
+def _reason(e: BaseException) -> str:
+    """An error's own words, short: without the path our message names, on one line."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    # torch's weights_only refusal opens with advice to unpickle arbitrary code; the reason
+    # is the unpickler's line.
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _damaged(file: Path, kind: str, e: BaseException,
+             advice: str = "download or save it again") -> WeightsError:
+    """The error for a weights file that exists and cannot be parsed."""
+    return WeightsError(f"{file}: not a readable {kind} (truncated, damaged or another "
+                        f"format): {type(e).__name__}: {_reason(e)}; {advice}")
 
 
 def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     # framework="flax" rather than numpy: numpy cannot hold the bfloat16 tensors that some
     # uploads use; every tensor is widened to float32 on the way out.
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     state: dict[str, np.ndarray] = {}
     for f in sorted(directory.glob("model*.safetensors")):
-        with safe_open(str(f), framework="flax") as reader:
-            for key in reader.keys():
-                state[key] = np.asarray(reader.get_tensor(key), dtype=np.float32)
+        # safe_open checks that the header's offsets fit the file's size before it maps the
+        # file, so a truncated file is an error here, not a crash on access.
+        try:
+            with safe_open(str(f), framework="flax") as reader:
+                for key in reader.keys():
+                    state[key] = np.asarray(reader.get_tensor(key), dtype=np.float32)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _damaged(f, "safetensors file", e) from e
     return state
 
 
@@ -137,14 +182,27 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{file} is a PyTorch checkpoint and torch is not installed; "
                            "install torch (pip install torch==2.13.0 for CPU) or use "
                            "model.safetensors") from e
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and torch's own errors: many types, one meaning
+        raise _damaged(file, "PyTorch checkpoint", e) from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise WeightsError(f"{file}: expected a state dict (names -> tensors), as "
+                           f"torch.save(model.state_dict()) writes; got "
+                           f"{type(state).__name__}")
     return {k: v.float().numpy() for k, v in state.items()}
 
 
 def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
     """Hugging Face's Flax layout: `{transformer: {h: {'0': ...}}}`, Conv1D kernels `[out, in]`."""
     from flax import serialization
-    tree = serialization.msgpack_restore(file.read_bytes())
+    try:
+        tree = serialization.msgpack_restore(file.read_bytes())
+    except Exception as e:  # msgpack raises many types on garbage
+        raise _damaged(file, "Flax msgpack file", e) from e
+    if not isinstance(tree, dict):
+        raise WeightsError(f"{file}: expected a tree of parameters, got {type(tree).__name__}")
     tree = tree.get("transformer", tree)
     flat = {}
     names = {}
@@ -231,17 +289,46 @@ def save_converted(directory: str | os.PathLike, config: GPT2Config, params: Par
     return directory
 
 
+def _quiet_closed_loop_reports() -> None:
+    """When one read of a restore fails, orbax closes its event loop while tensorstore's other
+    reads are still in flight; each of them then reports `RuntimeError: Event loop is closed`
+    as an unraisable exception, a traceback after our clear error. Those (and only those)
+    reports are dropped from now on; everything else goes to the previous hook."""
+    import sys
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def load_converted(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
     config = _read_config(directory)
     abstract = param_shapes(config)
+    params_dir = directory / "params"
+    if not params_dir.is_dir():
+        raise WeightsError(f"{directory}: a converted checkpoint ({CONVERTED_MARKER}) without "
+                           f"its params/ directory; convert the model again")
     with ocp.StandardCheckpointer() as ckptr:
-        metadata = ckptr.metadata(directory / "params")
+        try:
+            metadata = ckptr.metadata(params_dir)
+        except Exception as e:  # orbax and tensorstore raise many types on damaged files
+            raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
         tree = getattr(metadata, "item_metadata", metadata)
         saved = {tuple(str(getattr(k, "key", k)) for k in p): tuple(v.shape) for p, v in
                  jax.tree_util.tree_flatten_with_path(tree)[0]}
         flat = {p: np.empty(s, np.float32) for p, s in saved.items()}
         _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
-        params = ckptr.restore(directory / "params", abstract)
+        try:
+            params = ckptr.restore(params_dir, abstract)
+        except Exception as e:
+            _quiet_closed_loop_reports()
+            raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
     return config, jax.tree_util.tree_map(np.asarray, params)

@@ -89,51 +89,96 @@ def _unpickle(raw: bytes | None, where: str):
         raise HomologyFormatError(f"{where}: cannot unpickle record: {e!r}") from e
 
 
+def lmdb_data_file(path: str | os.PathLike) -> Path:
+    """The file LMDB maps for `path` (`data.mdb` in a directory, else the file itself), checked
+    to be a readable, non-empty file."""
+    path = Path(path)
+    data = path / "data.mdb" if path.is_dir() else path
+    if not data.is_file():
+        raise HomologyFormatError(f"{path}: an LMDB directory without its data file {data}")
+    try:
+        with open(data, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise HomologyFormatError(f"{data}: cannot read it: {e.strerror or e}") from e
+    if not head:
+        raise HomologyFormatError(f"{data}: empty file (0 bytes), not an LMDB; copy or "
+                                  "download it again")
+    return data
+
+
+def check_lmdb_size(env: lmdb.Environment, data: Path) -> None:
+    """Refuses an LMDB whose file is shorter than its own header says, before any page is read.
+
+    LMDB maps the file and follows page numbers up to the header's last page; a page past the
+    end of a truncated file is not an error but SIGBUS, which kills the process. Opening only
+    reads the two meta pages (with read(2)), so the header is safe to ask here."""
+    psize = env.stat()["psize"]
+    last = env.info()["last_pgno"]
+    needed, size = (last + 1) * psize, data.stat().st_size
+    if size < needed:
+        raise HomologyFormatError(
+            f"{data}: truncated or damaged LMDB: {size:,} bytes, but its header says its "
+            f"{last + 1:,} pages of {psize:,} bytes end at byte {needed:,}; copy or download "
+            "it again")
+
+
 def read_lmdb(path: str | os.PathLike, *, num_classes: int = NUM_FOLDS
               ) -> tuple[list[np.ndarray], list[int]]:
     """(token ids per example, fold labels) of one TAPE remote-homology LMDB file."""
     path = Path(path)
+    data = lmdb_data_file(path)
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
                         subdir=path.is_dir(), max_readers=1)
     except lmdb.Error as e:
-        raise HomologyFormatError(f"{path}: cannot open LMDB: {e}") from e
-    sequences, labels = [], []
+        raise HomologyFormatError(f"{path}: cannot open it as an LMDB (truncated, damaged or "
+                                  f"another format): {e}") from e
     try:
+        check_lmdb_size(env, data)
         with env.begin(write=False) as txn:
-            num = _unpickle(txn.get(b"num_examples"), f"{path} [key b'num_examples']")
-            if not isinstance(num, (int, np.integer)) or num < 0:
-                raise HomologyFormatError(f"{path} [key b'num_examples']: expected a "
-                                          f"non-negative int, got {num!r}")
-            for i in range(int(num)):
-                key = str(i).encode()
-                where = f"{path} [key {key!r}]"
-                item = _unpickle(txn.get(key), where)
-                if not isinstance(item, dict):
-                    raise HomologyFormatError(f"{where}: expected a dict, got "
-                                              f"{type(item).__name__}")
-                for field in ("primary", "fold_label"):
-                    if field not in item:
-                        raise HomologyFormatError(f"{where}: no {field!r} field (has "
-                                                  f"{sorted(item)})")
-                primary, label = item["primary"], item["fold_label"]
-                if isinstance(primary, bytes):
-                    primary = primary.decode("ascii", errors="replace")
-                if not isinstance(primary, str) or not primary:
-                    raise HomologyFormatError(f"{where}: 'primary' must be a non-empty "
-                                              f"string, got {primary!r:.60}")
-                try:
-                    label = int(np.asarray(label).item())
-                except (TypeError, ValueError) as e:
-                    raise HomologyFormatError(f"{where}: 'fold_label' {label!r} is not an "
-                                              f"int") from e
-                if not 0 <= label < num_classes:
-                    raise HomologyFormatError(f"{where}: fold_label {label} out of range "
-                                              f"0..{num_classes - 1}")
-                sequences.append(encode(primary, where))
-                labels.append(label)
+            return _read_records(txn, path, num_classes)
+    except lmdb.Error as e:  # a page that LMDB finds inconsistent: damaged, not truncated
+        raise HomologyFormatError(f"{path}: damaged LMDB ({type(e).__name__}: {e}); copy or "
+                                  "download it again") from e
     finally:
         env.close()
+
+
+def _read_records(txn: lmdb.Transaction, path: Path, num_classes: int
+                  ) -> tuple[list[np.ndarray], list[int]]:
+    sequences, labels = [], []
+    num = _unpickle(txn.get(b"num_examples"), f"{path} [key b'num_examples']")
+    if not isinstance(num, (int, np.integer)) or num < 0:
+        raise HomologyFormatError(f"{path} [key b'num_examples']: expected a "
+                                  f"non-negative int, got {num!r}")
+    for i in range(int(num)):
+        key = str(i).encode()
+        where = f"{path} [key {key!r}]"
+        item = _unpickle(txn.get(key), where)
+        if not isinstance(item, dict):
+            raise HomologyFormatError(f"{where}: expected a dict, got "
+                                      f"{type(item).__name__}")
+        for field in ("primary", "fold_label"):
+            if field not in item:
+                raise HomologyFormatError(f"{where}: no {field!r} field (has "
+                                          f"{sorted(item)})")
+        primary, label = item["primary"], item["fold_label"]
+        if isinstance(primary, bytes):
+            primary = primary.decode("ascii", errors="replace")
+        if not isinstance(primary, str) or not primary:
+            raise HomologyFormatError(f"{where}: 'primary' must be a non-empty "
+                                      f"string, got {primary!r:.60}")
+        try:
+            label = int(np.asarray(label).item())
+        except (TypeError, ValueError) as e:
+            raise HomologyFormatError(f"{where}: 'fold_label' {label!r} is not an "
+                                      f"int") from e
+        if not 0 <= label < num_classes:
+            raise HomologyFormatError(f"{where}: fold_label {label} out of range "
+                                      f"0..{num_classes - 1}")
+        sequences.append(encode(primary, where))
+        labels.append(label)
     return sequences, labels
 
 

@@ -85,15 +85,21 @@ def main(argv):
         cfg = F.config
         logging.info("config: %s", cfg)
         final = train.train_and_evaluate(cfg, F.workdir)
-    except (ValueError, WeightsError) as e:
-        # Bad flags and bad inputs: the message names what was wrong and what is accepted.
+    except (ValueError, WeightsError, OSError) as e:
+        # Bad settings, bad or missing files, a diverged run: the message names what was
+        # wrong (the setting or the file) and what is accepted. A traceback is for bugs.
         prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
         print(f"error: {prefix}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and final:
         print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())),
               flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The entry point: flags parsed by `cli.parse_flags` (bad ones: `error: ...`, rc 2)."""
     app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -14,11 +14,12 @@ checkpoint stays the size of what was trained.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(ValueError):
@@ -81,6 +82,52 @@ class Checkpoints:
         restored = jax.tree_util.tree_map(np.asarray, restored)
         return restored["trainable"], restored["opt_state"]
 
+    def resume(self, trainable, opt_state, check_meta: Callable[[dict], None]
+               ) -> tuple[int, Any, Any] | None:
+        """`(step, trainable, opt_state)` of the newest checkpoint that can be read, None when
+        there is none. `check_meta(meta)` raises when a checkpoint belongs to another run
+        (that is the user's error, not damage). A checkpoint that cannot be read (garbled or
+        missing files, bad metadata) is reported, moved aside to `<step>.damaged` (kept for
+        inspection, out of the way of the steps the run writes again) and the next older
+        one is tried; when none can be read, that is an error naming each."""
+        latest = self.latest_step()  # every process finds the same one, or an error
+        if latest is None:
+            return None
+        damaged: list[str] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.meta(step)
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
+                damaged.append(f"step {step}: unreadable metadata ({_short(e)})")
+                continue
+            check_meta(meta)
+            try:
+                trainable_r, opt_state_r = self.restore(step, trainable, opt_state)
+            except Exception as e:  # noqa: BLE001
+                damaged.append(f"step {step}: {_short(e)}")
+                continue
+            if damaged:
+                logging.warning("damaged checkpoints in %s, resuming from step %d instead: %s",
+                                self.manager.directory, step, "; ".join(damaged))
+                self._move_aside([int(d.split(":")[0].split()[1]) for d in damaged])
+            return step, trainable_r, opt_state_r
+        raise CheckpointError(f"no checkpoint in {self.manager.directory} can be read: "
+                              + "; ".join(damaged) + ". Move them away to start afresh")
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                path = os.path.join(os.fspath(self.manager.directory), str(step))
+                target, n = f"{path}.damaged", 1
+                while os.path.exists(target):
+                    target, n = f"{path}.damaged{n}", n + 1
+                if os.path.exists(path):
+                    os.replace(path, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("fpt_jax: damaged checkpoints moved aside")
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -89,6 +136,11 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _abstract(x):

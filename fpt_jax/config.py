@@ -85,6 +85,10 @@ class TrainConfig:
     batch_size: int = _setting(4, "Global batch size (all devices of all processes).")
     grad_accum: int = _setting(1, "Gradient accumulation steps per update.")
     steps: int = _setting(1000, "Total optimizer steps.")
+    nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm: None "
+                                           "stops the run (the last good checkpoint is kept); "
+                                           "N skips such updates (optax.apply_if_finite) and "
+                                           "stops after N in a row.")
     # --- evaluation, logging, checkpoints
     eval_every: int = _setting(100, "Evaluate every this many steps.")
     eval_batches: int | None = _setting(10, "Generated tasks: batches per evaluation; None: "
@@ -117,7 +121,7 @@ class TrainConfig:
         for name, lo in (("seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
-                         ("eval_batch_size", 1), ("num_devices", 1), ("n_layer", 1),
+                         ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("n_layer", 1),
                          ("n_head", 1), ("n_embd", 1)):
             value = getattr(self, name)
             if value is None:  # optional: checked above

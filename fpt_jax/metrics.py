@@ -41,11 +41,29 @@ class MetricWriter:
 
 def _truncate_after(path: str, step: int) -> None:
     """Drops records after `step`: a run killed after its last checkpoint wrote metrics that
-    the resumed run writes again, and the file must read as one uninterrupted run."""
+    the resumed run writes again, and the file must read as one uninterrupted run. A torn
+    last line (a kill during a write) is dropped with a warning; a bad line before it is an
+    error naming the file and line."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines) and not line.endswith("\n"):
+                logging.warning("%s:%d: dropping a torn last line (%r)", path, number,
+                                line[:80])
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics record ({e}); repair or "
+                             "remove the line to resume") from None
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)

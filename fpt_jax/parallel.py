@@ -8,7 +8,9 @@ devices its shard of the global batch, and `lax.pmean` over `AXIS` averages acro
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
+import json
 import os
 import urllib.request
 from typing import Any, Mapping, Sequence
@@ -174,15 +176,35 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
     return True
 
 
+def check_same_on_every_process(settings: Mapping[str, Any], what: str = "config") -> None:
+    """Raises ValueError naming the settings on which this process differs from process 0
+    (compared by hash, one per setting), instead of a collective that mismatches or hangs."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    names = sorted(settings)
+    digests = np.array([int.from_bytes(hashlib.sha256(
+        json.dumps(settings[k], sort_keys=True, default=str).encode()).digest()[:4], "little")
+        for k in names], np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(digests)).reshape(-1, len(names))
+    differ = [n for i, n in enumerate(names) if len(set(every[:, i].tolist())) > 1]
+    if differ:
+        mine = ", ".join(f"{n}={settings[n]!r}" for n in differ)
+        raise ValueError(f"the processes disagree on the {what}: {', '.join(differ)} (this "
+                         f"process, {jax.process_index()}: {mine}); start every process with "
+                         "the same settings")
+
+
 def per_device_batch(global_batch: int, grad_accum: int = 1,
-                     num_local_devices: int | None = None) -> int:
-    """The batch each device sees in one micro-step; errors name what does not divide."""
+                     num_local_devices: int | None = None, name: str = "batch_size") -> int:
+    """The batch each device sees in one micro-step; errors name the setting (`name`) and
+    what does not divide."""
     n_dev = (num_local_devices or jax.local_device_count()) * jax.process_count()
     if global_batch < 1 or grad_accum < 1:
-        raise ValueError(f"batch_size ({global_batch}) and grad_accum ({grad_accum}) must be >= 1")
+        raise ValueError(f"{name} ({global_batch}) and grad_accum ({grad_accum}) must be >= 1")
     if global_batch % (n_dev * grad_accum):
         raise ValueError(
-            f"batch_size={global_batch} is not divisible by devices x grad_accum = "
+            f"{name}={global_batch} is not divisible by devices x grad_accum = "
             f"{n_dev} x {grad_accum} = {n_dev * grad_accum}; accepted: a multiple of "
             f"{n_dev * grad_accum}")
     return global_batch // (n_dev * grad_accum)

@@ -24,10 +24,12 @@ from absl import logging
 from fpt_jax import fast_rng, freeze, parallel, weights
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
+from fpt_jax.guard import MetricsBuffer, check_finite_state
 from fpt_jax.metrics import MetricWriter, Progress
 from fpt_jax.models.fpt import FPT
 from fpt_jax.models.gpt2 import GPT2Config
 from fpt_jax.tasks import Task, get_task
+from fpt_jax.workdir import WorkdirLock
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_STEPS_IN_FLIGHT = 2
@@ -127,7 +129,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     else:
         opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip is not None else []
-    return optax.chain(*clip, opt)
+    tx = optax.chain(*clip, opt)
+    if cfg.nonfinite_skips is not None:
+        # Skip non-finite updates; the loop stops the run after nonfinite_skips in a row
+        # (guard.MetricsBuffer), so the optimizer itself never gives up and applies one.
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    return tx
 
 
 # --- the pure steps -------------------------------------------------------------------------
@@ -229,6 +236,13 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     cfg.validate()
     fast_rng.use_unrolled_threefry_on_cpu()  # same dropout bits, fused on CPU
     task = task or get_task(cfg.task, **cfg.task_options())
+    eval_split = cfg.eval_split or task.eval_split
+    task.check_split(eval_split)
+    if cfg.eval_batches is None and not task.is_dataset:
+        raise ValueError(f"eval_batches=None: task {task.name} is generated and evaluates on "
+                         "a number of batches; set eval_batches")
+    for split in dict.fromkeys(("train", eval_split)):
+        task.prepare(split)  # files opened and checked before the first step
     config, pretrained = backbone(cfg)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
@@ -252,10 +266,8 @@ def run_identity(cfg: TrainConfig, config: GPT2Config) -> dict:
 def evaluate(p_eval_step, params, s: Setup, devices, split: str) -> dict[str, float]:
     cfg = s.cfg
     eval_bs = cfg.eval_batch_size or cfg.batch_size
-    per_process = eval_bs // jax.process_count()
-    parallel.per_device_batch(eval_bs, 1, len(devices))
     totals = None
-    for batch in s.task.eval_batches(split, per_process, seed=cfg.seed,
+    for batch in s.task.eval_batches(split, eval_bs // jax.process_count(), seed=cfg.seed,
                                      num_batches=cfg.eval_batches,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
@@ -267,30 +279,56 @@ def evaluate(p_eval_step, params, s: Setup, devices, split: str) -> dict[str, fl
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
-    """Trains (resuming from `workdir/checkpoints` when it holds a checkpoint) and returns
-    the last logged train and eval metrics."""
-    s = setup(cfg)
+    """Trains (resuming from `workdir/checkpoints` when it holds a readable checkpoint) and
+    returns the last logged train and eval metrics. Everything the run will read is checked
+    before its first step; the workdir is locked for this run."""
+    cfg.validate()
     devices = parallel.local_devices(cfg.num_devices)
     per_device = parallel.per_device_batch(cfg.batch_size, cfg.grad_accum, len(devices))
+    parallel.per_device_batch(cfg.eval_batch_size or cfg.batch_size, 1, len(devices),
+                              name="eval_batch_size" if cfg.eval_batch_size else "batch_size")
     per_process = per_device * cfg.grad_accum * len(devices)
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        print(s.table, flush=True)
+    lock = WorkdirLock(workdir) if is_main else None
+    try:
+        return _train(cfg, workdir, devices, per_process)
+    finally:
+        if lock:
+            lock.release()
 
+
+def _train(cfg: TrainConfig, workdir: str, devices, per_process: int) -> dict[str, float]:
+    s = setup(cfg)
+    parallel.check_same_on_every_process(
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "weights")})
+    is_main = jax.process_index() == 0
+    if is_main:
+        print(s.table, flush=True)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
                         cfg.checkpoint_every)
+    try:
+        return _loop(s, workdir, devices, per_process, ckpts)
+    finally:
+        ckpts.wait()  # an in-flight save completes on every exit path
+        ckpts.close()
+
+
+def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints
+          ) -> dict[str, float]:
+    cfg, is_main = s.cfg, jax.process_index() == 0
     identity = run_identity(cfg, s.config)
     state, start = s.state, 0
-    latest = ckpts.latest_step()
-    if latest is not None:
-        _check_identity(ckpts.meta(latest).get("identity", {}), identity, workdir)
-        state = TrainState(np.int32(latest), *ckpts.restore(latest, state.trainable,
-                                                            state.opt_state))
-        start = latest
-        logging.info("resumed from step %d in %s", latest, workdir)
+    resumed = ckpts.resume(state.trainable, state.opt_state,
+                           lambda meta: _check_identity(meta.get("identity", {}), identity,
+                                                        workdir))
+    last_checkpoint = None if resumed is None else resumed[0]
+    if resumed is not None:
+        start, trainable, opt_state = resumed
+        state = TrainState(np.int32(start), trainable, opt_state)
+        del resumed, trainable, opt_state  # the devices get them below; no host copy stays
+        logging.info("resumed from step %d in %s", start, workdir)
         if is_main:
-            print(f"resumed from checkpoint at step {latest}", flush=True)
+            print(f"resumed from checkpoint at step {start}", flush=True)
 
     writer = MetricWriter(workdir, resume_step=start)
     train_step = make_train_step(s.model, s.task, s.tx, cfg.grad_accum)
@@ -304,51 +342,55 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
     split = cfg.eval_split or s.task.eval_split
     lr_at = learning_rate_schedule(cfg)
     progress = Progress(cfg.steps, start)
-    pending: list[dict] = []
+    metrics = MetricsBuffer(start, cfg.nonfinite_skips, last_checkpoint)
     last: dict[str, float] = {}
-
-    for step in range(start, cfg.steps):
-        batch = s.task.batch("train", step, per_process, seed=cfg.seed,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
-        state, metrics = p_train(state, frozen, parallel.shard_batch(batch, len(devices),
-                                                                     cfg.grad_accum), rng)
-        pending.append(metrics)  # stays on device until logged
-        # Keep at most a couple of steps in flight: enough to overlap dispatch with compute;
-        # an unbounded queue of pmapped collectives deadlocks XLA's CPU runtime.
-        if len(pending) > MAX_STEPS_IN_FLIGHT:
-            jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            host = parallel.unreplicate(pending)
-            pending = []
-            last = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
-            last["train/learning_rate"] = float(lr_at(done - 1))
-            writer.write(done, last)
-            line = progress.line(done, {k: v for k, v in last.items()
-                                        if k in ("train/loss", "train/accuracy")})
-            if is_main:
-                print(line, flush=True)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(p_eval, freeze.merge(state.trainable, frozen), s, devices, split)
-            writer.write(done, ev)
-            last.update(ev)
-            if is_main:
-                print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
-                      flush=True)
-        preempted = ckpts.reached_preemption(done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
-            host_state = parallel.unreplicate(state)
-            ckpts.save(done, host_state.trainable, host_state.opt_state,
-                       {"identity": identity}, force=True)
-            del host_state  # orbax keeps what it still writes; no host copy between saves
-            if preempted:
-                ckpts.wait()
-                logging.warning("preempted at step %d; checkpoint written", done)
-                break
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
+    try:
+        for step in range(start, cfg.steps):
+            batch = s.task.batch("train", step, per_process, seed=cfg.seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+            state, step_metrics = p_train(state, frozen, parallel.shard_batch(
+                batch, len(devices), cfg.grad_accum), rng)
+            metrics.add(step_metrics)  # stays on device until logged or checkpointed
+            # Keep at most a couple of steps in flight: enough to overlap dispatch with
+            # compute; an unbounded queue of pmapped collectives deadlocks XLA's CPU runtime.
+            if len(metrics.on_device) > MAX_STEPS_IN_FLIGHT:
+                jax.block_until_ready(metrics.on_device[-1 - MAX_STEPS_IN_FLIGHT])
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                host = metrics.take()
+                last = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+                last["train/learning_rate"] = float(lr_at(done - 1))
+                writer.write(done, last)
+                line = progress.line(done, {k: v for k, v in last.items()
+                                            if k in ("train/loss", "train/accuracy")})
+                if is_main:
+                    print(line, flush=True)
+            # Evaluation before the checkpoint: a run resumed from step N has step N's eval
+            # metrics (its inputs were checked before the first step).
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics.drain()  # a diverged model is not evaluated
+                ev = evaluate(p_eval, freeze.merge(state.trainable, frozen), s, devices, split)
+                writer.write(done, ev)
+                last.update(ev)
+                if is_main:
+                    print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+                          flush=True)
+            preempted = ckpts.reached_preemption(done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
+                metrics.drain()  # a diverged run stops here, before its state is saved
+                host_state = parallel.unreplicate(state)
+                check_finite_state(done, (host_state.trainable, host_state.opt_state))
+                ckpts.save(done, host_state.trainable, host_state.opt_state,
+                           {"identity": identity}, force=True)
+                del host_state  # orbax keeps what it still writes; no host copy between saves
+                metrics.last_checkpoint = done
+                if preempted:
+                    ckpts.wait()
+                    logging.warning("preempted at step %d; checkpoint written", done)
+                    break
+    finally:
+        writer.close()
     return last
 
 

@@ -47,12 +47,21 @@ class Task(abc.ABC):
               process_index: int = 0, process_count: int = 1) -> Batch:
         """The `step`-th training batch of this host (deterministic)."""
 
+    # Dataset tasks cover a split once when evaluating; generated ones draw `num_batches`.
+    is_dataset: bool = False
+
+    def prepare(self, split: str) -> None:
+        """Opens `split`'s data now (files present, readable, well-formed), so that a bad
+        input stops a run before its first step rather than at a batch or an evaluation."""
+        self.check_split(split)
+
     def eval_batches(self, split: str, batch_size: int, *, seed: int, num_batches: int | None,
                      process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
         """Evaluation batches. Generated tasks draw `num_batches` fresh batches from an eval
         seed; dataset tasks override this to cover the split once (with `mask`)."""
         if num_batches is None:
-            raise ValueError(f"task {self.name} is generated: eval needs a number of batches")
+            raise ValueError(f"task {self.name} is generated: eval_batches must be a number "
+                             "of batches, not None")
         for i in range(num_batches):
             yield self.batch(split, i, batch_size, seed=seed + 1_000_003,
                              process_index=process_index, process_count=process_count)

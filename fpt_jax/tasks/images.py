@@ -160,8 +160,17 @@ class ImageTask(Task):
             return "train", n - self.num_validation, self.num_validation
         return "train", 0, n - self.num_validation
 
+    is_dataset = True
+
     def num_examples(self, split: str) -> int:
         return self._where(split)[2]
+
+    def prepare(self, split: str) -> None:
+        """Opens the split and reads its first and last example (format checked)."""
+        n = self.num_examples(split)
+        if n < 1:
+            raise ValueError(f"task {self.name}: split {split!r} in {self.data_dir} is empty")
+        self._read(split, np.array([0, n - 1]))
 
     def _read(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images [B, H, W, C_stored] and int32 labels [B] at split indices `idx`."""

@@ -77,8 +77,15 @@ class TokenSequenceTask(Task):
             self._tables[split] = self._load(split)
         return self._tables[split]
 
+    is_dataset = True
+
     def num_examples(self, split: str) -> int:
         return len(self.table(split))
+
+    def prepare(self, split: str) -> None:
+        """Reads and tokenizes the whole split (malformed rows are errors with file:line)."""
+        if not len(self.table(split)):
+            raise ValueError(f"task {self.name}: split {split!r} holds no example")
 
     def kept_fraction(self, split: str) -> float:
         """Share of the split's examples kept under `max_length` (the rest were dropped;

@@ -265,6 +265,9 @@ def generate_example(rng: random.Random, *, max_depth: int = 10, max_args: int =
     return "".join(parts), value, length
 
 
+MAX_MISSES = 1_000_000  # LRA's limits accept about one draw in a few; 1e6 misses: impossible
+
+
 def generate_listops(num_examples: int, *, seed: int = 0, max_depth: int = 10,
                      max_args: int = 10, min_length: int = 500, max_length: int = 2000
                      ) -> list[tuple[str, int]]:
@@ -280,6 +283,7 @@ def generate_listops(num_examples: int, *, seed: int = 0, max_depth: int = 10,
     out: list[tuple[str, int]] = []
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * max_depth + 100))
+    misses = 0  # draws in a row that gave nothing new: the limits may allow no more
     try:
         while len(out) < num_examples:
             source, value, length = generate_example(rng, max_depth=max_depth,
@@ -287,6 +291,13 @@ def generate_listops(num_examples: int, *, seed: int = 0, max_depth: int = 10,
             if min_length < length < max_length and source not in seen:
                 seen.add(source)
                 out.append((source, value))
+                misses = 0
+            elif (misses := misses + 1) >= MAX_MISSES:
+                raise ValueError(
+                    f"found only {len(out)} of {num_examples} distinct expressions with "
+                    f"min_length={min_length} < length < max_length={max_length}, "
+                    f"max_depth={max_depth}, max_args={max_args} ({MAX_MISSES:,} draws in a "
+                    "row gave nothing new); accepted: wider limits or fewer examples")
     finally:
         sys.setrecursionlimit(limit)
     return out

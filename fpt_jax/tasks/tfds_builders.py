@@ -54,6 +54,10 @@ class RawDataError(ValueError):
     """A raw input file is missing or malformed; the message names the file."""
 
 
+class DatasetFileError(ValueError):
+    """A prepared dataset's file is missing, truncated or damaged; the message names it."""
+
+
 # --- raw readers ------------------------------------------------------------------------
 
 def _find(raw_dir: Path, name: str) -> Path:
@@ -230,6 +234,20 @@ class FptImages(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": images[i], "label": int(labels[i])}
 
 
+def check_raw_files(dataset: str, raw_dir: Path) -> None:
+    """Every raw file the dataset needs is there (their contents are checked as they are read):
+    a missing one is named before TFDS starts preparing."""
+    if IMAGE_CONFIGS[dataset].raw_format == "idx":
+        for names in IDX_FILES.values():
+            for name in names:
+                _find(raw_dir, name)
+    else:
+        members = _cifar_members(raw_dir)
+        missing = [n for n in (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH) if n not in members]
+        if missing:
+            raise RawDataError(f"{raw_dir}: missing CIFAR-10 batch file(s) {missing}")
+
+
 def prepare_images(dataset: str, raw_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
     """Prepares `fpt_images/<dataset>` in `data_dir` from raw files; returns its directory."""
     if dataset not in IMAGE_CONFIGS:
@@ -237,6 +255,7 @@ def prepare_images(dataset: str, raw_dir: str | os.PathLike, data_dir: str | os.
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise RawDataError(f"--raw_dir {raw_dir} is not a directory")
+    check_raw_files(dataset, raw_dir)
     builder = FptImages(config=dataset, data_dir=os.fspath(data_dir), file_format="array_record")
     builder.download_and_prepare(
         download_dir=os.path.join(os.fspath(data_dir), "downloads"),
@@ -268,21 +287,103 @@ def open_image_source(dataset: str, split: str, data_dir: str | os.PathLike | No
         if data_dir is None:
             raise ValueError(f"task {dataset}: data_dir is required (the tensorflow-datasets "
                              f"data_dir holding fpt_images/{dataset} or {tfds_name})")
-        if fpt_dataset_dir(data_dir, dataset).exists():
+        # A directory without a prepared version is what a failed preparation leaves.
+        if _is_prepared(fpt_dataset_dir(data_dir, dataset)):
             source = "fpt"
-        elif (Path(data_dir) / tfds_name).exists():
+        elif _is_prepared(Path(data_dir) / tfds_name):
             source = "tfds"
         else:
             raise FileNotFoundError(
                 f"task {dataset}: neither {fpt_dataset_dir(data_dir, dataset)} nor "
-                f"{Path(data_dir) / tfds_name} exists. Prepare it offline with: python -m "
-                f"experiments.prepare_data --dataset={dataset} --raw_dir=RAW "
+                f"{Path(data_dir) / tfds_name} holds a prepared dataset. Prepare it offline "
+                f"with: python -m experiments.prepare_data --dataset={dataset} --raw_dir=RAW "
                 f"--data_dir={data_dir}")
     name = f"fpt_images/{dataset}" if source == "fpt" else tfds_name
+    where = Path(data_dir) / name if data_dir is not None else Path(name)
     kwargs = {} if data_dir is None else {"data_dir": os.fspath(data_dir)}
     try:
-        return tfds.data_source(name, split=split, **kwargs)
+        # download=False: never the internet, and never a preparation at training time.
+        data = tfds.data_source(name, split=split, download=False, **kwargs)
     except NotImplementedError as e:  # e.g. a dataset stored as tfrecord
         raise ValueError(f"task {dataset}: {name} in {data_dir} cannot be read by "
                          f"tfds.data_source (it needs the array_record file format; "
                          f"re-prepare it with experiments.prepare_data): {e}") from e
+    except Exception as e:  # TFDS raises many types for a missing or damaged dataset
+        raise DatasetFileError(
+            f"task {dataset}: cannot open {where} (split {split!r}): {type(e).__name__}: "
+            f"{_first_line(e)}; prepare it again with experiments.prepare_data") from e
+    files = check_array_record_files(data, split, where)
+    return CheckedSource(data, files) if files else data
+
+
+def _is_prepared(dataset_dir: Path) -> bool:
+    return any(dataset_dir.glob("*/dataset_info.json"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_array_record_files(data, split: str, where: Path) -> list[str]:
+    """Every array_record file behind `split` of a `tfds.data_source`, checked before a record
+    is read: present, readable, its index (footer) intact, and holding as many records as the
+    dataset's info says. Returns the files (none for sources without files, e.g.
+    `tfds.testing.mock_data`)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    splits = getattr(getattr(data, "dataset_info", None), "splits", None)
+    if not splits or split not in splits:
+        return []
+    files = []
+    for instruction in splits[split].file_instructions:
+        path = Path(instruction.filename)
+        problem = None
+        if not path.is_file():
+            problem = "missing"
+        else:
+            try:
+                reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+                ok, found = reader.ok(), reader.num_records()
+                reader.close()
+            except Exception as e:  # riegeli raises RuntimeError and OSError variants
+                ok, found = False, _first_line(e)
+            expected = instruction.examples_in_shard
+            if not ok:
+                why = f": {found}" if isinstance(found, str) and found else ""
+                problem = (f"truncated or damaged ({path.stat().st_size:,} bytes; its index "
+                           f"cannot be read{why})")
+            elif found != expected:
+                problem = (f"holds {found} records, but {where}'s dataset_info.json says "
+                           f"{expected}")
+        if problem:
+            raise DatasetFileError(f"{path}: {problem}; split {split!r} of {where} cannot be "
+                                   "read. Prepare the dataset again with "
+                                   "experiments.prepare_data (delete its directory first)")
+        files.append(str(path))
+    return files
+
+
+class CheckedSource:
+    """A data source whose read errors (a record damaged inside an intact file) name the
+    files, as a `DatasetFileError`, rather than surfacing as riegeli's RuntimeError."""
+
+    def __init__(self, data, files: list[str]):
+        self.data, self.files = data, files
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key):
+        return self._read(lambda: self.data[key])
+
+    def __getitems__(self, keys):
+        return self._read(lambda: self.data.__getitems__(keys))
+
+    def _read(self, call):
+        try:
+            return call()
+        except RuntimeError as e:
+            shown = self.files[0] + (f" (or one of {len(self.files) - 1} more)"
+                                     if len(self.files) > 1 else "")
+            raise DatasetFileError(f"{shown}: damaged record ({_first_line(e)}); prepare the "
+                                   "dataset again with experiments.prepare_data") from e

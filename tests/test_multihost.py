@@ -54,7 +54,8 @@ def _free_port() -> int:
 class Cluster:
     """`NUM_PROCESSES` local processes of one multi-process run, output in files."""
 
-    def __init__(self, logdir: Path, flags: list[str], cache_dir: Path, timeout: int):
+    def __init__(self, logdir: Path, flags: list[str], cache_dir: Path, timeout: int,
+                 per_process: list[list[str]] | None = None):
         env = dict(os.environ)
         env.update({
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
@@ -70,7 +71,8 @@ class Cluster:
                      for i in range(NUM_PROCESSES)]
         self.procs = []
         for i, (out, err) in enumerate(self.logs):
-            cmd = [sys.executable, "-m", "tests.multihost_worker", *flags,
+            own = per_process[i] if per_process else []
+            cmd = [sys.executable, "-m", "tests.multihost_worker", *flags, *own,
                    f"--coordinator_address=127.0.0.1:{port}",
                    f"--num_processes={NUM_PROCESSES}", f"--process_id={i}",
                    f"--distributed_timeout={timeout}", "--distributed_init_timeout=120"]
@@ -297,3 +299,23 @@ def test_pmap_devices_of_one_process_are_its_local_devices():
     assert parallel.pmap_devices(2) == jax.local_devices()[:2]
     with pytest.raises(ValueError, match="num_devices=99"):
         parallel.pmap_devices(99)
+
+
+def test_processes_that_disagree_on_the_config_fail_naming_the_difference(tmp_path):
+    cluster = Cluster(tmp_path / "logs", [*RUN_FLAGS, "--config.steps=2",
+                                          f"--workdir={tmp_path / 'run'}"],
+                      tmp_path / "jax_cache", timeout=60,
+                      per_process=[[], ["--config.n_embd=64"]])
+    try:
+        for p in cluster.procs:
+            p.wait(240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the mismatched run hung\n{cluster.report()}")
+    finally:
+        cluster.kill()
+    for i, p in enumerate(cluster.procs):
+        _, err = cluster.output(i)
+        assert p.returncode == 2, cluster.report()
+        assert "the processes disagree on the config: n_embd" in err, cluster.report()
+    assert "n_embd=64" in cluster.output(1)[1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step

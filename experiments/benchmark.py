@@ -41,6 +41,8 @@ import dataclasses
 import os
 import shlex
 import sys
+import tempfile
+from pathlib import Path
 
 from absl import app, flags
 
@@ -96,12 +98,81 @@ flags.DEFINE_bool("compile_only", False, "Compile the steps and report FLOPs and
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for utilisation; default "
                    "measured (CPU) or published (GPU/TPU).")
 
-flags.DEFINE_string("out_dir", "benchmarks/results", "Where <name>.json/.md/.png go.")
-flags.DEFINE_string("name", "benchmark", "Base name of the output files.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where <name>.json/.md/.png go (created; "
+                    "checked to be writable before anything is timed; files of the same "
+                    "--name are replaced).")
+flags.DEFINE_string("name", "benchmark", "Base name of the output files (no '/').")
 flags.DEFINE_enum("plot", "auto", ["auto", "yes", "no"], "Write the tokens/s vs sequence "
                   "length plot (auto: when several sequence lengths are measured).")
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _at_least(name: str, low: int) -> None:
+    value = F[name].value
+    if value is not None and value < low:
+        raise ValueError(f"--{name}={value}; accepted: an integer >= {low}")
+
+
+def check_flags() -> None:
+    """The flags that bench.BenchConfig does not see, in range (ValueError naming the flag)."""
+    _at_least("cpu_devices", 1)
+    if F.seq_lens:
+        _at_least("batch_size", 1)
+        _at_least("features", 1)
+        _at_least("classes", 2)
+    name = F.name
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"--name={name!r}; accepted: a file name without '/' (the outputs "
+                         "are <name>.json, <name>.md, <name>.png in --out_dir)")
+
+
+def check_out_dir(out_dir: str, name: str) -> None:
+    """--out_dir exists (created here) and takes the outputs: checked before anything is timed,
+    so that no measurement is lost to an unwritable directory at the end."""
+    path = Path(out_dir).absolute()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"--out_dir={out_dir}: {blocker} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out_dir={out_dir}: cannot create or write in it: "
+                         f"{e.strerror or e}") from e
+    for ext in ("json", "md", "png"):
+        if (path / f"{name}.{ext}").is_dir():
+            raise ValueError(f"--out_dir={out_dir}: {path / f'{name}.{ext}'} is a directory; "
+                             "choose another --name or --out_dir")
+
+
+def shape_flag(shape, kind: str) -> str:
+    """The flags a shape comes from, for messages (`kind`: what is wrong with it)."""
+    from fpt_jax import bench
+    if bench.SHAPES.get(shape.name) == shape:
+        return f"--shapes={shape.name} (batch {shape.batch_size} x {shape.seq_len} tokens)"
+    if kind == "positions":
+        return f"--seq_lens={shape.seq_len}"
+    return f"--batch_size={shape.batch_size} (of the --seq_lens shapes)"
+
+
+def check_shapes(bc) -> None:
+    """Every shape against the model and the devices, before anything is timed."""
+    import jax
+    from fpt_jax import parallel
+    from fpt_jax.bench.core import ShapeError
+    devices = parallel.local_devices(bc.base.num_devices)
+    try:
+        bc.check_shapes(len(devices) * jax.process_count())
+    except ShapeError as e:
+        more = ""
+        if e.kind == "batch":
+            where = ("--cpu_devices" if F.cpu_devices else "--config.num_devices"
+                     if bc.base.num_devices else "this machine's devices")
+            more = (f" (devices: {len(devices)} per process, from {where}; grad_accum from "
+                    "--config.grad_accum)")
+        raise ValueError(f"{shape_flag(e.shape, e.kind)}: {e}{more}") from None
 
 
 def bench_config():
@@ -116,6 +187,8 @@ def bench_config():
         seq_lens = [int(t) for t in F.seq_lens]
     except ValueError:
         raise ValueError(f"--seq_lens={','.join(F.seq_lens)}: accepted: integers") from None
+    if any(t < 1 for t in seq_lens):
+        raise ValueError(f"--seq_lens={','.join(F.seq_lens)}: accepted: integers >= 1")
     shapes = [bench.SHAPES[n] for n in names] + bench.scaling_shapes(
         seq_lens, F.batch_size, F.features, F.classes)
     if not shapes:
@@ -133,31 +206,50 @@ def bench_config():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
     from fpt_jax import bench  # importing JAX does not start its backends
     from fpt_jax.bench.suite import env_prefix
     prefix = env_prefix()  # the environment as the command was given
+    try:
+        check_flags()
+    except ValueError as e:
+        _fail(str(e))
     if F.cpu_devices:
         # Read when JAX creates its CPU client, which no code has done yet.
         flag = f"--xla_force_host_platform_device_count={F.cpu_devices}"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    import jax
     try:
         bc = bench_config()
+        check_shapes(bc)  # starts JAX's backends, with the device count set above
+        if jax.process_index() == 0:
+            check_out_dir(F.out_dir, F.name)
         command = " ".join(filter(None, (
             prefix, "python -m experiments.benchmark",
             " ".join(shlex.quote(a) for a in sys.argv[1:]))))
         print("init: random (FLOPs and time do not depend on the weights' values)", flush=True)
         report = bench.run(bc, command=command)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    import jax
+        _fail(str(e))
     if jax.process_index() == 0:
         plot = {"auto": None, "yes": True, "no": False}[F.plot]
-        paths = bench.write(report, F.out_dir, F.name, plot=plot)
-        print(bench.markdown(report))
+        print(bench.markdown(report), flush=True)  # first: the results survive a failed write
+        try:
+            paths = bench.write(report, F.out_dir, F.name, plot=plot)
+        except OSError as e:
+            _fail(f"--out_dir={F.out_dir}: cannot write the results (printed above): {e}")
         print("wrote " + ", ".join(paths.values()), flush=True)
 
 
-if __name__ == "__main__":
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run() -> None:
+    """The entry point: flags parsed by `cli.parse_flags` (bad ones: `error: ...`, rc 2)."""
     app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -114,6 +114,12 @@ class BenchConfig:
             raise ValueError(f"steps ({self.steps}) and rounds ({self.rounds}) must be >= 1, "
                              f"warmup ({self.warmup}) and switch_steps ({self.switch_steps}) "
                              ">= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads}; accepted: an integer >= 1 "
+                             "(or unset: the machine's cores)")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
+            raise ValueError(f"peak_tflops={self.peak_tflops}; accepted: a number > 0 (or "
+                             "unset: measured or published)")
         if self.steps < self.rounds:
             raise ValueError(f"steps={self.steps} is fewer than rounds={self.rounds}: every "
                              "round times at least one step of each case")
@@ -138,6 +144,24 @@ class BenchConfig:
                                      f"trainable selection ({e})") from None
         return self
 
+    def check_shapes(self, num_devices: int) -> None:
+        """Every shape fits the model and splits over `num_devices` (all processes' devices)
+        in every mode: checked before anything is timed, so a later shape cannot fail after
+        the earlier ones were measured. ShapeError names the shape."""
+        n_positions = self.gpt2().n_positions
+        accums = {self.base.grad_accum if sel else 1 for sel in self.selections()}
+        for shape in self.shapes:
+            if shape.seq_len > n_positions:
+                raise ShapeError(shape, "positions", f"{shape.seq_len} tokens exceed the model's "
+                                        f"n_positions={n_positions}; accepted: sequence "
+                                        f"lengths <= {n_positions}")
+            for accum in sorted(accums):
+                if shape.batch_size % (num_devices * accum):
+                    raise ShapeError(shape, "batch", f"a batch of {shape.batch_size} does not split "
+                                            f"over {num_devices} devices x grad_accum {accum}; "
+                                            f"accepted: a multiple of {num_devices * accum}, "
+                                            f"or a device count that divides the batch")
+
     def gpt2(self) -> GPT2Config:
         return train.backbone(dataclasses.replace(self.base, init="random"))[0]
 
@@ -155,6 +179,15 @@ class BenchConfig:
             self.base, task="synthetic", init="random", weights=None,
             trainable=case.trainable or self.base.trainable, batch_size=case.shape.batch_size,
             dtype=case.dtype, remat=case.remat)
+
+
+class ShapeError(ValueError):
+    """A shape that the model or the devices cannot take: `.shape` is the shape, `.kind`
+    'positions' (too long for the model) or 'batch' (does not split over the devices)."""
+
+    def __init__(self, shape: Shape, kind: str, message: str):
+        super().__init__(f"shape {shape.name!r}: {message}")
+        self.shape, self.kind = shape, kind
 
 
 def summarize(times_s: Sequence[float]) -> dict[str, float]:

@@ -50,6 +50,7 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
     log = log or (lambda _: None)
     bc.validate()
     devices = parallel.local_devices(bc.base.num_devices)
+    bc.check_shapes(len(devices) * jax.process_count())  # before anything is timed
     env = environment(devices)
     why_not = unsupported(bc)
     torch_device = (torch_device_for(env["backend"])

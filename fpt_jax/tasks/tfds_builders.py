@@ -325,42 +325,56 @@ def _first_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+VERIFY_CHUNK = 4096  # records read at a time when a file's contents are verified
+
+
 def check_array_record_files(data, split: str, where: Path) -> list[str]:
-    """Every array_record file behind `split` of a `tfds.data_source`, checked before a record
-    is read: present, readable, its index (footer) intact, and holding as many records as the
-    dataset's info says. Returns the files (none for sources without files, e.g.
-    `tfds.testing.mock_data`)."""
-    from array_record.python.array_record_module import ArrayRecordReader
+    """Every array_record file behind `split` of a `tfds.data_source`, checked before training
+    reads a record: present, readable, its index (footer) intact, as many records as the
+    dataset's info says, and every record's checksum (riegeli hashes each chunk; reading the
+    whole file costs about 0.2 s for MNIST's training split here). Returns the files (none for
+    sources without files, e.g. `tfds.testing.mock_data`)."""
     splits = getattr(getattr(data, "dataset_info", None), "splits", None)
     if not splits or split not in splits:
         return []
     files = []
     for instruction in splits[split].file_instructions:
         path = Path(instruction.filename)
-        problem = None
-        if not path.is_file():
-            problem = "missing"
-        else:
-            try:
-                reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
-                ok, found = reader.ok(), reader.num_records()
-                reader.close()
-            except Exception as e:  # riegeli raises RuntimeError and OSError variants
-                ok, found = False, _first_line(e)
-            expected = instruction.examples_in_shard
-            if not ok:
-                why = f": {found}" if isinstance(found, str) and found else ""
-                problem = (f"truncated or damaged ({path.stat().st_size:,} bytes; its index "
-                           f"cannot be read{why})")
-            elif found != expected:
-                problem = (f"holds {found} records, but {where}'s dataset_info.json says "
-                           f"{expected}")
+        problem = _array_record_problem(path, instruction.examples_in_shard, where)
         if problem:
             raise DatasetFileError(f"{path}: {problem}; split {split!r} of {where} cannot be "
                                    "read. Prepare the dataset again with "
                                    "experiments.prepare_data (delete its directory first)")
         files.append(str(path))
     return files
+
+
+def _array_record_problem(path: Path, expected: int, where: Path) -> str | None:
+    """What is wrong with one array_record file, or None."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    try:
+        reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+    except Exception as e:  # riegeli raises RuntimeError and OSError variants
+        return f"truncated or damaged ({size:,} bytes; cannot be opened: {_first_line(e)})"
+    try:
+        if not reader.ok():
+            return f"truncated or damaged ({size:,} bytes; its index cannot be read)"
+        found = reader.num_records()
+        if found != expected:
+            return f"holds {found} records, but {where}'s dataset_info.json says {expected}"
+        for start in range(0, found, VERIFY_CHUNK):
+            reader.read(start, min(start + VERIFY_CHUNK, found))
+    except Exception as e:
+        return f"damaged ({size:,} bytes): {_first_line(e)}"
+    finally:
+        try:
+            reader.close()
+        except Exception:  # closing a reader that failed re-raises its failure: told above
+            pass
+    return None
 
 
 class CheckedSource:

@@ -162,7 +162,11 @@ def check_shapes(bc) -> None:
     import jax
     from fpt_jax import parallel
     from fpt_jax.bench.core import ShapeError
-    devices = parallel.local_devices(bc.base.num_devices)
+    try:
+        devices = parallel.local_devices(bc.base.num_devices)
+    except ValueError as e:  # its message starts with the field: num_devices=...
+        raise ValueError(f"--config.{e}" if str(e).startswith("num_devices") else str(e)
+                         ) from None
     try:
         bc.check_shapes(len(devices) * jax.process_count())
     except ShapeError as e:

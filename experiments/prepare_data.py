@@ -130,9 +130,10 @@ def check_prepared(prepared: Path) -> None:
     for split in ("train", "test"):
         try:
             tfds_builders.open_image_source(_DATASET.value, split, _DATA_DIR.value, "fpt")
-        except ValueError as e:
-            raise ValueError(f"{e} (--data_dir={_DATA_DIR.value} holds a damaged earlier "
-                             f"preparation: delete {prepared} and run this again)") from e
+        except tfds_builders.DatasetFileError as e:
+            raise ValueError(f"--data_dir={_DATA_DIR.value} holds a damaged earlier "
+                             f"preparation of {_DATASET.value}: {e.detail}; delete {prepared} "
+                             "and run this again") from e
 
 
 def main(argv):

@@ -142,20 +142,23 @@ def _read_config(directory: Path) -> GPT2Config:
 
 def _reason(e: BaseException) -> str:
     """An error's own words, short: without the path our message names, on one line."""
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    while e.__cause__ is not None:  # orbax wraps tensorstore's precise error in a vague one
+        e = e.__cause__
+    text = (e.strerror if isinstance(e, OSError) and e.strerror and e.filename else
+            str(e)) or type(e).__name__
     # torch's weights_only refusal opens with advice to unpickle arbitrary code; the reason
     # is the unpickler's line.
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
     text = " ".join(text.split())
-    return text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(e).__name__}: " + (text if len(text) <= 200 else text[:197] + "...")
 
 
 def _damaged(file: Path, kind: str, e: BaseException,
              advice: str = "download or save it again") -> WeightsError:
     """The error for a weights file that exists and cannot be parsed."""
     return WeightsError(f"{file}: not a readable {kind} (truncated, damaged or another "
-                        f"format): {type(e).__name__}: {_reason(e)}; {advice}")
+                        f"format): {_reason(e)}; {advice}")
 
 
 def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
@@ -292,8 +295,8 @@ def save_converted(directory: str | os.PathLike, config: GPT2Config, params: Par
 def _quiet_closed_loop_reports() -> None:
     """When one read of a restore fails, orbax closes its event loop while tensorstore's other
     reads are still in flight; each of them then reports `RuntimeError: Event loop is closed`
-    as an unraisable exception, a traceback after our clear error. Those (and only those)
-    reports are dropped from now on; everything else goes to the previous hook."""
+    as an unraisable exception: tracebacks around our clear error. Those (and only those)
+    reports are dropped; everything else goes to the previous hook."""
     import sys
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop", False):
@@ -326,9 +329,9 @@ def load_converted(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
                  jax.tree_util.tree_flatten_with_path(tree)[0]}
         flat = {p: np.empty(s, np.float32) for p, s in saved.items()}
         _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
+        _quiet_closed_loop_reports()  # before: the reports can come while restore unwinds
         try:
             params = ckptr.restore(params_dir, abstract)
         except Exception as e:
-            _quiet_closed_loop_reports()
             raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
     return config, jax.tree_util.tree_map(np.asarray, params)

@@ -133,7 +133,7 @@ def read_lmdb(path: str | os.PathLike, *, num_classes: int = NUM_FOLDS
                         subdir=path.is_dir(), max_readers=1)
     except lmdb.Error as e:
         raise HomologyFormatError(f"{path}: cannot open it as an LMDB (truncated, damaged or "
-                                  f"another format): {e}") from e
+                                  f"another format): {str(e).replace(f'{path}: ', '')}") from e
     try:
         check_lmdb_size(env, data)
         with env.begin(write=False) as txn:

@@ -55,7 +55,12 @@ class RawDataError(ValueError):
 
 
 class DatasetFileError(ValueError):
-    """A prepared dataset's file is missing, truncated or damaged; the message names it."""
+    """A prepared dataset's file is missing, truncated or damaged; the message names it (and
+    says what to do), `detail` only what is wrong."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 # --- raw readers ------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def check_raw_files(dataset: str, raw_dir: Path) -> None:
         for names in IDX_FILES.values():
             for name in names:
                 _find(raw_dir, name)
-    else:
+    elif not (raw_dir / "cifar-10-python.tar.gz").exists():  # a tarball: checked as read
         members = _cifar_members(raw_dir)
         missing = [n for n in (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH) if n not in members]
         if missing:
@@ -309,9 +314,9 @@ def open_image_source(dataset: str, split: str, data_dir: str | os.PathLike | No
                          f"tfds.data_source (it needs the array_record file format; "
                          f"re-prepare it with experiments.prepare_data): {e}") from e
     except Exception as e:  # TFDS raises many types for a missing or damaged dataset
-        raise DatasetFileError(
-            f"task {dataset}: cannot open {where} (split {split!r}): {type(e).__name__}: "
-            f"{_first_line(e)}; prepare it again with experiments.prepare_data") from e
+        detail = f"cannot open {where} (split {split!r}): {type(e).__name__}: {_first_line(e)}"
+        raise DatasetFileError(f"task {dataset}: {detail}; prepare it again with "
+                               "experiments.prepare_data", detail=detail) from e
     files = check_array_record_files(data, split, where)
     return CheckedSource(data, files) if files else data
 
@@ -344,7 +349,8 @@ def check_array_record_files(data, split: str, where: Path) -> list[str]:
         if problem:
             raise DatasetFileError(f"{path}: {problem}; split {split!r} of {where} cannot be "
                                    "read. Prepare the dataset again with "
-                                   "experiments.prepare_data (delete its directory first)")
+                                   "experiments.prepare_data (delete its directory first)",
+                                   detail=f"{path}: {problem}")
         files.append(str(path))
     return files
 

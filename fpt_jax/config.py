@@ -27,7 +27,7 @@ def _setting(default: Any, help: str) -> Any:  # noqa: A002 - the flag's help te
 
 # Fields that are options of the task (passed to its constructor when not None).
 TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_size", "augment",
-               "source", "num_validation", "task_name", "max_length", "overlength",
+               "source", "validation_fraction", "task_name", "max_length", "overlength",
                "bucket_size", "num_classes")
 
 
@@ -47,8 +47,9 @@ class TrainConfig:
                                     "rotation).")
     source: str | None = _setting(None, "Image tasks: 'fpt' (prepared by experiments."
                                   "prepare_data), 'tfds' (TFDS's own) or 'auto' (either).")
-    num_validation: int | None = _setting(None, "Image tasks: training examples held out as "
-                                          "the 'validation' split.")
+    validation_fraction: float | None = _setting(None, "Image tasks: the share of the training "
+                                                 "set held out as 'validation' (task default "
+                                                 "0.1, a fixed subset for every run).")
     task_name: str | None = _setting(None, "ListOps: the LRA file prefix ('basic').")
     max_length: int | None = _setting(None, "Token tasks: longest sequence, in tokens.")
     overlength: str | None = _setting(None, "ListOps: 'drop', 'truncate' or 'error' for longer "
@@ -94,7 +95,13 @@ class TrainConfig:
     eval_batches: int | None = _setting(10, "Generated tasks: batches per evaluation; None: "
                                         "a whole split (dataset tasks always cover theirs).")
     eval_batch_size: int | None = _setting(None, "Evaluation batch size; None: batch_size.")
-    eval_split: str | None = _setting(None, "Split to evaluate on; None: the task's.")
+    eval_split: str | None = _setting(None, "Split evaluated during training, to select the "
+                                      "best step on; None: the task's validation split.")
+    patience: int | None = _setting(None, "Early stopping: stop after this many evaluations "
+                                    "without a better validation accuracy; None: never.")
+    converge_at: float | None = _setting(None, "Steps to converge (in summary.json): the "
+                                         "first evaluation step whose validation accuracy "
+                                         "reaches this; None: not recorded.")
     log_every: int = _setting(10, "Log train metrics every this many steps.")
     checkpoint_every: int = _setting(500, "Checkpoint every this many steps.")
     keep_checkpoints: int = _setting(3, "Checkpoints to keep.")
@@ -121,7 +128,7 @@ class TrainConfig:
         for name, lo in (("seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
-                         ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("n_layer", 1),
+                         ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("patience", 1), ("n_layer", 1),
                          ("n_head", 1), ("n_embd", 1)):
             value = getattr(self, name)
             if value is None:  # optional: checked above
@@ -132,6 +139,7 @@ class TrainConfig:
         for name, ok, accepted in (
                 ("learning_rate", lambda v: v > 0, "a finite number > 0"),
                 ("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                ("converge_at", lambda v: 0 < v <= 1, "an accuracy in (0, 1], or None"),
                 ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
                 ("grad_clip", lambda v: v > 0, "a finite number > 0, or None for no clipping"),
                 ("orth_gain", lambda v: v > 0, "a finite number > 0, or None for PyTorch's "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -25,6 +26,7 @@ from fpt_jax import fast_rng, freeze, parallel, weights
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.guard import MetricsBuffer, check_finite_state
+from fpt_jax.protocol import BestStep, read_summary, write_summary
 from fpt_jax.metrics import MetricWriter, Progress
 from fpt_jax.models.fpt import FPT
 from fpt_jax.models.gpt2 import GPT2Config
@@ -241,8 +243,8 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     if cfg.eval_batches is None and not task.is_dataset:
         raise ValueError(f"eval_batches=None: task {task.name} is generated and evaluates on "
                          "a number of batches; set eval_batches")
-    for split in dict.fromkeys(("train", eval_split)):
-        task.prepare(split)  # files opened and checked before the first step
+    for split in dict.fromkeys(("train", eval_split, *task.test_splits)):
+        task.prepare(split)  # every file the run reads, opened and checked before step 1
     config, pretrained = backbone(cfg)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
@@ -263,7 +265,8 @@ def run_identity(cfg: TrainConfig, config: GPT2Config) -> dict:
             "out_layer_sizes": list(cfg.out_layer_sizes)}
 
 
-def evaluate(p_eval_step, params, s: Setup, devices, split: str) -> dict[str, float]:
+def evaluate(p_eval_step, params, s: Setup, devices, split: str,
+             prefix: str = "eval") -> dict[str, float]:
     cfg = s.cfg
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     totals = None
@@ -275,52 +278,53 @@ def evaluate(p_eval_step, params, s: Setup, devices, split: str) -> dict[str, fl
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     totals = parallel.unreplicate(totals)
     count = max(float(totals.pop("count")), 1.0)
-    return {f"eval/{k[:-len('_sum')]}": float(v) / count for k, v in totals.items()}
+    return {f"{prefix}/{k[:-len('_sum')]}": float(v) / count for k, v in totals.items()}
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict[str, float]:
-    """Trains (resuming from `workdir/checkpoints` when it holds a readable checkpoint) and
-    returns the last logged train and eval metrics. Everything the run will read is checked
-    before its first step; the workdir is locked for this run."""
+def train_and_evaluate(cfg: TrainConfig, workdir: str, task: Task | None = None
+                       ) -> dict[str, float]:
+    """Trains (resuming from `workdir/checkpoints` when it holds a readable checkpoint),
+    selects the step with the best validation accuracy, evaluates the test split(s) once
+    at that step and writes `workdir/summary.json`; returns the last logged train and
+    validation metrics and the test metrics. Everything the run will read is checked before
+    its first step; the workdir is locked for this run."""
     cfg.validate()
     devices = parallel.local_devices(cfg.num_devices)
     per_device = parallel.per_device_batch(cfg.batch_size, cfg.grad_accum, len(devices))
     parallel.per_device_batch(cfg.eval_batch_size or cfg.batch_size, 1, len(devices),
                               name="eval_batch_size" if cfg.eval_batch_size else "batch_size")
     per_process = per_device * cfg.grad_accum * len(devices)
-    is_main = jax.process_index() == 0
-    lock = WorkdirLock(workdir) if is_main else None
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        return _train(cfg, workdir, devices, per_process)
+        s = setup(cfg, task)
+        parallel.check_same_on_every_process(
+            {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir",
+                                                                          "weights")})
+        if jax.process_index() == 0:
+            print(s.table, flush=True)
+        ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
+                            cfg.checkpoint_every)
+        best = Checkpoints(os.path.join(workdir, "best"), keep=1)
+        try:
+            return _loop(s, workdir, devices, per_process, ckpts, best)
+        finally:
+            for c in (ckpts, best):
+                c.wait()  # an in-flight save completes on every exit path
+                c.close()
     finally:
         if lock:
             lock.release()
 
 
-def _train(cfg: TrainConfig, workdir: str, devices, per_process: int) -> dict[str, float]:
-    s = setup(cfg)
-    parallel.check_same_on_every_process(
-        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "weights")})
-    is_main = jax.process_index() == 0
-    if is_main:
-        print(s.table, flush=True)
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints,
-                        cfg.checkpoint_every)
-    try:
-        return _loop(s, workdir, devices, per_process, ckpts)
-    finally:
-        ckpts.wait()  # an in-flight save completes on every exit path
-        ckpts.close()
-
-
-def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints
-          ) -> dict[str, float]:
-    cfg, is_main = s.cfg, jax.process_index() == 0
+def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints,
+          best: Checkpoints) -> dict[str, float]:
+    cfg, is_main, t0 = s.cfg, jax.process_index() == 0, time.monotonic()
     identity = run_identity(cfg, s.config)
-    state, start = s.state, 0
-    resumed = ckpts.resume(state.trainable, state.opt_state,
-                           lambda meta: _check_identity(meta.get("identity", {}), identity,
-                                                        workdir))
+    state, start, saved = s.state, 0, {}
+    template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      (state.trainable, state.opt_state))
+    resumed = ckpts.resume(state.trainable, state.opt_state, lambda meta: (
+        saved.update(meta), _check_identity(meta.get("identity", {}), identity, workdir)))
     last_checkpoint = None if resumed is None else resumed[0]
     if resumed is not None:
         start, trainable, opt_state = resumed
@@ -329,6 +333,11 @@ def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints
         logging.info("resumed from step %d in %s", start, workdir)
         if is_main:
             print(f"resumed from checkpoint at step {start}", flush=True)
+    tracker = BestStep.from_json(saved.get("protocol"))
+    wall_before = float(saved.get("wall_s", 0.0))
+    for step in best.manager.all_steps():  # a best step saved after the checkpoint resumed
+        if step != tracker.best_step:
+            best.manager.delete(step)
 
     writer = MetricWriter(workdir, resume_step=start)
     train_step = make_train_step(s.model, s.task, s.tx, cfg.grad_accum)
@@ -344,8 +353,17 @@ def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints
     progress = Progress(cfg.steps, start)
     metrics = MetricsBuffer(start, cfg.nonfinite_skips, last_checkpoint)
     last: dict[str, float] = {}
+    done = start
+
+    def save(step: int, manager: Checkpoints) -> None:
+        host = parallel.unreplicate(state)
+        check_finite_state(step, (host.trainable, host.opt_state))
+        manager.save(step, host.trainable, host.opt_state, {
+            "identity": identity, "protocol": tracker.to_json(),
+            "wall_s": wall_before + time.monotonic() - t0}, force=True)
+
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, cfg.steps if not tracker.stopped_early else start):
             batch = s.task.batch("train", step, per_process, seed=cfg.seed,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
@@ -366,32 +384,69 @@ def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints
                                             if k in ("train/loss", "train/accuracy")})
                 if is_main:
                     print(line, flush=True)
-            # Evaluation before the checkpoint: a run resumed from step N has step N's eval
-            # metrics (its inputs were checked before the first step).
+            # Evaluation (on validation) before the checkpoint: a run resumed from step N
+            # has step N's evaluation and selection.
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics.drain()  # a diverged model is not evaluated
+                metrics.drain()  # a diverged model is neither evaluated nor selected
                 ev = evaluate(p_eval, freeze.merge(state.trainable, frozen), s, devices, split)
                 writer.write(done, ev)
                 last.update(ev)
                 if is_main:
                     print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
                           flush=True)
+                if tracker.update(done, ev["eval/accuracy"], ev["eval/loss"], cfg.converge_at):
+                    save(done, best)  # keep=1: the previous best is rotated away
+                tracker.stopped_early = tracker.patience_ran_out(cfg.patience)
             preempted = ckpts.reached_preemption(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted:
+            if (done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
+                    or tracker.stopped_early):
                 metrics.drain()  # a diverged run stops here, before its state is saved
-                host_state = parallel.unreplicate(state)
-                check_finite_state(done, (host_state.trainable, host_state.opt_state))
-                ckpts.save(done, host_state.trainable, host_state.opt_state,
-                           {"identity": identity}, force=True)
-                del host_state  # orbax keeps what it still writes; no host copy between saves
+                save(done, ckpts)
                 metrics.last_checkpoint = done
                 if preempted:
                     ckpts.wait()
                     logging.warning("preempted at step %d; checkpoint written", done)
-                    break
+                    return last
+            if tracker.stopped_early:
+                logging.warning("early stop at step %d: no better validation accuracy in %d "
+                                "evaluations (best %.4f at step %d)", done, cfg.patience,
+                                tracker.best_accuracy, tracker.best_step)
+                break
     finally:
         writer.close()
+    if tracker.best_step is not None:
+        last.update(_test_at_best(s, workdir, devices, p_eval, frozen, best, tracker,
+                                  template, done, wall_before + time.monotonic() - t0))
     return last
+
+
+def _test_at_best(s: Setup, workdir: str, devices, p_eval, frozen, best: Checkpoints,
+                  tracker: BestStep, template, last_step: int, wall_s: float
+                  ) -> dict[str, float]:
+    """Each test split evaluated once, at the selected step; WORKDIR/summary.json."""
+    previous = read_summary(workdir)
+    if previous and previous.get("best_step") == tracker.best_step and previous.get("test"):
+        test = previous["test"]  # tested at this step already: never read test twice
+    else:
+        best.wait()
+        trainable, _ = best.restore(tracker.best_step, *template)
+        params = freeze.merge(parallel.replicate(trainable, devices), frozen)
+        test = {split: evaluate(p_eval, params, s, devices, split,
+                                prefix="test" if split == "test" else f"test_{split}")
+                for split in s.task.test_splits}
+    if jax.process_index() == 0:
+        n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(template[0]))
+        write_summary(workdir, {
+            "best_step": tracker.best_step, "best_val_accuracy": tracker.best_accuracy,
+            "best_val_loss": tracker.best_loss, "test": test,
+            "steps_to_converge": tracker.converged_step, "converge_at": s.cfg.converge_at,
+            "stopped_early": tracker.stopped_early, "last_step": last_step,
+            "wall_s": wall_s, "trainable_params": n_trainable,
+            "eval_split": s.cfg.eval_split or s.task.eval_split})
+        print(f"selected step {tracker.best_step} (validation accuracy "
+              f"{tracker.best_accuracy:.4f}): " + ", ".join(
+                  f"{k} {v:.4f}" for t in test.values() for k, v in t.items()), flush=True)
+    return {k: v for t in test.values() for k, v in t.items()}
 
 
 def _check_identity(saved: dict, current: dict, workdir: str) -> None:

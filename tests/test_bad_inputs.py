@@ -115,8 +115,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
                                             "--config.eval_batch_size=6"],
          ["eval_batch_size=6 is not divisible by devices"]),
         ("too_many_devices", ["--config.num_devices=64"], ["num_devices=64"]),
-        ("eval_split_missing", ["--config.eval_split=validation"],
-         ["task bit_xor has no split 'validation'"]),
+        ("eval_split_missing", ["--config.eval_split=valid"],
+         ["task bit_xor has no split 'valid'"]),
         ("eval_batches_none_generated", ["--config.eval_batches=none"],
          ["eval_batches=None: task bit_xor is generated"]),
         # --- weights

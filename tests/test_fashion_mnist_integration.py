@@ -35,7 +35,9 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
     tfds_builders.prepare_images("fashion_mnist", RAW, tmp_path / "tfds")
     task = get_task("fashion_mnist", data_dir=str(tmp_path / "tfds"), image_size=28,
                     patch_size=7)
-    assert (task.num_examples("train"), task.num_examples("test")) == (60_000, 10_000)
+    # 10% of the training set held out as validation; test untouched
+    assert (task.num_examples("train"), task.num_examples("validation"),
+            task.num_examples("test")) == (54_000, 6_000, 10_000)
     labels = np.concatenate([b["y"] for b in task.eval_batches("test", 2_500, seed=0,
                                                                   num_batches=None)])
     assert np.bincount(labels).tolist() == [1_000] * 10  # the real test split's balance
@@ -47,4 +49,5 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
         eval_batch_size=1_000, log_every=100, checkpoint_every=10 * STEPS, seed=0,
         num_devices=1)
     final = train.train_and_evaluate(cfg, os.fspath(tmp_path / "workdir"))
-    assert final["eval/accuracy"] >= MIN_ACCURACY, final
+    assert final["eval/accuracy"] >= MIN_ACCURACY, final  # validation
+    assert final["test/accuracy"] >= MIN_ACCURACY, final  # the real test split, once

@@ -66,19 +66,22 @@ def test_shapes_under_mock_data(source):
 
 
 def test_training_shards_are_disjoint_and_cover_each_epoch(data_dir):
-    task = get_task("mnist", data_dir=str(data_dir), image_size=28)
-    assert task.num_examples("train") == N_TRAIN
-    hosts, per_host = 3, 4  # global batch 12: 4 steps per epoch
+    task = get_task("mnist", data_dir=str(data_dir), image_size=28, validation_fraction=0.25)
+    assert task.num_examples("train") == 36
+    train_ids = sorted(set(range(N_TRAIN)) - set(
+        np.concatenate([ids_of(b) for b in task.eval_batches("validation", 12, seed=0,
+                                                            num_batches=None)])))
+    hosts, per_host = 3, 4  # global batch 12: 3 steps per epoch
     for epoch in range(2):
         seen = []
-        for step in range(epoch * 4, epoch * 4 + 4):
+        for step in range(epoch * 3, epoch * 3 + 3):
             parts = [ids_of(task.batch("train", step, per_host, seed=7, process_index=i,
                                        process_count=hosts)) for i in range(hosts)]
             seen.extend(np.concatenate(parts))
-        assert sorted(seen) == list(range(N_TRAIN)), f"epoch {epoch} is not a permutation"
+        assert sorted(seen) == train_ids, f"epoch {epoch} is not a permutation"
     # epochs are shuffled differently
     first = ids_of(task.batch("train", 0, 12, seed=7))
-    second = ids_of(task.batch("train", 4, 12, seed=7))
+    second = ids_of(task.batch("train", 3, 12, seed=7))
     assert not np.array_equal(first, second)
 
 
@@ -115,16 +118,26 @@ def test_eval_covers_each_host_shard_once(data_dir):
     assert len(list(task.eval_batches("test", 4, seed=0, num_batches=1))) == 5
 
 
-def test_validation_split_is_held_out_of_train(data_dir):
-    task = get_task("fashion_mnist", data_dir=str(data_dir), image_size=28, num_validation=8)
-    assert task.splits == ("train", "validation", "test")
-    assert task.num_examples("train") == N_TRAIN - 8
+def test_validation_split_is_a_fixed_hold_out_of_train(data_dir):
+    task = get_task("fashion_mnist", data_dir=str(data_dir), image_size=28,
+                    validation_fraction=0.2)
+    assert task.splits == ("train", "validation", "test") and task.eval_split == "validation"
+    held_out = round(0.2 * N_TRAIN)
+    assert task.num_examples("train") == N_TRAIN - held_out
     val = np.concatenate([ids_of(b)[b["mask"] == 1] for b in
                           task.eval_batches("validation", 5, seed=0, num_batches=None)])
     train = np.concatenate([ids_of(task.batch("train", s, 10, seed=0)) for s in range(4)])
-    assert len(set(val)) == 8 and sorted(set(train)) == sorted(set(range(N_TRAIN)) - set(val))
-    with pytest.raises(ValueError, match="no split 'validation'"):
-        get_task("mnist", data_dir=str(data_dir)).batch("validation", 0, 2, seed=0)
+    assert len(set(val)) == held_out and not set(train) & set(val)
+    assert set(train) == set(range(N_TRAIN)) - set(val)
+    assert sorted(val) != list(range(N_TRAIN - held_out, N_TRAIN))  # a random subset
+    # the same examples for every run and seed; the default holds out 10%
+    again = get_task("fashion_mnist", data_dir=str(data_dir), image_size=28,
+                     validation_fraction=0.2)
+    assert np.array_equal(again._where("validation")[1], task._where("validation")[1])
+    assert get_task("mnist", data_dir=str(data_dir)).num_examples("validation") == round(
+        0.1 * N_TRAIN)
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        get_task("mnist", data_dir=str(data_dir), validation_fraction=1.0)
 
 
 def test_preprocessing_matches_the_original(data_dir):

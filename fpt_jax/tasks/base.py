@@ -38,9 +38,11 @@ class Task(abc.ABC):
     output_dim: int  # logits per output token
     # Model input for shape inference and tests: one example's x shape (without batch).
     example_shape: tuple[int, ...]
-    # Splits this task can serve; `eval_split` is what evaluation reads by default.
-    splits: tuple[str, ...] = ("train", "test")
-    eval_split: str = "test"
+    # Splits this task can serve. Training evaluates on `eval_split` (validation) to select
+    # a step; `test_splits` are read once, at the selected step.
+    splits: tuple[str, ...] = ("train", "validation", "test")
+    eval_split: str = "validation"
+    test_splits: tuple[str, ...] = ("test",)
 
     @abc.abstractmethod
     def batch(self, split: str, step: int, batch_size: int, *, seed: int,

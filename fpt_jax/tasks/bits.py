@@ -15,8 +15,6 @@ from fpt_jax.tasks.base import (Batch, Task, classification_metrics, host_rng, h
 
 class _BitTask(Task):
     input_kind = "real"
-    splits = ("train", "test")
-    eval_split = "test"
 
     def __init__(self, n: int, num_patterns: int, patch_size: int):
         if n < 1 or num_patterns < 1:

@@ -189,6 +189,7 @@ class RemoteHomology(TokenSequenceTask):
     input_dim = len(VOCAB)
     splits = tuple(SPLIT_FILES)
     eval_split = "validation"  # the original evaluates on TAPE's 'valid'
+    test_splits = ("test_fold_holdout", "test_superfamily_holdout", "test_family_holdout")
 
     def __init__(self, *, data_dir: str | None = None, max_length: int = 1024,
                  num_classes: int = NUM_FOLDS, bucket_size: int = 0):

@@ -27,8 +27,10 @@ rotation by a uniform angle in [-20, 20] degrees (nearest neighbour, zero fill),
 before normalisation as torchvision does. Its random parameters for the whole global batch
 come from (seed, split, step), so a batch does not depend on how many hosts share it.
 
-`num_validation` > 0 holds out the last `num_validation` examples of the training split as
-a 'validation' split (the paper has none; Rothermel et al. use one for early stopping).
+The 'validation' split is a deterministic hold-out of `validation_fraction` (default 10%) of
+the training set: a random subset drawn with a fixed seed, the same for every run and every
+seed, never trained on; 'test' stays untouched until the selected step (the paper has no
+validation split; Rothermel et al. select on one).
 `source` picks the dataset layout: 'fpt' (fpt_images/<dataset>), 'tfds' (TFDS's own), or
 'auto' (the default: the first found). `data_dir` defaults to $TFDS_DATA_DIR or
 ~/tensorflow_datasets. Shuffling, host shards and eval coverage: see `data_utils`.
@@ -50,6 +52,7 @@ CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2023, 0.1994, 0.2010], np.float32)
 GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
 _AUG_TAG = 0xA116
+_HOLDOUT_SEED = 0x4E1D  # the validation hold-out: one draw for every run
 
 
 def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -107,14 +110,15 @@ class ImageTask(Task):
     """An image dataset read with tfds.data_source, patchified into tokens."""
     input_kind = "real"
     output_dim = 10
-    eval_split = "test"
+    splits = ("train", "validation", "test")
+    eval_split = "validation"
     dataset: str  # fpt_images config name (= TFDS's own name)
     native_size: int
     channels: int  # channels of the model input (after an optional grayscale conversion)
 
     def __init__(self, *, data_dir: str | None = None, patch_size: int = 4,
                  image_size: int | None = None, augment: bool = False, source: str = "auto",
-                 num_validation: int = 0):
+                 validation_fraction: float = 0.1):
         image_size = self.native_size if image_size is None else int(image_size)
         if image_size < 1:
             raise ValueError(f"task {self.name}: image_size must be >= 1, got {image_size}")
@@ -124,20 +128,20 @@ class ImageTask(Task):
         if source not in ("auto", "fpt", "tfds"):
             raise ValueError(f"task {self.name}: source must be 'auto', 'fpt' or 'tfds', got "
                              f"{source!r}")
-        if num_validation < 0:
-            raise ValueError(f"task {self.name}: num_validation must be >= 0, got "
-                             f"{num_validation}")
+        if not 0 < validation_fraction < 1:
+            raise ValueError(f"task {self.name}: validation_fraction must be in (0, 1), got "
+                             f"{validation_fraction}")
         if data_dir is None:
             data_dir = os.environ.get("TFDS_DATA_DIR",
                                       os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
         self.data_dir, self.source = os.fspath(data_dir), source
         self.patch_size, self.image_size = int(patch_size), image_size
-        self.augment, self.num_validation = bool(augment), int(num_validation)
-        self.splits = ("train", "validation", "test") if num_validation else ("train", "test")
+        self.augment, self.validation_fraction = bool(augment), float(validation_fraction)
         tokens = (image_size // patch_size) ** 2
         self.input_dim = patch_size * patch_size * self.channels
         self.example_shape = (tokens, self.input_dim)
         self._sources: dict = {}
+        self._records: dict[str, tuple[str, np.ndarray]] = {}
 
     # --- reading --------------------------------------------------------------------------
 
@@ -147,23 +151,30 @@ class ImageTask(Task):
                 self.dataset, tfds_split, self.data_dir, self.source)
         return self._sources[tfds_split]
 
-    def _where(self, split: str) -> tuple[str, int, int]:
-        """(TFDS split, first index, number of examples) behind one of our splits."""
+    def _where(self, split: str) -> tuple[str, np.ndarray]:
+        """(TFDS split, its record indices in our split's order) behind one of our splits."""
         self.check_split(split)
+        if split not in self._records:
+            self._records[split] = self._split_records(split)
+        return self._records[split]
+
+    def _split_records(self, split: str) -> tuple[str, np.ndarray]:
         if split == "test":
-            return "test", 0, len(self._source("test"))
+            return "test", np.arange(len(self._source("test")))
         n = len(self._source("train"))
-        if self.num_validation >= n:
-            raise ValueError(f"task {self.name}: num_validation={self.num_validation} leaves "
-                             f"no training examples of {n}")
-        if split == "validation":
-            return "train", n - self.num_validation, self.num_validation
-        return "train", 0, n - self.num_validation
+        held_out = max(1, round(self.validation_fraction * n))
+        if held_out >= n:
+            raise ValueError(f"task {self.name}: validation_fraction="
+                             f"{self.validation_fraction} leaves no training example of {n}")
+        # A fixed seed, not the run's: every run holds out the same examples.
+        order = np.random.default_rng(_HOLDOUT_SEED).permutation(n)
+        chosen = np.sort(order[:held_out] if split == "validation" else order[held_out:])
+        return "train", chosen
 
     is_dataset = True
 
     def num_examples(self, split: str) -> int:
-        return self._where(split)[2]
+        return len(self._where(split)[1])
 
     def prepare(self, split: str) -> None:
         """Opens the split and reads its first and last example (format checked)."""
@@ -174,9 +185,9 @@ class ImageTask(Task):
 
     def _read(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images [B, H, W, C_stored] and int32 labels [B] at split indices `idx`."""
-        tfds_split, first, _ = self._where(split)
+        tfds_split, records = self._where(split)
         source = self._source(tfds_split)
-        keys = [int(i) + first for i in idx]
+        keys = [int(records[i]) for i in idx]
         try:
             records = source.__getitems__(keys)
         except TypeError:  # tfds.testing.mock_data's __getitems__ is not callable this way
@@ -251,9 +262,10 @@ class _MnistFamily(ImageTask):
 
     def __init__(self, *, data_dir: str | None = None, patch_size: int = 4,
                  image_size: int = 32, augment: bool = False, source: str = "auto",
-                 num_validation: int = 0):
+                 validation_fraction: float = 0.1):
         super().__init__(data_dir=data_dir, patch_size=patch_size, image_size=image_size,
-                         augment=augment, source=source, num_validation=num_validation)
+                         augment=augment, source=source,
+                         validation_fraction=validation_fraction)
 
 
 @register("mnist")
@@ -276,9 +288,10 @@ class CIFAR10(ImageTask):
     channels = stored_channels = 3
 
     def __init__(self, *, data_dir: str | None = None, patch_size: int = 4,
-                 augment: bool = True, source: str = "auto", num_validation: int = 0):
+                 augment: bool = True, source: str = "auto", validation_fraction: float = 0.1):
         super().__init__(data_dir=data_dir, patch_size=patch_size, image_size=32,
-                         augment=augment, source=source, num_validation=num_validation)
+                         augment=augment, source=source,
+                         validation_fraction=validation_fraction)
 
     def _normalize(self, x: np.ndarray) -> np.ndarray:
         return (x - CIFAR10_MEAN) / CIFAR10_STD
@@ -294,9 +307,10 @@ class CIFAR10LRA(ImageTask):
     channels, stored_channels = 1, 3
 
     def __init__(self, *, data_dir: str | None = None, patch_size: int = 1,
-                 augment: bool = True, source: str = "auto", num_validation: int = 0):
+                 augment: bool = True, source: str = "auto", validation_fraction: float = 0.1):
         super().__init__(data_dir=data_dir, patch_size=patch_size, image_size=32,
-                         augment=augment, source=source, num_validation=num_validation)
+                         augment=augment, source=source,
+                         validation_fraction=validation_fraction)
 
     def _to_float(self, images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32) / 255.0

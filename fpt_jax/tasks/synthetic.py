@@ -14,8 +14,6 @@ class Synthetic(Task):
     read at the last token (one token per row: the patch size is `features`)."""
     name = "synthetic"
     input_kind = "real"
-    splits = ("train", "test")
-    eval_split = "test"
 
     def __init__(self, seq_len: int = 64, features: int = 48, classes: int = 10):
         for name, value, lo in (("seq_len", seq_len, 1), ("features", features, 1),

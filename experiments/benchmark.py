@@ -41,8 +41,6 @@ import dataclasses
 import os
 import shlex
 import sys
-import tempfile
-from pathlib import Path
 
 from absl import app, flags
 
@@ -130,17 +128,7 @@ def check_flags() -> None:
 def check_out_dir(out_dir: str, name: str) -> None:
     """--out_dir exists (created here) and takes the outputs: checked before anything is timed,
     so that no measurement is lost to an unwritable directory at the end."""
-    path = Path(out_dir).absolute()
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"--out_dir={out_dir}: {blocker} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out_dir={out_dir}: cannot create or write in it: "
-                         f"{e.strerror or e}") from e
+    path = cli.writable_dir(out_dir, "--out_dir")
     for ext in ("json", "md", "png"):
         if (path / f"{name}.{ext}").is_dir():
             raise ValueError(f"--out_dir={out_dir}: {path / f'{name}.{ext}'} is a directory; "

@@ -11,6 +11,8 @@ import dataclasses
 import os
 import runpy
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from absl import flags
@@ -101,6 +103,23 @@ def parse_plain_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLA
     except flags.Error as e:
         _fail(f"{'; '.join(str(e).splitlines())}; see --helpshort")
     return []
+
+
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`path` created if need be and probed with a temporary file, before any work whose
+    output would be lost to it; errors name the flag (`--out_dir`, ...) and why."""
+    given, path = os.fspath(path), Path(path).absolute()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{flag}={given}: {blocker} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={given}: cannot create or write in it: "
+                         f"{e.strerror or e}") from e
+    return path
 
 
 def _fail(message: str) -> None:

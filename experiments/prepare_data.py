@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -112,16 +111,7 @@ def check_image_flags() -> None:
 def check_data_dir(data_dir: Path) -> None:
     """--data_dir exists (created here) and takes files: checked before anything is read or
     generated."""
-    blocker = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"--data_dir={data_dir}: {blocker} is a file, not a directory")
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=data_dir):
-            pass
-    except OSError as e:
-        raise ValueError(f"--data_dir={data_dir}: cannot create or write in it: "
-                         f"{e.strerror or e}") from e
+    cli.writable_dir(data_dir, "--data_dir")
 
 
 def check_prepared(prepared: Path) -> None:

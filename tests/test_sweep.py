@@ -1,0 +1,176 @@
+"""K runs in one program (fpt_jax.sweep): run k of a vmapped sweep is the run trained alone,
+the backbone exists once, the learning rate lives in the optimizer state."""
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fpt_jax import freeze, parallel, sweep, train
+from fpt_jax.config import TrainConfig
+
+TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=32, batch_size=8,
+            dropout=0.1, log_every=1, eval_every=1000, eval_batches=1, checkpoint_every=1000)
+LRS, SEEDS, BACKBONE_SEED = (1e-3, 3e-3, 1e-2), (3, 1, 7), 5
+STEPS, DEVICES = 4, 2
+# float32: the vmapped step batches the same ops over the run axis; XLA may fuse/reassociate
+# them differently from the single run's program, so equality is up to a few ulp per step.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _alone(cfg: TrainConfig, seed: int, lr: float, devices):
+    """The run trained alone with train's single-run pieces: train.setup with this seed and
+    learning rate, its backbone replaced by the random backbone drawn from BACKBONE_SEED."""
+    cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
+    s = train.setup(cfg)
+    backbone = train.init_params(s.model, s.task, jax.random.PRNGKey(BACKBONE_SEED))["transformer"]
+    params = train.init_params(s.model, s.task, jax.random.PRNGKey(seed), backbone)
+    trainable, frozen = freeze.partition(params, s.selection)
+    state = train.TrainState(np.int32(0), trainable, s.tx.init(trainable))
+    step = train.pmapped_train_step(train.make_train_step(s.model, s.task, s.tx), devices)
+    state, frozen = parallel.replicate(state, devices), parallel.replicate(frozen, devices)
+    losses = []
+    for i in range(STEPS):
+        batch = s.task.batch("train", i, cfg.batch_size, seed=seed)
+        state, m = step(state, frozen, parallel.shard_batch(batch, len(devices)),
+                        jax.random.PRNGKey(seed + 1))
+        losses.append(np.asarray(m["loss"])[0])
+    return np.array(losses), parallel.unreplicate(state).trainable
+
+
+@pytest.mark.parametrize("trainable", ["fpt", "output"])
+def test_run_k_of_a_sweep_equals_the_run_trained_alone(trainable):
+    """Loss curve and final trainable parameters of each of K=3 runs (different learning
+    rates and seeds, dropout on) equal the single run's; with trainable='output' the frozen
+    input layer is per run (from its seed), the backbone shared."""
+    cfg = TrainConfig(**TINY, trainable=trainable)
+    devices = parallel.local_devices(DEVICES)
+    sw = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=BACKBONE_SEED)
+    assert ("input" in sw.frozen) == (trainable == "output")
+    step = sweep.pmapped_sweep_step(sweep.make_sweep_step(sw.model, sw.task, sw.tx), devices)
+    states, frozen = parallel.replicate(sw.states, devices), parallel.replicate(sw.frozen, devices)
+    rngs, losses = sweep.run_rngs(SEEDS), []
+    for i in range(STEPS):
+        states, m = step(states, frozen,
+                         sweep.sweep_batches(sw.task, i, cfg.batch_size, SEEDS, DEVICES), rngs)
+        assert m["loss"].shape == (DEVICES, len(SEEDS))
+        losses.append(np.asarray(m["loss"])[0])
+    losses = np.stack(losses, axis=1)  # [K, steps]
+    final = parallel.unreplicate(states)
+    np.testing.assert_array_equal(final.step, STEPS)
+    np.testing.assert_array_equal(sweep.learning_rate(final.opt_state), np.float32(LRS))
+    for k, (seed, lr) in enumerate(zip(SEEDS, LRS)):
+        alone_losses, alone_trainable = _alone(cfg, seed, lr, devices)
+        np.testing.assert_allclose(losses[k], alone_losses, rtol=RTOL, atol=ATOL)
+        got = sweep.unstack(final.trainable, k)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(alone_trainable)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(alone_trainable)):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    # the runs really differ (seeds, learning rates, data): not K copies of one run
+    assert len({round(float(x), 6) for x in losses[:, -1]}) == len(SEEDS)
+
+
+def test_the_backbone_exists_once_whatever_the_number_of_runs():
+    """The compiled step's argument bytes (per device) are the backbone once plus K x (one
+    run's state, its frozen non-backbone parts, its batch and key): K=4 - K=1 < backbone."""
+    cfg = TrainConfig(**{**TINY, "n_layer": 2, "n_embd": 64}, trainable="output")
+    devices = parallel.local_devices(DEVICES)
+    nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(t))  # noqa: E731
+    args, backbone = {}, None
+    for k in (1, 4):
+        sw = sweep.init_runs(cfg, [1e-3] * k, range(k))
+        step = sweep.pmapped_sweep_step(sweep.make_sweep_step(sw.model, sw.task, sw.tx), devices)
+        batches = sweep.sweep_batches(sw.task, 0, cfg.batch_size, sw.seeds, DEVICES)
+        rngs = sweep.run_rngs(sw.seeds)
+        compiled = step.lower(parallel.replicate(sw.states, devices),
+                              parallel.replicate(sw.frozen, devices), batches, rngs).compile()
+        args[k] = compiled.memory_analysis().argument_size_in_bytes
+        backbone = nbytes(sw.frozen["transformer"])
+        per_run = (nbytes(sw.states) + nbytes({n: v for n, v in sw.frozen.items()
+                                               if n != "transformer"})
+                   + nbytes(batches) // DEVICES + rngs.nbytes) // k
+        assert args[k] == backbone + k * per_run, (k, args[k], backbone, per_run)
+    assert args[4] - args[1] == 3 * per_run < backbone
+
+
+def test_learning_rate_is_in_the_optimizer_state_not_the_program():
+    """Two different learning-rate sets run on one compiled program (traced once), and the
+    first Adam update scales with each run's learning rate."""
+    cfg = TrainConfig(**TINY)
+    devices = parallel.local_devices(DEVICES)
+    sw = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=BACKBONE_SEED)
+    traces = []
+    inner = sweep.make_sweep_step(sw.model, sw.task, sw.tx)
+
+    def counted(*a):
+        traces.append(1)
+        return inner(*a)
+    step = sweep.pmapped_sweep_step(counted, devices)
+    frozen = parallel.replicate(sw.frozen, devices)
+    batches = sweep.sweep_batches(sw.task, 0, cfg.batch_size, SEEDS, DEVICES)
+    rngs = sweep.run_rngs(SEEDS)
+    deltas = {}
+    for lrs in (LRS, tuple(10 * x for x in LRS)):
+        states = dataclasses.replace(
+            sw.states, opt_state=sweep.with_learning_rate(sw.states.opt_state, lrs))
+        out, _ = step(parallel.replicate(states, devices), frozen, batches, rngs)
+        out = parallel.unreplicate(out)
+        np.testing.assert_array_equal(sweep.learning_rate(out.opt_state), np.float32(lrs))
+        deltas[lrs] = jax.tree_util.tree_map(np.subtract, out.trainable, sw.states.trainable)
+    assert len(traces) == 1, "a new learning rate recompiled the step"
+    # Adam's first step is -lr * g / (|g| + eps): 10x the learning rate, 10x the update
+    small, large = deltas.values()
+    for a, b in zip(jax.tree_util.tree_leaves(small), jax.tree_util.tree_leaves(large)):
+        big = np.abs(a) > 1e-2 * np.max(np.abs(a))
+        assert big.any()
+        np.testing.assert_allclose(b[big], 10 * a[big], rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule,optimizer,nonfinite_skips",
+                         [("constant", "adam", None), ("warmup", "adamw", None),
+                          ("cosine", "adam", 3)])
+def test_injected_optimizer_matches_train_make_optimizer(schedule, optimizer, nonfinite_skips):
+    """sweep.make_optimizer with the learning rate set in its state updates as
+    train.make_optimizer with that learning rate: bit-identical for the constant schedule,
+    within float32 rounding of the schedule (peak x unit schedule) otherwise."""
+    cfg = TrainConfig(**TINY, schedule=schedule, optimizer=optimizer, warmup_steps=3,
+                      steps=8, weight_decay=0.01, nonfinite_skips=nonfinite_skips)
+    lr = 3e-3
+    ref = train.make_optimizer(dataclasses.replace(cfg, learning_rate=lr))
+    tx = sweep.make_optimizer(cfg)
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": np.ones(3, np.float32)}
+    s_ref, s = ref.init(params), sweep.with_learning_rate(tx.init(params), lr)
+    p_ref, p = params, params
+    update_ref, update = jax.jit(ref.update), jax.jit(tx.update)
+    for i in range(8):
+        g = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3,
+                                   params)
+        u_ref, s_ref = update_ref(g, s_ref, p_ref)
+        u, s = update(g, s, p)
+        p_ref, p = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p, u)
+        for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(u_ref)):
+            if schedule == "constant":
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert float(sweep.learning_rate(s)) == np.float32(lr)
+
+
+def test_init_runs_shares_the_backbone_and_rejects_mismatched_axes():
+    cfg = TrainConfig(**TINY)
+    a = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=0)
+    b = sweep.init_runs(cfg, LRS[:1], SEEDS[:1], backbone_seed=0)
+    c = sweep.init_runs(cfg, LRS[:1], SEEDS[:1], backbone_seed=1)
+    same = lambda x, y: all(np.array_equal(p, q) for p, q in zip(  # noqa: E731
+        jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
+    assert same(a.frozen["transformer"], b.frozen["transformer"])  # seeds don't change it
+    assert not same(a.frozen["transformer"], c.frozen["transformer"])  # backbone_seed does
+    assert not same(sweep.unstack(a.states.trainable, 0)["output"],
+                    sweep.unstack(a.states.trainable, 1)["output"])  # seeds set the rest
+    assert same(sweep.unstack(a.states, 0), sweep.unstack(b.states, 0))  # run = its seed
+    with pytest.raises(ValueError, match="one learning rate per seed"):
+        sweep.init_runs(cfg, LRS, SEEDS[:2])
+    with pytest.raises(ValueError, match="learning rates must be finite"):
+        sweep.init_runs(cfg, (1e-3, -1.0, 1e-3), SEEDS)

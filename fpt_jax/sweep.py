@@ -227,6 +227,22 @@ def make_sweep_step(model, task: Task, tx: optax.GradientTransformation, grad_ac
     return sweep_step
 
 
+def make_sweep_eval_step(model, task: Task, batch_axis: int | None = None,
+                         axis_name: str | None = parallel.AXIS) -> Callable:
+    """`(trainable[K], frozen, batch) -> sums[K]`: `train.make_eval_step`'s step for every
+    run, the backbone shared. `batch_axis=None`: one batch for all runs (a shared validation
+    set); 0: a batch per run (`sweep_batches` layout; a single run's generated validation
+    batches depend on its seed). Pmap it with `train.pmapped_eval_step`."""
+    eval_step = train.make_eval_step(model, task, axis_name)
+
+    def sweep_eval_step(trainable, frozen, batch):
+        def one(t, f, b):
+            return eval_step(freeze.merge(t, f), b)
+        return jax.vmap(one, in_axes=(0, frozen_axes(frozen), batch_axis))(
+            trainable, frozen, batch)
+    return sweep_eval_step
+
+
 def pmapped_sweep_step(sweep_step: Callable, devices) -> Callable:
     """The sweep step over `devices` (pmap outside, vmap inside): states, frozen parameters
     and batches per device (`parallel.replicate`, `sweep_batches`), the `[K]` keys shared;

@@ -19,7 +19,7 @@ STEPS, DEVICES = 4, 2
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _alone(cfg: TrainConfig, seed: int, lr: float, devices):
+def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
     """The run trained alone with train's single-run pieces: train.setup with this seed and
     learning rate, its backbone replaced by the random backbone drawn from BACKBONE_SEED."""
     cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
@@ -28,41 +28,50 @@ def _alone(cfg: TrainConfig, seed: int, lr: float, devices):
     params = train.init_params(s.model, s.task, jax.random.PRNGKey(seed), backbone)
     trainable, frozen = freeze.partition(params, s.selection)
     state = train.TrainState(np.int32(0), trainable, s.tx.init(trainable))
-    step = train.pmapped_train_step(train.make_train_step(s.model, s.task, s.tx), devices)
+    step = train.pmapped_train_step(
+        train.make_train_step(s.model, s.task, s.tx, cfg.grad_accum), devices)
     state, frozen = parallel.replicate(state, devices), parallel.replicate(frozen, devices)
     losses = []
     for i in range(STEPS):
         batch = s.task.batch("train", i, cfg.batch_size, seed=seed)
-        state, m = step(state, frozen, parallel.shard_batch(batch, len(devices)),
+        state, m = step(state, frozen, parallel.shard_batch(batch, len(devices), cfg.grad_accum),
                         jax.random.PRNGKey(seed + 1))
         losses.append(np.asarray(m["loss"])[0])
-    return np.array(losses), parallel.unreplicate(state).trainable
+    p_eval = train.pmapped_eval_step(train.make_eval_step(s.model, s.task), devices)
+    sums = parallel.unreplicate(p_eval(freeze.merge(state.trainable, frozen), eval_batch))
+    return np.array(losses), parallel.unreplicate(state).trainable, sums
 
 
-@pytest.mark.parametrize("trainable", ["fpt", "output"])
-def test_run_k_of_a_sweep_equals_the_run_trained_alone(trainable):
-    """Loss curve and final trainable parameters of each of K=3 runs (different learning
-    rates and seeds, dropout on) equal the single run's; with trainable='output' the frozen
-    input layer is per run (from its seed), the backbone shared."""
-    cfg = TrainConfig(**TINY, trainable=trainable)
+@pytest.mark.parametrize("trainable,grad_accum", [("fpt", 1), ("output", 2)])
+def test_run_k_of_a_sweep_equals_the_run_trained_alone(trainable, grad_accum):
+    """Loss curve, final trainable parameters and evaluation of each of K=3 runs (different
+    learning rates and seeds, dropout on) equal the single run's; with trainable='output'
+    the frozen input layer is per run (from its seed), the backbone shared."""
+    cfg = TrainConfig(**TINY, trainable=trainable, grad_accum=grad_accum)
     devices = parallel.local_devices(DEVICES)
     sw = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=BACKBONE_SEED)
     assert ("input" in sw.frozen) == (trainable == "output")
-    step = sweep.pmapped_sweep_step(sweep.make_sweep_step(sw.model, sw.task, sw.tx), devices)
+    step = sweep.pmapped_sweep_step(
+        sweep.make_sweep_step(sw.model, sw.task, sw.tx, grad_accum), devices)
     states, frozen = parallel.replicate(sw.states, devices), parallel.replicate(sw.frozen, devices)
     rngs, losses = sweep.run_rngs(SEEDS), []
     for i in range(STEPS):
-        states, m = step(states, frozen,
-                         sweep.sweep_batches(sw.task, i, cfg.batch_size, SEEDS, DEVICES), rngs)
+        states, m = step(states, frozen, sweep.sweep_batches(
+            sw.task, i, cfg.batch_size, SEEDS, DEVICES, grad_accum), rngs)
         assert m["loss"].shape == (DEVICES, len(SEEDS))
         losses.append(np.asarray(m["loss"])[0])
     losses = np.stack(losses, axis=1)  # [K, steps]
+    eval_batch = parallel.shard_batch(sw.task.batch("validation", 0, 16, seed=99), DEVICES)
+    p_eval = train.pmapped_eval_step(sweep.make_sweep_eval_step(sw.model, sw.task), devices)
+    sums = parallel.unreplicate(p_eval(states.trainable, frozen, eval_batch))  # [K] each
     final = parallel.unreplicate(states)
     np.testing.assert_array_equal(final.step, STEPS)
     np.testing.assert_array_equal(sweep.learning_rate(final.opt_state), np.float32(LRS))
     for k, (seed, lr) in enumerate(zip(SEEDS, LRS)):
-        alone_losses, alone_trainable = _alone(cfg, seed, lr, devices)
+        alone_losses, alone_trainable, alone_sums = _alone(cfg, seed, lr, devices, eval_batch)
         np.testing.assert_allclose(losses[k], alone_losses, rtol=RTOL, atol=ATOL)
+        for name, v in alone_sums.items():
+            np.testing.assert_allclose(sums[name][k], v, rtol=RTOL, atol=ATOL, err_msg=name)
         got = sweep.unstack(final.trainable, k)
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(alone_trainable)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(alone_trainable)):

@@ -106,7 +106,11 @@ class TrainConfig:
     checkpoint_every: int = _setting(500, "Checkpoint every this many steps.")
     keep_checkpoints: int = _setting(3, "Checkpoints to keep.")
     # --- execution
-    seed: int = _setting(0, "Seed of the initialisation, data order and dropout.")
+    seed: int = _setting(0, "Seed of the new layers' initialisation, the data order and "
+                         "dropout.")
+    backbone_seed: int = _setting(0, "init='random': seed of the random backbone, apart from "
+                                  "`seed`, so that runs of several seeds share one backbone "
+                                  "as runs from one pretrained checkpoint do.")
     dtype: str = _setting("float32", f"Compute dtype {DTYPES}; parameters stay float32.")
     remat: bool = _setting(False, "Activation checkpointing per block (long sequences).")
     num_devices: int | None = _setting(None, "Local devices to use; None: all.")
@@ -125,7 +129,7 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*GPT2_PRESETS, "auto"))
-        for name, lo in (("seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
+        for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
                          ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("patience", 1), ("n_layer", 1),

@@ -190,7 +190,8 @@ def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence
 
 
 def random_backbone(model, task: Task, backbone_seed: int) -> dict:
-    """The random backbone (`params['transformer']`) of `init='random'`, from `backbone_seed`."""
+    """The random backbone (`params['transformer']`) of `init='random'`, from `backbone_seed`
+    (as `train.setup` draws it)."""
     return train.init_params(model, task, jax.random.PRNGKey(backbone_seed))[BACKBONE]
 
 

@@ -248,6 +248,9 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     config, pretrained = backbone(cfg)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
+    if pretrained is None:  # init='random': the backbone from its own seed (config.py)
+        pretrained = init_params(model, task, jax.random.PRNGKey(cfg.backbone_seed))[
+            "transformer"]
     params = init_params(model, task, jax.random.PRNGKey(cfg.seed), pretrained)
     table, _ = freeze.count_table(params, selection)
     trainable, frozen = freeze.partition(params, selection)
@@ -260,7 +263,7 @@ def run_identity(cfg: TrainConfig, config: GPT2Config) -> dict:
     """What must not change between a run and its resumption."""
     return {"task": cfg.task, "task_options": cfg.task_options(), "model": cfg.model,
             "init": cfg.init, "weights": cfg.weights, "backbone": dataclasses.asdict(config),
-            "trainable": cfg.trainable, "seed": cfg.seed,
+            "trainable": cfg.trainable, "seed": cfg.seed, "backbone_seed": cfg.backbone_seed,
             "in_layer_sizes": list(cfg.in_layer_sizes),
             "out_layer_sizes": list(cfg.out_layer_sizes)}
 

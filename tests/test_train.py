@@ -186,3 +186,17 @@ def test_pretrained_weights_of_the_wrong_shape_are_refused(tmp_path):
         train.init_params(train.make_model(s.cfg, s.task, config), s.task,
                           jax.random.PRNGKey(0), wrong)
 
+
+
+def test_seeds_share_the_random_backbone_that_backbone_seed_draws():
+    def parts(**kw):
+        s = train.setup(TrainConfig(**{**TINY, **kw}))
+        params = freeze.merge(s.state.trainable, s.frozen)
+        return params["transformer"], params["input"]
+    backbone_a, input_a = parts(seed=1)
+    backbone_b, input_b = parts(seed=2)
+    backbone_c, _ = parts(seed=1, backbone_seed=3)
+    same = lambda x, y: all(np.array_equal(a, b) for a, b in zip(  # noqa: E731
+        jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
+    assert same(backbone_a, backbone_b) and not same(input_a, input_b)
+    assert not same(backbone_a, backbone_c)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 from absl import logging
@@ -25,14 +25,18 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # protobuf-only, no TensorFlow needed
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float],
+              tags: Mapping[str, Any] | None = None, tb_prefix: str = "") -> None:
+        """One record: `step`, the `tags` as they are (a sweep's run, learning rate, seed)
+        and the metrics as floats; TensorBoard scalars under `tb_prefix` + name."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **(tags or {}),
+                  **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in metrics.items():
-            self._tb.add_scalar(k, float(v), int(step))
+            self._tb.add_scalar(tb_prefix + k, float(v), int(step))
 
     def close(self) -> None:
         if self._tb is not None:

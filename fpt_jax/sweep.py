@@ -137,12 +137,13 @@ def frozen_axes(frozen: dict) -> dict:
 
 
 def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence[int],
-              task: Task | None = None, backbone_seed: int = 0) -> Sweep:
+              task: Task | None = None, backbone_seed: int | None = None) -> Sweep:
     """K runs of `cfg` (K = len(seeds) = len(learning_rates); `cfg.seed` and
     `cfg.learning_rate` are not used for them): run k is initialised from `seeds[k]` around
     the backbone (pretrained, or random from `backbone_seed`), with `learning_rates[k]` in
     its optimizer state. Checks what `train.setup` checks (every split opened)."""
     learning_rates, seeds = tuple(float(x) for x in learning_rates), tuple(int(s) for s in seeds)
+    backbone_seed = cfg.backbone_seed if backbone_seed is None else backbone_seed
     if not seeds or len(seeds) != len(learning_rates):
         raise ValueError(f"a sweep needs one learning rate per seed, at least one run; got "
                          f"{len(learning_rates)} learning rates and {len(seeds)} seeds")
@@ -250,3 +251,10 @@ def pmapped_sweep_step(sweep_step: Callable, devices) -> Callable:
     the states are donated (updated in place), the frozen parameters only read."""
     return jax.pmap(sweep_step, axis_name=parallel.AXIS, in_axes=(0, 0, 0, None),
                     donate_argnums=(0,), devices=devices)
+
+
+def train_and_evaluate_sweep(cfg: TrainConfig, workdir: str, learning_rates: Sequence[float],
+                             seeds: Sequence[int], task: Task | None = None) -> list[dict]:
+    """The K runs' loop (`fpt_jax.sweep_loop`, which builds on this module)."""
+    from fpt_jax import sweep_loop  # the loop imports this module
+    return sweep_loop.train_and_evaluate_sweep(cfg, workdir, learning_rates, seeds, task)

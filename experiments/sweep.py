@@ -1,0 +1,413 @@
+r"""A sweep: a grid over config fields x learning rates x seeds, with selection on validation.
+
+  # Bit XOR on a small frozen random GPT-2: 3 trainable selections x 4 lrs x 3 seeds
+  python -m experiments.sweep --config=experiments/configs/bit_xor.py \
+      --config.init=random --config.n_layer=2 --config.n_head=4 --config.n_embd=128 \
+      --grid='trainable=output|output,ln|fpt' \
+      --learning_rates=1e-4,1e-3,1e-2,1e-1 --seeds=0,1,2 --workdir=/tmp/fpt_sweep
+
+`--config` (with `--config.<field>` overrides) is the base config of every cell, as for
+experiments/train.py; its `learning_rate` and `seed` are not used (`--learning_rates` and
+`--seeds` are). Each `--grid=<field>=<v1>|<v2>|...` (repeatable) is an axis over a
+`TrainConfig` field: values are separated by `|` (commas belong to values such as
+`trainable=output,ln` or `in_layer_sizes=64,64`), parsed to the field's type (`none` for
+None where the field allows it, true/false for booleans). The cells are the product of the
+axes, in the order given; cell `c` is the base config with `c`'s values, trained in
+`WORKDIR/cells/<name>` (name: `field=value` joined by `__`, characters other than
+letters, digits and `._,=+-` replaced by `_`, plus a short hash when replaced) by
+`fpt_jax.sweep.train_and_evaluate_sweep`: its len(learning_rates) x len(seeds) runs in one
+compiled program. Cells run one after another; `--process_cells=i/n` runs only every n-th
+cell from cell i (one process per share on a cluster; then `--results_only` once all are done).
+
+Running the same command again skips finished cells (summary.json with every run, same
+config) and resumes an interrupted one from its checkpoint. After each cell, and at the end,
+`fpt_jax.results.write_results` writes WORKDIR/results.csv, results.md, curves.png and lr.png.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
+    from fpt_jax import hugepages
+    hugepages.reexec_with_huge_pages()
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+
+from experiments import cli
+from fpt_jax import results
+from fpt_jax.config import TrainConfig
+from fpt_jax.weights import WeightsError
+
+F = flags.FLAGS
+
+# Rothermel et al. (2021): learning rates swept log-spaced over 1e-6..1e-2, 3 seeds.
+DEFAULT_LEARNING_RATES = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2")
+DEFAULT_SEEDS = ("0", "1", "2")
+VALUE_SEPARATOR = "|"
+# Fields a finished cell may be re-run with changed (it continues or trains nothing);
+# any other difference from the cell's recorded config is an error (use another --workdir).
+CONTINUABLE = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                         "num_devices"})
+NOT_A_GRID_AXIS = {"learning_rate": "--learning_rates", "seed": "--seeds"}
+
+flags.DEFINE_string("workdir", None, "Where the sweep goes: cells/<name>/ per grid cell, "
+                    "results.csv, results.md, curves.png, lr.png.", required=True)
+flags.DEFINE_multi_string("grid", [], "An axis of the grid: <field>=<v1>|<v2>|... over a "
+                          "--config field (values separated by '|', parsed to the field's "
+                          "type; 'none' for None). Repeat for more axes; cells are their "
+                          "product. None: one cell, the base config.")
+flags.DEFINE_list("learning_rates", list(DEFAULT_LEARNING_RATES), "Peak learning rates of "
+                  "every cell's runs (each with every seed), trained together. Default: "
+                  "Rothermel et al.'s log-spaced 1e-6..1e-2.")
+flags.DEFINE_list("seeds", list(DEFAULT_SEEDS), "Seeds of every cell's runs (initialisation "
+                  "of the new layers, data order, dropout; a random backbone is drawn from "
+                  "--config.backbone_seed).")
+flags.DEFINE_string("process_cells", None, "i/n: run only the cells whose index is i modulo "
+                    "n (0 <= i < n), to share a grid among n processes. Default: all cells.")
+flags.DEFINE_bool("results_only", False, "Train nothing: write results.csv, results.md and "
+                  "the plots from the finished cells in --workdir.")
+
+
+# --- the grid -------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_kind(name: str) -> tuple[Any, bool]:
+    """(base type, optional) of a TrainConfig field: `int | None` -> (int, True)."""
+    tp = _FIELDS[name].type
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing))  # noqa: S307 - our own annotations only
+    args = typing.get_args(tp)
+    if type(None) in args:  # X | None
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def parse_value(name: str, text: str) -> Any:
+    """`text` as a value of TrainConfig field `name` (errors name the field and the value)."""
+    kind, optional = _field_kind(name)
+    raw = text.strip()
+    if raw.lower() == "none":
+        if optional:
+            return None
+        raise ValueError(f"{name}=none: {name} has no 'not set' value")
+    try:
+        if typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            items = raw.strip("()").split(",") if raw.strip("()").strip() else []
+            return tuple(inner(s.strip()) for s in items)
+        if kind is bool:
+            low = raw.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        accepted = {bool: "true or false", int: "an integer", float: "a finite number"}.get(
+            kind, f"comma-separated {typing.get_args(kind)[0].__name__}s" if
+            typing.get_origin(kind) is tuple else str(kind))
+        raise ValueError(f"{name}={text!r}: not {accepted}"
+                         + (" or none" if optional else "")) from None
+    if not raw:
+        raise ValueError(f"{name}: an empty value")
+    return raw
+
+
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
+    """`['trainable=output|fpt', 'n_embd=16|32']` -> `[('trainable', ['output', 'fpt']),
+    ('n_embd', [16, 32])]`. Unknown, repeated or non-axis fields, bad or repeated values
+    are errors naming --grid."""
+    axes: list[tuple[str, list[Any]]] = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--grid={spec}: expected <field>=<v1>{VALUE_SEPARATOR}<v2>..., e.g. "
+                             f"--grid='trainable=output{VALUE_SEPARATOR}output,ln{VALUE_SEPARATOR}fpt'")
+        if name in NOT_A_GRID_AXIS:
+            raise ValueError(f"--grid={spec}: {name} is swept within every cell; use "
+                             f"{NOT_A_GRID_AXIS[name]}")
+        if name not in _FIELDS:
+            raise ValueError(f"--grid={spec}: unknown field {name!r}; accepted: the fields of "
+                             f"--config ({', '.join(n for n in _FIELDS if n not in NOT_A_GRID_AXIS)})")
+        if any(name == n for n, _ in axes):
+            raise ValueError(f"--grid={spec}: {name} is already an axis; give its values once, "
+                             f"separated by '{VALUE_SEPARATOR}'")
+        try:
+            parsed = [parse_value(name, v) for v in values.split(VALUE_SEPARATOR)]
+        except ValueError as e:
+            raise ValueError(f"--grid={spec}: {e}") from None
+        dupes = sorted({_show(v) for v in parsed if parsed.count(v) > 1})
+        if dupes:
+            raise ValueError(f"--grid={spec}: repeated value(s) {', '.join(dupes)}")
+        axes.append((name, parsed))
+    return axes
+
+
+def _show(value: Any) -> str:
+    """A grid value as it appears in a cell name and the tables."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def cell_name(settings: dict[str, Any]) -> str:
+    """A readable, stable directory name: `field=value` joined by `__`; characters other than
+    letters, digits and `._,=+-` become `_`, and then a hash of the exact settings is added
+    (so that two cells never share a name)."""
+    if not settings:
+        return "base"
+    raw = "__".join(f"{k}={_show(v)}" for k, v in settings.items())
+    safe = re.sub(r"[^A-Za-z0-9._,=+-]", "_", raw)
+    if safe != raw:
+        safe += "~" + hashlib.sha1(raw.encode()).hexdigest()[:6]
+    return safe
+
+
+@dataclasses.dataclass
+class GridCell:
+    index: int
+    name: str
+    settings: dict[str, Any]
+    cfg: TrainConfig
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name,
+                "settings": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in self.settings.items()},
+                "config": _config_json(self.cfg)}
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def make_cells(base: TrainConfig, axes: Sequence[tuple[str, Sequence[Any]]]) -> list[GridCell]:
+    """The product of the axes, each cell the base config with its values (validated and
+    checked as far as is cheap: the task's settings, the trainable selection)."""
+    cells = []
+    names = [n for n, _ in axes]
+    for i, values in enumerate(itertools.product(*(v for _, v in axes))):
+        settings = dict(zip(names, values))
+        name = cell_name(settings)
+        try:
+            cfg = dataclasses.replace(base, **settings)
+            precheck(cfg)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--grid cell {name}: {e}") from None
+        cells.append(GridCell(i, name, settings, cfg))
+    return cells
+
+
+def precheck(cfg: TrainConfig) -> None:
+    """What can be checked of a cell without reading weights or data: the task and its
+    settings, the backbone's architecture settings, the trainable selection."""
+    from fpt_jax import freeze
+    from fpt_jax.models.gpt2 import GPT2Config
+    from fpt_jax.tasks import get_task
+    get_task(cfg.task, **cfg.task_options())
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")
+                 if getattr(cfg, k) is not None}
+    if cfg.model == "auto":
+        return
+    if cfg.init == "random":
+        config = GPT2Config.preset(cfg.model, **overrides)
+    else:
+        if overrides:
+            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
+                             "only; pretrained weights fix the architecture")
+        config = GPT2Config.preset(cfg.model)
+    freeze.parse_selection(cfg.trainable, config.n_layer)
+
+
+# --- flags other than the grid --------------------------------------------------------------
+
+def parse_learning_rates(values: Sequence[str]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError(f"--learning_rates: {v!r} is not a finite number > 0")
+        out.append(x)
+    if not out:
+        raise ValueError("--learning_rates: empty; accepted: comma-separated numbers > 0")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--learning_rates={','.join(values)}: a learning rate repeated")
+    return out
+
+
+def parse_seeds(values: Sequence[str]) -> list[int]:
+    out = []
+    for v in values:
+        try:
+            s = int(v)
+        except ValueError:
+            s = -1
+        if s < 0:
+            raise ValueError(f"--seeds: {v!r} is not an integer >= 0")
+        out.append(s)
+    if not out:
+        raise ValueError("--seeds: empty; accepted: comma-separated integers >= 0")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--seeds={','.join(values)}: a seed repeated")
+    return out
+
+
+def parse_process_cells(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--process_cells={spec}: accepted: i/n with 0 <= i < n, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+# --- running --------------------------------------------------------------------------------
+
+def flatten(learning_rates: Sequence[float], seeds: Sequence[int]
+            ) -> tuple[list[float], list[int]]:
+    """The learning rate x seed product as K runs: run k = (lrs[k // S], seeds[k % S])."""
+    pairs = list(itertools.product(learning_rates, seeds))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _differing(recorded: dict, current: dict) -> list[str]:
+    keys = (set(recorded) | set(current)) - set(NOT_A_GRID_AXIS)
+    return sorted(k for k in keys if recorded.get(k) != current.get(k))
+
+
+def cell_status(cell: GridCell, workdir: Path, lrs: Sequence[float], seeds: Sequence[int]
+                ) -> str:
+    """'new', 'finished' (skip it) or 'resume' (train_and_evaluate_sweep continues it).
+    A cell recorded with other runs or another config (beyond CONTINUABLE) is an error."""
+    d = workdir / results.CELLS / cell.name
+    meta = results._read_json(d / results.CELL_FILE)
+    if not isinstance(meta, dict):
+        return "resume" if d.exists() and any(d.iterdir()) else "new"
+    diff = _differing(meta.get("config", {}), cell.meta["config"])
+    blocking = [k for k in diff if k not in CONTINUABLE]
+    if blocking:
+        shown = ", ".join(f"{k}: {meta.get('config', {}).get(k)!r} -> "
+                          f"{cell.meta['config'].get(k)!r}" for k in blocking)
+        raise ValueError(f"cell {cell.name} in --workdir={workdir} was run with another config "
+                         f"({shown}); use another --workdir, or the same settings")
+    summary = results._read_json(d / "summary.json")
+    runs = summary.get("runs", []) if isinstance(summary, dict) else []
+    want = sorted(zip(*flatten(lrs, seeds)))
+    if runs:
+        have = sorted((float(r["learning_rate"]), int(r["seed"])) for r in runs)
+        if have != want:
+            raise ValueError(
+                f"cell {cell.name} in --workdir={workdir} holds runs of learning rates "
+                f"{sorted({lr for lr, _ in have})} and seeds {sorted({s for _, s in have})}; "
+                f"this sweep asks for {sorted(set(lrs))} and {sorted(set(seeds))}: use another "
+                "--workdir, or the same --learning_rates and --seeds")
+        if not diff:
+            return "finished"
+    return "resume"
+
+
+def _write_meta(cell: GridCell, workdir: Path) -> None:
+    d = workdir / results.CELLS / cell.name
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{results.CELL_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(cell.meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, d / results.CELL_FILE)
+
+
+def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
+              learning_rates: Sequence[float], seeds: Sequence[int],
+              process_cells: tuple[int, int] = (0, 1), train_fn: Callable | None = None,
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Trains this process's share of `cells` one after another (finished ones skipped), then
+    writes the results. Every cell is checked against the workdir before the first trains.
+    `train_fn` defaults to `fpt_jax.sweep.train_and_evaluate_sweep`. Returns {cell: status}."""
+    workdir = Path(workdir)
+    share, count = process_cells
+    mine = [c for c in cells if c.index % count == share]
+    statuses = {c.name: cell_status(c, workdir, learning_rates, seeds) for c in cells}
+    if train_fn is None:
+        from fpt_jax import sweep as sweep_lib
+        train_fn = sweep_lib.train_and_evaluate_sweep
+    lrs, run_seeds = flatten(learning_rates, seeds)
+    for cell in cells:  # every cell listed (pending) in results.md from the start
+        if not (workdir / results.CELLS / cell.name / results.CELL_FILE).exists():
+            _write_meta(cell, workdir)
+    for n, cell in enumerate(mine, 1):
+        where = f"cell {n}/{len(mine)} {cell.name}"
+        if statuses[cell.name] == "finished":
+            log(f"{where}: finished, skipped")
+            continue
+        log(f"{where}: {statuses[cell.name]}, {len(lrs)} runs "
+            f"({len(learning_rates)} learning rates x {len(seeds)} seeds)")
+        _write_meta(cell, workdir)
+        start = time.time()
+        try:
+            train_fn(cell.cfg, str(workdir / results.CELLS / cell.name), lrs, run_seeds)
+        except (ValueError, WeightsError, OSError) as e:
+            raise ValueError(f"{where}: {e}") from e
+        statuses[cell.name] = "trained"
+        log(f"{where}: done in {time.time() - start:.1f} s")
+        results.write_results(workdir)
+    return statuses
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not F["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        learning_rates = parse_learning_rates(F.learning_rates)
+        seeds = parse_seeds(F.seeds)
+        process_cells = parse_process_cells(F.process_cells)
+        cells = make_cells(F.config, parse_grid(F.grid))
+        workdir = cli.writable_dir(F.workdir, "--workdir")
+        if not F.results_only:
+            run_sweep(cells, workdir, learning_rates, seeds, process_cells)
+        paths = results.write_results(workdir)
+    except (ValueError, WeightsError, OSError) as e:
+        # Bad flags, a cell that cannot train, bad files: named, no traceback.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(paths["md"].read_text(), end="", flush=True)
+    print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+
+
+def run() -> None:
+    """The entry point: flags parsed by `cli.parse_flags` (bad ones: `error: ...`, rc 2)."""
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

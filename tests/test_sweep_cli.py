@@ -1,0 +1,397 @@
+"""experiments/sweep.py and fpt_jax/results.py (issue 15, part 3): the grid parser, cell
+names, skipping and resuming cells (with a fake training loop), selection and the tables on
+synthetic cells with known outcomes, the plots, bad command lines (rc 2, `error:` naming the
+flag), and one tiny end-to-end sweep through the real loop.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from experiments import sweep as sweep_cli
+from fpt_jax import results
+from fpt_jax.config import TrainConfig
+from tests.entry_runner import run_all
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# --- synthetic cells -----------------------------------------------------------------------
+
+def _run(k, lr, seed, val, test, best_step=4, conv=None, params=100):
+    return {"run": k, "learning_rate": lr, "seed": seed, "best_step": best_step,
+            "best_val_accuracy": val, "best_val_loss": None if val is None else 1 - val,
+            "test": {"test": {"test/accuracy": test, "test/loss": 0.5}},
+            "steps_to_converge": conv, "stopped_early": False, "last_step": 8,
+            "wall_s": 1.5, "trainable_params": params}
+
+
+def _cell(root: Path, name: str, settings: dict, runs: list[dict] | None, index: int,
+          metrics: list[str] | None = None) -> Path:
+    d = root / "cells" / name
+    d.mkdir(parents=True)
+    (d / "cell.json").write_text(json.dumps({"index": index, "name": name,
+                                             "settings": settings, "config": {}}))
+    if runs is not None:
+        (d / "summary.json").write_text(json.dumps({"runs": runs}))
+    if metrics is not None:
+        (d / "metrics.jsonl").write_text("\n".join(metrics))
+    return d
+
+
+def _eval_row(run, step, acc, lr, seed):
+    return json.dumps({"step": step, "run": run, "learning_rate": lr, "seed": seed,
+                       "eval/accuracy": acc, "eval/loss": 1 - acc})
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Cell 'a': lr 1e-3 has the best MEAN validation accuracy (0.7) though the best single
+    run is at 1e-2 (0.9); test at 1e-3: 0.5, 0.6, 0.7 -> 60.00 +- 5.77. Cell 'b': a tie
+    between 1e-3 and 1e-2 (0.8): the smaller wins. Cell 'c': one seed (s.e. 0), its lr 1e-2
+    unfinished (None) and so not eligible though higher. Cell 'd': pending."""
+    a_runs = [_run(0, 1e-3, 0, 0.6, 0.5, conv=4), _run(1, 1e-3, 1, 0.7, 0.6),
+              _run(2, 1e-3, 2, 0.8, 0.7, conv=2),
+              _run(3, 1e-2, 0, 0.9, 0.95), _run(4, 1e-2, 1, 0.5, 0.4), _run(5, 1e-2, 2, 0.6, 0.5)]
+    metrics = []
+    for r in a_runs:
+        for step, acc in ((2, r["best_val_accuracy"] - 0.1), (4, r["best_val_accuracy"])):
+            metrics.append(_eval_row(r["run"], step, acc, r["learning_rate"], r["seed"]))
+        metrics.append(json.dumps({"step": 1, "run": r["run"], "train/loss": 0.3}))
+    metrics.append(_eval_row(0, 4, 0.6, 1e-3, 0))  # a resumed run repeating a step
+    metrics.append('{"step": 6, "run": 0, "eval/acc')  # a torn last line
+    _cell(tmp_path, "trainable=output", {"trainable": "output"}, a_runs, 0, metrics)
+    b_runs = [_run(0, 1e-3, 0, 0.8, 0.8), _run(1, 1e-3, 1, 0.8, 0.8),
+              _run(2, 1e-2, 0, 0.7, 0.9), _run(3, 1e-2, 1, 0.9, 0.9)]
+    _cell(tmp_path, "trainable=fpt", {"trainable": "fpt"}, b_runs, 1,
+          [_eval_row(r["run"], 4, r["best_val_accuracy"], r["learning_rate"], r["seed"])
+           for r in b_runs])
+    c_runs = [_run(0, 1e-4, 0, 0.55, 0.52), _run(1, 1e-2, 0, None, None)]
+    c_runs[1]["test"] = {}
+    _cell(tmp_path, "trainable=output,ln", {"trainable": "output,ln"}, c_runs, 2)
+    _cell(tmp_path, "trainable=full", {"trainable": "full"}, None, 3)
+    return tmp_path
+
+
+def test_mean_se():
+    assert results.mean_se([0.5]) == (0.5, 0.0)
+    mean, se = results.mean_se([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and se == pytest.approx(0.1 / math.sqrt(3))
+
+
+def test_selection_on_mean_validation_accuracy(synthetic):
+    cells = {c.name: c for c in results.load_cells(synthetic)}
+    assert [c.name for c in results.load_cells(synthetic)] == [
+        "trainable=output", "trainable=fpt", "trainable=output,ln", "trainable=full"]
+    a = results.select(cells["trainable=output"])
+    assert a.learning_rate == 1e-3 and a.n_seeds == 3 and a.run_ids == [0, 1, 2]
+    assert a.val_mean == pytest.approx(0.7)
+    assert a.test["test"][0] == pytest.approx(0.6)
+    assert a.test["test"][1] == pytest.approx(0.1 / math.sqrt(3))
+    assert a.per_lr[1e-2][0] == pytest.approx(2 / 3)
+    assert a.steps_to_converge == [4, None, 2] and a.trainable_params == 100
+    b = results.select(cells["trainable=fpt"])
+    assert b.learning_rate == 1e-3 and b.n_seeds == 2  # tie: the smaller learning rate
+    c = results.select(cells["trainable=output,ln"])
+    assert c.learning_rate == 1e-4 and c.n_seeds == 1 and c.test["test"] == (0.52, 0.0)
+    assert c.per_lr[1e-2] == (None, None, 1)
+    assert not cells["trainable=full"].finished
+
+
+def test_eval_rows_dedupe_and_torn_line(synthetic):
+    rows = results.read_eval_rows(synthetic / "cells/trainable=output/metrics.jsonl")
+    assert len(rows) == 12 and all("eval/accuracy" in r for r in rows)
+    assert [(r["run"], r["step"]) for r in rows][:2] == [(0, 2), (0, 4)]
+
+
+def test_write_results(synthetic):
+    paths = results.write_results(synthetic)
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 + 4 + 2
+    first = rows[0]
+    assert first["cell"] == "trainable=output" and first["trainable"] == "output"
+    assert float(first["learning_rate"]) == 1e-3 and first["seed"] == "0"
+    assert float(first["best_val_accuracy"]) == 0.6 and first["best_step"] == "4"
+    assert float(first["test_accuracy"]) == 0.5 and first["steps_to_converge"] == "4"
+    assert first["trainable_params"] == "100" and float(first["wall_s"]) == 1.5
+    assert rows[-1]["best_val_accuracy"] == "" and rows[-1]["test_accuracy"] == ""
+    md = paths["md"].read_text()
+    table = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
+             if line.startswith("| trainable=")}
+    # the first table's rows come first: selected lr, seeds, val, test, converged, params
+    assert "| 0.001 | 3 | 70.00 +- 5.77 | 60.00 +- 5.77 | 2/3 (mean step 3) | 100 |" in md
+    assert "| trainable=fpt | fpt | 0.001 | 2 | 80.00 +- 0.00 | 80.00 +- 0.00 |" in md
+    assert "| trainable=output,ln | output,ln | 0.0001 | 1 | 55.00 +- 0.00 | 52.00 +- 0.00 |" in md
+    assert "66.67 +- 12.02" in md and "70.00 +- 5.77*" in md  # per-lr table, selected marked
+    assert "Not finished (no summary yet): trainable=full." in md
+    assert len(table) == 3
+    for key in ("curves", "lr"):
+        data = paths[key].read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_write_results_empty(tmp_path):
+    paths = results.write_results(tmp_path)
+    assert paths["csv"].read_text().startswith("cell,learning_rate,seed")
+    assert "# Sweep results" in paths["md"].read_text()
+    assert paths["lr"].read_bytes().startswith(PNG)
+
+
+# --- the grid ------------------------------------------------------------------------------
+
+def test_parse_grid_types_and_separator():
+    axes = dict(sweep_cli.parse_grid([
+        "trainable=output|output,ln|fpt,attn[-2:]", "n_embd=16|32", "dropout=0|0.1",
+        "in_layer_sizes=|64,64", "augment=true|none|False", "grad_clip=none|1",
+        "init= pretrained | random "]))
+    assert axes["trainable"] == ["output", "output,ln", "fpt,attn[-2:]"]
+    assert axes["n_embd"] == [16, 32] and all(type(v) is int for v in axes["n_embd"])
+    assert axes["dropout"] == [0.0, 0.1] and all(type(v) is float for v in axes["dropout"])
+    assert axes["in_layer_sizes"] == [(), (64, 64)]
+    assert axes["augment"] == [True, None, False]
+    assert axes["grad_clip"] == [None, 1.0]
+    assert axes["init"] == ["pretrained", "random"]
+    assert sweep_cli.parse_grid([]) == []
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nofield=1|2", ["--grid=nofield=1|2", "unknown field 'nofield'", "trainable"]),
+    ("learning_rate=1e-3|1e-2", ["--learning_rates"]),
+    ("seed=0|1", ["--seeds"]),
+    ("n_embd=16|abc", ["n_embd='abc'", "an integer"]),
+    ("n_embd=16.5", ["an integer"]),
+    ("dropout=x", ["a finite number"]),
+    ("dropout=inf", ["a finite number"]),
+    ("remat=maybe", ["true or false"]),
+    ("steps=none", ["steps has no 'not set' value"]),
+    ("trainable=fpt|fpt", ["repeated value", "fpt"]),
+    ("trainable=", ["empty value"]),
+    ("trainable", ["expected <field>=<v1>|<v2>"]),
+    ("in_layer_sizes=6,x", ["comma-separated ints"]),
+])
+def test_parse_grid_errors(spec, words):
+    with pytest.raises(ValueError) as e:
+        sweep_cli.parse_grid([spec])
+    assert "--grid" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_parse_grid_repeated_field():
+    with pytest.raises(ValueError, match="already an axis"):
+        sweep_cli.parse_grid(["n_embd=16", "n_embd=32"])
+
+
+def test_cell_names():
+    assert sweep_cli.cell_name({}) == "base"
+    assert sweep_cli.cell_name({"trainable": "output,ln", "init": "random"}) == \
+        "trainable=output,ln__init=random"
+    assert sweep_cli.cell_name({"dropout": 0.1, "in_layer_sizes": (64, 64),
+                                "augment": None}) == \
+        "dropout=0.1__in_layer_sizes=64,64__augment=none"
+    odd = sweep_cli.cell_name({"trainable": "fpt,attn[-2:]"})
+    assert odd.startswith("trainable=fpt,attn_-2__~") and "/" not in odd
+    assert odd == sweep_cli.cell_name({"trainable": "fpt,attn[-2:]"})  # stable
+    assert odd != sweep_cli.cell_name({"trainable": "fpt,attn[-2_]"})
+
+
+def test_make_cells_checks_every_cell():
+    base = TrainConfig(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16)
+    cells = sweep_cli.make_cells(base, sweep_cli.parse_grid(
+        ["trainable=output|fpt", "backbone_seed=0|1"]))
+    assert [c.name for c in cells] == [
+        "trainable=output__backbone_seed=0", "trainable=output__backbone_seed=1",
+        "trainable=fpt__backbone_seed=0", "trainable=fpt__backbone_seed=1"]
+    assert cells[3].cfg.trainable == "fpt" and cells[3].cfg.backbone_seed == 1
+    assert cells[0].cfg.n_embd == 16 and base.trainable == "fpt"
+    for grid, words in ((["trainable=output|bogus"], "--grid cell trainable=bogus: unknown "
+                                                     "trainable group 'bogus'"),
+                        (["n_embd=16|15"], "--grid cell n_embd=15"),
+                        (["patch_size=1|2", "task=bit_xor|mnist"], "--grid cell"),
+                        (["dropout=0|1.5"], "dropout=1.5")):
+        with pytest.raises(ValueError, match=None) as e:
+            sweep_cli.make_cells(base, sweep_cli.parse_grid(grid))
+        assert words in str(e.value), str(e.value)
+
+
+def test_flags_parsers():
+    assert sweep_cli.parse_learning_rates(["1e-3", "0.01"]) == [1e-3, 1e-2]
+    assert sweep_cli.parse_seeds(["0", "2"]) == [0, 2]
+    assert sweep_cli.parse_process_cells("1/3") == (1, 3)
+    assert sweep_cli.parse_process_cells(None) == (0, 1)
+    for fn, bad in ((sweep_cli.parse_learning_rates, ["0"]),
+                    (sweep_cli.parse_learning_rates, ["x"]),
+                    (sweep_cli.parse_learning_rates, ["1e-3", "0.001"]),
+                    (sweep_cli.parse_learning_rates, []),
+                    (sweep_cli.parse_seeds, ["-1"]), (sweep_cli.parse_seeds, ["1", "1"]),
+                    (sweep_cli.parse_process_cells, "2/2"),
+                    (sweep_cli.parse_process_cells, "a/b")):
+        with pytest.raises(ValueError, match="--(learning_rates|seeds|process_cells)"):
+            fn(bad)
+    assert sweep_cli.flatten([1e-3, 1e-2], [0, 1]) == ([1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1])
+
+
+# --- the loop over cells, with a fake training loop -----------------------------------------
+
+class FakeTrain:
+    """train_and_evaluate_sweep's contract: summary.json with K runs and metrics.jsonl rows;
+    a known validation accuracy per (trainable, lr, seed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def accuracy(cfg, lr, seed):
+        return round(0.5 + 0.1 * ("fpt" in cfg.trainable) + 0.1 * (lr == 1e-2) + 0.01 * seed, 4)
+
+    def __call__(self, cfg, workdir, learning_rates, seeds):
+        self.calls.append((Path(workdir).name, list(learning_rates), list(seeds)))
+        runs, rows = [], []
+        for k, (lr, seed) in enumerate(zip(learning_rates, seeds)):
+            acc = self.accuracy(cfg, lr, seed)
+            for step in (2, 4):
+                rows.append({"step": step, "run": k, "learning_rate": lr, "seed": seed,
+                             "eval/accuracy": acc - (0.1 if step == 2 else 0), "eval/loss": 0.1})
+            runs.append(_run(k, lr, seed, acc, acc - 0.05))
+        Path(workdir, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        Path(workdir, "summary.json").write_text(json.dumps({"runs": runs}))
+        return runs
+
+
+def _cells(grid=("trainable=output|fpt",), **overrides):
+    base = TrainConfig(**{"task": "bit_xor", "init": "random", "n_layer": 1, "n_head": 2,
+                          "n_embd": 16, "steps": 4, **overrides})
+    return sweep_cli.make_cells(base, sweep_cli.parse_grid(list(grid)))
+
+
+def test_run_sweep_skips_finished_cells(tmp_path):
+    fake, log = FakeTrain(), []
+    status = sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+                                 log=log.append)
+    assert status == {"trainable=output": "trained", "trainable=fpt": "trained"}
+    assert fake.calls == [("trainable=output", [1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1]),
+                          ("trainable=fpt", [1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1])]
+    meta = json.loads((tmp_path / "cells/trainable=fpt/cell.json").read_text())
+    assert meta["settings"] == {"trainable": "fpt"} and meta["config"]["n_embd"] == 16
+    md = (tmp_path / "results.md").read_text()
+    assert "| trainable=fpt | fpt | 0.01 | 2 | 70.50 +- 0.50 | 65.50 +- 0.50 |" in md
+    # again: nothing trains
+    status = sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+                                 log=log.append)
+    assert len(fake.calls) == 2 and set(status.values()) == {"finished"}
+    assert any("finished, skipped" in line for line in log)
+    # more steps: a finished cell continues (the loop resumes it)
+    status = sweep_cli.run_sweep(_cells(steps=8), tmp_path, [1e-3, 1e-2], [0, 1],
+                                 train_fn=fake, log=log.append)
+    assert len(fake.calls) == 4 and set(status.values()) == {"trained"}
+
+
+def test_run_sweep_interrupted_cell_resumes(tmp_path):
+    fake = FakeTrain()
+    cells = _cells()
+    d = tmp_path / "cells" / cells[0].name
+    d.mkdir(parents=True)
+    (d / "checkpoints").mkdir()  # an interrupted cell: a checkpoint, no summary
+    assert sweep_cli.cell_status(cells[0], tmp_path, [1e-3], [0]) == "resume"
+    assert sweep_cli.cell_status(cells[1], tmp_path, [1e-3], [0]) == "new"
+    sweep_cli.run_sweep(cells, tmp_path, [1e-3], [0], train_fn=fake, log=lambda s: None)
+    assert [c[0] for c in fake.calls] == ["trainable=output", "trainable=fpt"]
+
+
+def test_run_sweep_refuses_other_runs_or_config(tmp_path):
+    fake = FakeTrain()
+    sweep_cli.run_sweep(_cells(), tmp_path, [1e-3], [0, 1], train_fn=fake, log=lambda s: None)
+    with pytest.raises(ValueError, match="--learning_rates and --seeds"):
+        sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+                            log=lambda s: None)
+    with pytest.raises(ValueError, match="another config .*dropout: 0.1 -> 0.0"):
+        sweep_cli.run_sweep(_cells(dropout=0.0), tmp_path, [1e-3], [0, 1], train_fn=fake,
+                            log=lambda s: None)
+    assert len(fake.calls) == 2  # nothing trained by the refused sweeps
+
+
+def test_run_sweep_process_cells(tmp_path):
+    fake = FakeTrain()
+    grid = ("trainable=output|fpt|output,ln",)
+    sweep_cli.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(1, 2),
+                        train_fn=fake, log=lambda s: None)
+    assert [c[0] for c in fake.calls] == ["trainable=fpt"]
+    md = (tmp_path / "results.md").read_text()
+    assert "Not finished (no summary yet): trainable=output, trainable=output,ln." in md
+    sweep_cli.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(0, 2),
+                        train_fn=fake, log=lambda s: None)
+    assert [c[0] for c in fake.calls] == ["trainable=fpt", "trainable=output",
+                                          "trainable=output,ln"]
+    assert "Not finished" not in (tmp_path / "results.md").read_text()
+
+
+# --- the command line ----------------------------------------------------------------------
+
+TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
+        "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
+        "--config.batch_size=4", "--config.steps=4", "--config.eval_every=2",
+        "--config.log_every=2", "--config.checkpoint_every=2", "--config.num_devices=1"]
+
+
+def test_bad_command_lines(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    wd = f"--workdir={tmp_path / 'wd'}"
+    cases = [
+        ([wd, "--grid=nofield=1|2"], ["--grid=nofield=1|2", "unknown field"]),
+        ([wd, "--grid=n_embd=16|abc"], ["--grid=n_embd=16|abc", "an integer"]),
+        ([wd, "--grid=learning_rate=1e-3|1e-2"], ["--grid", "--learning_rates"]),
+        ([wd, "--grid=trainable=output|bogus"], ["--grid cell trainable=bogus"]),
+        ([wd, "--grid=n_embd=16", "--grid=n_embd=32"], ["--grid", "already an axis"]),
+        ([wd, "--learning_rates=1e-3,0"], ["--learning_rates", "'0'"]),
+        ([wd, "--learning_rates=abc"], ["--learning_rates", "'abc'"]),
+        ([wd, "--seeds=0,-1"], ["--seeds", "'-1'"]),
+        ([wd, "--seeds=0,0"], ["--seeds", "repeated"]),
+        ([wd, "--process_cells=2/2"], ["--process_cells=2/2"]),
+        ([f"--workdir={tmp_path / 'a_file' / 'x'}"], ["--workdir", "not a directory"]),
+        ([wd, "--config.n_embd=abc"], ["--config.n_embd"]),
+        ([], ["--workdir"]),
+    ]
+    out = run_all("experiments.sweep", [[*TINY, *args] for args, _ in cases], timeout=120)
+    for (args, words), result in zip(cases, out):
+        assert result["rc"] == 2, (args, result)
+        assert result["stderr"].strip().splitlines()[-1].startswith("error:"), (args, result)
+        assert "Traceback" not in result["stderr"], (args, result)
+        for w in words:
+            assert w in result["stderr"], (args, w, result["stderr"])
+    assert not (tmp_path / "wd" / "cells").exists()  # nothing started
+
+
+def _has_loop() -> bool:
+    from fpt_jax import sweep
+    return hasattr(sweep, "train_and_evaluate_sweep")
+
+
+@pytest.mark.skipif(not _has_loop(), reason="fpt_jax.sweep.train_and_evaluate_sweep not there")
+def test_end_to_end_tiny_sweep(tmp_path):
+    wd = tmp_path / "sweep"
+    args = [*TINY, "--config.dropout=0", "--grid=trainable=output|fpt",
+            "--learning_rates=1e-3,1e-2", "--seeds=0,1", f"--workdir={wd}"]
+    first, = run_all("experiments.sweep", [args], timeout=600)
+    assert first["rc"] == 0, first["stderr"][-3000:]
+    for name in ("trainable=output", "trainable=fpt"):
+        summary = json.loads((wd / "cells" / name / "summary.json").read_text())
+        assert len(summary["runs"]) == 4
+    with open(wd / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["trainable"] for r in rows} == {"output", "fpt"}
+    assert {(float(r["learning_rate"]), int(r["seed"])) for r in rows} == {
+        (1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)}
+    md = (wd / "results.md").read_text()
+    assert "| trainable=output | output |" in md and "| trainable=fpt | fpt |" in md
+    assert (wd / "curves.png").read_bytes().startswith(PNG)
+    assert (wd / "lr.png").read_bytes().startswith(PNG)
+    mtimes = {p: p.stat().st_mtime_ns for p in (wd / "cells").glob("*/summary.json")}
+    second, = run_all("experiments.sweep", [args], timeout=600)
+    assert second["rc"] == 0, second["stderr"][-3000:]
+    assert second["stdout"].count("finished, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes

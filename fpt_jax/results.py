@@ -11,7 +11,8 @@ A sweep workdir holds one directory per grid cell, `WORKDIR/cells/<name>/`, with
   split, steps to converge, whether it stopped early, trainable parameters, wall time).
 - `WORKDIR/results.md`: per cell, the learning rate selected on the MEAN best validation
   accuracy over seeds (ties: the smaller learning rate; only learning rates whose every
-  seed has finished with an evaluation compete), and at that learning rate the test
+  seed has a validation accuracy compete: a run that diverged before its first evaluation
+  has none, one that diverged later competes with its best finite evaluation), and at that learning rate the test
   accuracy as mean +- standard error over seeds, with the number of seeds. The standard
   error is `std(ddof=1) / sqrt(n)`; with one seed it is 0 (no spread can be measured).
   Then every learning rate's mean validation accuracy per cell.
@@ -129,9 +130,10 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var) / math.sqrt(n)
 
 
-def _test_accuracy(run: dict, split: str) -> float | None:
+def _test_metric(run: dict, split: str, metric: str = "accuracy") -> float | None:
+    """A run's test metric on `split` (keys `test/<metric>` or `test_<split>/<metric>`)."""
     entry = (run.get("test") or {}).get(split) or {}
-    value = entry.get("test/accuracy")
+    value = next((v for k, v in entry.items() if k.rsplit("/", 1)[-1] == metric), None)
     return None if value is None else float(value)
 
 
@@ -168,7 +170,7 @@ def select(cell: Cell) -> Selection:
     runs = sorted(by_lr[best], key=lambda r: int(r.get("seed", 0)))
     test = {}
     for split in split_names([cell]):
-        accs = [_test_accuracy(r, split) for r in runs]
+        accs = [_test_metric(r, split) for r in runs]
         if all(a is not None for a in accs):
             test[split] = mean_se(accs)
     params = {r.get("trainable_params") for r in runs}
@@ -194,19 +196,19 @@ def run_rows(cells: Sequence[Cell]) -> tuple[list[str], list[dict[str, Any]]]:
               "best_val_loss"]
     for split in splits:
         header += [_split_column(split, "accuracy"), _split_column(split, "loss")]
-    header += ["steps_to_converge", "stopped_early", "last_step", "trainable_params", "wall_s"]
+    header += ["steps_to_converge", "stopped_early", "diverged_step", "last_step",
+               "trainable_params", "wall_s"]
     rows = []
     for cell in cells:
         for run in sorted(cell.runs, key=lambda r: int(r.get("run", 0))):
             row = {"cell": cell.name, **{k: _plain(cell.settings.get(k, "")) for k in fields}}
             for k in ("learning_rate", "seed", "best_val_accuracy", "best_step", "best_val_loss",
-                      "steps_to_converge", "stopped_early", "last_step", "trainable_params",
-                      "wall_s"):
+                      "steps_to_converge", "stopped_early", "diverged_step", "last_step",
+                      "trainable_params", "wall_s"):
                 row[k] = run.get(k)
             for split in splits:
-                entry = (run.get("test") or {}).get(split) or {}
-                row[_split_column(split, "accuracy")] = entry.get("test/accuracy")
-                row[_split_column(split, "loss")] = entry.get("test/loss")
+                row[_split_column(split, "accuracy")] = _test_metric(run, split, "accuracy")
+                row[_split_column(split, "loss")] = _test_metric(run, split, "loss")
             rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return header, rows
 
@@ -260,7 +262,9 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
             conv = [s for s in sel.steps_to_converge if s is not None]
             converged = (f"{len(conv)}/{sel.n_seeds}"
                          + (f" (mean step {sum(conv) / len(conv):.0f})" if conv else ""))
-            if not conv and sel.cell.config.get("converge_at", 0) is None:
+            recorded = [r.get("converge_at", sel.cell.config.get("converge_at", 0))
+                        for r in sel.cell.runs]
+            if not conv and all(c is None for c in recorded):
                 converged = "-"  # not recorded (converge_at not set)
             row += [f"{sel.learning_rate:g}", str(sel.n_seeds), _pct(sel.val_mean, sel.val_se)]
             row += [_pct(*sel.test[s]) if s in sel.test else "-" for s in splits]
@@ -271,7 +275,10 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
     if lrs:
         lines += ["", "## Mean validation accuracy per learning rate", "",
                   "Best validation accuracy per run, mean +- s.e. over seeds; * marks the "
-                  "selected learning rate; - a learning rate with an unfinished run.", ""]
+                  "selected learning rate; - a learning rate with a run that has no "
+                  "validation accuracy (it diverged before its first evaluation): not "
+                  "selectable. (d: runs that diverged later; their best finite "
+                  "evaluation counts.)", ""]
         head = ["cell", *(f"{lr:g}" for lr in lrs)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for sel in selections:
@@ -279,7 +286,9 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
             for lr in lrs:
                 mean, se, _ = sel.per_lr.get(lr, (None, None, 0))
                 mark = "*" if lr == sel.learning_rate else ""
-                row.append(_pct(mean, se) + mark)
+                div = sum(1 for r in sel.cell.runs if float(r["learning_rate"]) == lr
+                          and r.get("diverged_step") is not None)
+                row.append(_pct(mean, se) + mark + (f" ({div}d)" if div else ""))
             lines.append("| " + " | ".join(row) + " |")
     if pending:
         lines += ["", "Not finished (no summary yet): " + ", ".join(pending) + "."]

@@ -72,6 +72,7 @@ def synthetic(tmp_path):
            for r in b_runs])
     c_runs = [_run(0, 1e-4, 0, 0.55, 0.52), _run(1, 1e-2, 0, None, None)]
     c_runs[1]["test"] = {}
+    c_runs[1]["diverged_step"] = 1
     _cell(tmp_path, "trainable=output,ln", {"trainable": "output,ln"}, c_runs, 2)
     _cell(tmp_path, "trainable=full", {"trainable": "full"}, None, 3)
     return tmp_path
@@ -129,10 +130,30 @@ def test_write_results(synthetic):
     assert "| trainable=output,ln | output,ln | 0.0001 | 1 | 55.00 +- 0.00 | 52.00 +- 0.00 |" in md
     assert "66.67 +- 12.02" in md and "70.00 +- 5.77*" in md  # per-lr table, selected marked
     assert "Not finished (no summary yet): trainable=full." in md
+    assert "| trainable=output,ln | 55.00 +- 0.00* | - | - (1d) |" in md
+    assert rows[-1]["diverged_step"] == "1" and rows[0]["diverged_step"] == ""
     assert len(table) == 3
     for key in ("curves", "lr"):
         data = paths[key].read_bytes()
         assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_several_test_splits(tmp_path):
+    """Homology's three test sets: keys test_<split>/accuracy, one column pair each."""
+    runs = []
+    for k, seed in enumerate((0, 1)):
+        run = _run(k, 1e-4, seed, 0.5, None)
+        run["test"] = {s: {f"test_{s}/accuracy": 0.1 * (i + 1) + 0.1 * seed,
+                           f"test_{s}/loss": 2.0} for i, s in enumerate(("fold", "family"))}
+        runs.append(run)
+    _cell(tmp_path, "base", {}, runs, 0)
+    paths = results.write_results(tmp_path)
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert "test_accuracy/fold" in header and "test_loss/family" in header
+    sel = results.select(results.load_cells(tmp_path)[0])
+    assert sel.test["fold"][0] == pytest.approx(0.15) and sel.test["family"][0] == \
+        pytest.approx(0.25)
+    assert "test acc (fold) | test acc (family)" in paths["md"].read_text()
 
 
 def test_write_results_empty(tmp_path):
@@ -356,7 +377,14 @@ def test_bad_command_lines(tmp_path):
         ([wd, "--config.n_embd=abc"], ["--config.n_embd"]),
         ([], ["--workdir"]),
     ]
-    out = run_all("experiments.sweep", [[*TINY, *args] for args, _ in cases], timeout=120)
+    done = tmp_path / "done"  # --results_only: tables from finished cells, nothing trained
+    _cell(done, "trainable=fpt", {"trainable": "fpt"}, [_run(0, 1e-3, 0, 0.8, 0.7)], 0)
+    out = run_all("experiments.sweep", [[*TINY, *args] for args, _ in cases]
+                  + [[*TINY, "--results_only", f"--workdir={done}"]], timeout=120)
+    good = out.pop()
+    assert good["rc"] == 0, good
+    assert "| trainable=fpt | fpt | 0.001 | 1 | 80.00 +- 0.00 | 70.00 +- 0.00 |" in good["stdout"]
+    assert (done / "results.csv").exists() and (done / "lr.png").exists()
     for (args, words), result in zip(cases, out):
         assert result["rc"] == 2, (args, result)
         assert result["stderr"].strip().splitlines()[-1].startswith("error:"), (args, result)

@@ -12,6 +12,11 @@ r"""Measures the speed of fpt-jax's training step, against the original PyTorch 
   python -m experiments.benchmark --config.model=gpt2-large --seq_lens=1024 --batch_size=1 \
       --modes=frozen --remats=false,true --notorch_reference --name=remat
 
+  # K = 1, 4, 16 runs trained by one vmapped sweep step (fpt_jax.sweep): per-run time
+  # against one run and against the PyTorch recipe's one run, utilisation vs the matmul peak
+  python -m experiments.benchmark --config.model=gpt2 --shapes=bit_xor --modes=frozen \
+      --sweeps=1,4,16 --name=sweep
+
   # bfloat16 compute (with a loss check against float32), another trainable selection
   python -m experiments.benchmark --shapes=cifar10 --dtypes=float32,bfloat16 \
       --modes=frozen --selections='output,attn[-2:]'
@@ -74,6 +79,10 @@ flags.DEFINE_multi_string("selections", [], "Further train modes as trainable se
 flags.DEFINE_list("dtypes", None, "Compute dtypes to sweep: float32, bfloat16 (parameters "
                   "stay float32). Default: --config.dtype. With bfloat16 the eval loss is "
                   "checked against float32.")
+flags.DEFINE_list("sweeps", ["1"], "K values: every training case is timed with K runs "
+                  "trained by one vmapped sweep step (fpt_jax.sweep: the backbone shared, "
+                  "states donated), reported per run (step time / K) and against K=1. K=1 is "
+                  "the single-run training step. Integers >= 1.")
 flags.DEFINE_list("remats", None, "Activation checkpointing per block to sweep: false, true, "
                   "or false,true for both. Default: --config.remat.")
 
@@ -119,10 +128,23 @@ def check_flags() -> None:
         _at_least("batch_size", 1)
         _at_least("features", 1)
         _at_least("classes", 2)
+    sweeps()
     name = F.name
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"--name={name!r}; accepted: a file name without '/' (the outputs "
                          "are <name>.json, <name>.md, <name>.png in --out_dir)")
+
+
+def sweeps() -> list[int]:
+    """--sweeps as integers >= 1 (ValueError naming the flag)."""
+    try:
+        ks = [int(v) for v in F.sweeps]
+    except ValueError:
+        ks = []
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"--sweeps={','.join(F.sweeps)}; accepted: integers >= 1 (the runs K "
+                         "of a vmapped sweep step, e.g. 1,4,16)")
+    return ks
 
 
 def check_out_dir(out_dir: str, name: str) -> None:
@@ -190,7 +212,7 @@ def bench_config():
         raise ValueError(f"--remats={','.join(F.remats)}: {bad[0]!r} is not true/false")
     return bench.BenchConfig(
         base=F.config, shapes=shapes, modes=[*F.modes, *F.selections], dtypes=F.dtypes,
-        remats=F.remats and [_BOOLS[v.strip().lower()] for v in F.remats],
+        remats=F.remats and [_BOOLS[v.strip().lower()] for v in F.remats], sweeps=sweeps(),
         steps=F.steps, warmup=F.warmup, rounds=F.rounds, switch_steps=F.switch_steps,
         torch_reference=F.torch_reference, torch_threads=F.torch_threads,
         torch_attn=F.torch_attn, peak_tflops=F.peak_tflops, compile_only=F.compile_only)

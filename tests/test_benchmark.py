@@ -143,6 +143,57 @@ def test_train_step_donates_its_state_and_reads_frozen_in_place(report):
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(frozen))
 
 
+@pytest.fixture(scope="module")
+def sweep_report():
+    # 'output,ln': the position embeddings stay in the (shared) backbone, so that even this
+    # tiny model's backbone outweighs a few runs' states.
+    bc = dataclasses.replace(TINY, modes=["output,ln", "forward"], sweeps=[1, 4],
+                             peak_tflops=0.05)
+    return bench.run(bc, command="pytest sweeps", log=None)
+
+
+def test_sweep_cases_report_per_run_times_against_one_run_and_pytorch(sweep_report, tmp_path):
+    rows = {(r["mode"], r["runs"]): r for r in sweep_report["results"]
+            if r["framework"] == "jax"}
+    assert set(rows) == {("output,ln", 1), ("output,ln", 4), ("forward", 1)}  # no swept eval
+    k1, k4 = rows["output,ln", 1], rows["output,ln", 4]
+    assert k4["case"] == "tiny/output,ln/float32/K4" and k1["case"] == "tiny/output,ln/float32"
+    for r in (k1, k4):
+        assert r["per_run_ms"]["median"] == pytest.approx(r["step_ms"]["median"] / r["runs"])
+        assert r["tokens_per_s"] == pytest.approx(
+            r["runs"] * SHAPE.tokens / r["step_ms"]["median"] * 1e3)
+        assert r["state_donated"] is True and r["utilisation"] > 0
+    # K runs: K times the FLOPs (the same step vmapped), K x the trainable parameters
+    assert k4["flops_per_step"] == pytest.approx(4 * k1["flops_per_step"], rel=0.05)
+    assert k4["trainable_params"] == 4 * k1["trainable_params"]
+    comp = {c["case"]: c for c in sweep_report["comparisons"]}
+    c1, c4 = comp[k1["case"]], comp[k4["case"]]
+    assert c1["per_run_vs_k1"] == 1.0 and c4["runs"] == 4
+    assert c4["per_run_vs_k1"] == pytest.approx(
+        k4["step_ms"]["median"] / 4 / k1["step_ms"]["median"])
+    if torch_ref.torch_available():  # PyTorch's one run against the per-run time
+        assert c4["torch_ms"] == c1["torch_ms"] > 0
+        assert c4["per_run_vs_torch"] == pytest.approx(c4["per_run_ms"] / c4["torch_ms"])
+    md = open(bench.write(sweep_report, str(tmp_path), "sw")["markdown"]).read()
+    assert "Sweeps: K runs" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| tiny/output,ln/float32/K4 | 4 |"))
+    assert f"| {c4['per_run_vs_k1']:.2f} |" in line
+
+
+def test_sweep_step_holds_the_backbone_once(sweep_report):
+    """The compiled sweep step's arguments grow with K x the run's state (trainable
+    parameters, optimizer state, own frozen parts) and its batch, not K x the backbone."""
+    rows = {r["runs"]: r for r in sweep_report["results"]
+            if r["framework"] == "jax" and r["mode"] == "output,ln"}
+    k1, k4 = rows[1], rows[4]
+    grown = k4["argument_bytes"] - k1["argument_bytes"]
+    assert k1["backbone_bytes"] == k4["backbone_bytes"] > 0
+    assert 0 < grown < k1["backbone_bytes"], (grown, k1["backbone_bytes"])
+    # 3 more runs' states (+ their learning rates) and batches, nothing else
+    assert 3 * k1["run_state_bytes"] <= grown <= 3 * k1["run_state_bytes"] + 3 * 1024, (
+        grown, k1["run_state_bytes"])
+
+
 def test_remat_gives_the_same_loss_and_gradients():
     task = SHAPE.task()
     batch = task.batch("train", 0, 4, seed=0)
@@ -213,6 +264,9 @@ def test_bad_settings_are_errors_that_say_what_is_accepted():
         dataclasses.replace(TINY, modes=["sideways"])
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         dataclasses.replace(TINY, dtypes=["float16"])
+    for bad in ([0], [2, -1], [], [1.5]):
+        with pytest.raises(ValueError, match="sweeps=.*accepted: integers >= 1"):
+            dataclasses.replace(TINY, sweeps=bad)
     with pytest.raises(ValueError, match="fewer than rounds"):
         dataclasses.replace(TINY, steps=1, rounds=2)
     with pytest.raises(ValueError, match="shape 'flat': synthetic: classes=1"):
@@ -323,6 +377,8 @@ def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
     ("--modes=sideways", "error: unknown mode 'sideways'"),
     ("--remats=maybe", "error: --remats=maybe: 'maybe' is not true/false"),
     ("--shapes=mnist", "error: unknown --shapes entry 'mnist'"),
+    ("--sweeps=1,0", "error: --sweeps=1,0; accepted: integers >= 1"),
+    ("--sweeps=four", "error: --sweeps=four; accepted: integers >= 1"),
 ])
 def test_cli_bad_flags_exit_with_a_clear_message(tmp_path, flag, message):
     done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",

@@ -1,8 +1,9 @@
 """What is measured: shapes, cases, the benchmark's settings, and what every runner shares.
 
-A case is (shape, trainable selection, dtype, remat) over a base training config: the shape
-(batch x tokens x features -> classes) is a `synthetic` task, the selection is what the step
-trains (None: forward only). Modes name selections: `frozen` is the base config's
+A case is (shape, trainable selection, dtype, remat, runs) over a base training config: the
+shape (batch x tokens x features -> classes) is a `synthetic` task, the selection is what the
+step trains (None: forward only), `runs` the K runs trained together by one vmapped sweep step
+(`fpt_jax.sweep`; 1: the single-run training step, exactly as before sweeps existed). Modes name selections: `frozen` is the base config's
 `trainable` (the paper's `fpt` by default), `full` fine-tunes everything, `forward` times the
 eval step; any other selection string is a mode of its own.
 """
@@ -69,6 +70,7 @@ class Case:
     trainable: str | None = "fpt"  # the trainable selection; None: forward only
     dtype: str = "float32"
     remat: bool = False
+    runs: int = 1  # K > 1: K runs in one vmapped sweep step (fpt_jax.sweep)
 
     @property
     def mode(self) -> str:
@@ -77,7 +79,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.shape.name}/{self.mode}/{self.dtype}{'/remat' if self.remat else ''}"
+        return (f"{self.shape.name}/{self.mode}/{self.dtype}{'/remat' if self.remat else ''}"
+                + (f"/K{self.runs}" if self.runs != 1 else ""))
 
 
 @dataclasses.dataclass
@@ -92,6 +95,9 @@ class BenchConfig:
     modes: tuple[str, ...] = MODES  # and/or trainable selections
     dtypes: tuple[str, ...] | None = None  # None: (base.dtype,)
     remats: tuple[bool, ...] | None = None  # None: (base.remat,)
+    # K values: training cases of K runs in one vmapped sweep step (fpt_jax.sweep), timed
+    # per K; K=1 is the single-run training step (forward-only cases are never swept).
+    sweeps: tuple[int, ...] = (1,)
     steps: int = 20  # timed steps per case, split over `rounds`
     warmup: int = 3  # untimed steps after compilation
     rounds: int = 5  # interleaving rounds (A B C A B C ...)
@@ -107,6 +113,7 @@ class BenchConfig:
         self.shapes, self.modes = tuple(self.shapes), tuple(self.modes)
         self.dtypes = tuple(dict.fromkeys(self.dtypes or (self.base.dtype,)))
         self.remats = tuple(dict.fromkeys(self.remats or (self.base.remat,)))
+        self.sweeps = tuple(dict.fromkeys(self.sweeps))
         self.validate()
 
     def validate(self) -> "BenchConfig":
@@ -125,6 +132,10 @@ class BenchConfig:
                              "round times at least one step of each case")
         if not self.shapes:
             raise ValueError("no shape to measure")
+        if not self.sweeps or any(isinstance(k, bool) or not isinstance(k, (int, np.integer))
+                                  or k < 1 for k in self.sweeps):
+            raise ValueError(f"sweeps={','.join(map(str, self.sweeps))}; accepted: integers >= 1 "
+                             "(the runs K of a vmapped sweep step; 1: the single-run step)")
         if self.base.model == "auto":
             raise ValueError("model='auto' reads the architecture from pretrained weights; "
                              "the benchmark initialises at random: set a preset as model")
@@ -170,8 +181,9 @@ class BenchConfig:
         return list(dict.fromkeys(named.get(m, m) for m in self.modes))
 
     def cases(self, shape: Shape) -> list[Case]:
-        return [Case(shape, sel, dtype, remat) for sel in self.selections()
-                for dtype in self.dtypes for remat in (self.remats if sel else (False,))]
+        return [Case(shape, sel, dtype, remat, k) for sel in self.selections()
+                for dtype in self.dtypes for remat in (self.remats if sel else (False,))
+                for k in (self.sweeps if sel else (1,))]
 
     def train_config(self, case: Case) -> TrainConfig:
         """The training config whose step the case times."""
@@ -221,10 +233,14 @@ class Runner:
         out = {"case": case.label, "framework": self.framework,
                "shape": dataclasses.asdict(case.shape), "mode": case.mode,
                "trainable": case.trainable, "dtype": case.dtype, "remat": case.remat,
-               "step_ms": None, "tokens_per_s": None}
+               "runs": case.runs, "step_ms": None, "per_run_ms": None, "tokens_per_s": None}
         if self.times:
             out["step_ms"] = summarize(self.times)
-            out["tokens_per_s"] = case.shape.tokens / (out["step_ms"]["median"] / 1e3)
+            # a step of K runs trains K batches: per run, a K-th of the step's time
+            out["per_run_ms"] = {k: v / case.runs if k != "n" else v
+                                 for k, v in out["step_ms"].items()}
+            out["tokens_per_s"] = (case.runs * case.shape.tokens
+                                   / (out["step_ms"]["median"] / 1e3))
         if self.skipped:
             out["skipped"] = self.skipped
         return out

@@ -4,7 +4,11 @@
 `train.pmapped_train_step` give the pmapped step over the local devices, which donates the
 state and reads the frozen parameters in place; both are replicated with
 `parallel.replicate` and batches sharded with `parallel.shard_batch`. Forward-only cases
-time the pmapped eval step. From the compiled step: FLOPs and bytes accessed (XLA's cost
+time the pmapped eval step. A case of K > 1 runs times the sweep step of `fpt_jax.sweep`, as
+a sweep trains: `sweep.init_runs` (K runs around one backbone), `make_sweep_step` +
+`pmapped_sweep_step` (vmap over the runs inside pmap, the states donated, the backbone
+read once for all runs), `sweep_batches` and `run_rngs`; K = 1 stays the single-run step
+above. From the compiled step: FLOPs and bytes accessed (XLA's cost
 analysis), memory (XLA's memory analysis), and dot and all-reduce counts in its HLO.
 """
 from __future__ import annotations
@@ -18,12 +22,17 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from fpt_jax import freeze, parallel, train
+from fpt_jax import freeze, parallel, sweep, train
 from fpt_jax.bench.core import BenchConfig, Case, Runner, Shape, timed
 
 
 def _size(tree) -> int:
     return sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
 
 
 class JaxRunner(Runner):
@@ -45,6 +54,20 @@ class JaxRunner(Runner):
         # As training: the step spans every process's devices, the state lives on this one's.
         self.mapped = (self.devices if jax.process_count() == 1
                        else parallel.pmap_devices(n_local))
+        self.runs = case.runs
+        if case.runs > 1 and case.trainable is None:
+            raise ValueError(f"case {case.label}: forward-only cases have no sweep")
+        if case.runs > 1:
+            self._init_sweep(cfg, case, n_local, accum)
+        else:
+            self._init_single(cfg, case, n_local, accum)
+        self.i = 0
+        self.donated: bool | None = None
+        self.compile_s: float | None = None
+        self.cost = self.memory = self.hlo = None
+
+    def _init_single(self, cfg, case: Case, n_local: int, accum: int) -> None:
+        """The single-run training step (or eval step), as `train` builds it."""
         s = train.setup(cfg, case.shape.task())
         self.model, self.task, self.seed = s.model, s.task, cfg.seed
         self.batches = [parallel.shard_batch(self.host_batch("train", i), n_local, accum)
@@ -63,10 +86,40 @@ class JaxRunner(Runner):
             self.state = parallel.replicate(s.state, self.devices)
             self.frozen = parallel.replicate(s.frozen, self.devices)
         s.state = s.frozen = None  # the devices hold them now: no host copy stays alive
-        self.i = 0
-        self.donated: bool | None = None
-        self.compile_s: float | None = None
-        self.cost = self.memory = self.hlo = None
+        # per device (the replicated trees carry a device axis)
+        self.backbone_bytes = (_nbytes(self.frozen[sweep.BACKBONE]) // n_local if
+                               self.frozen is not None and sweep.BACKBONE in self.frozen
+                               else None)
+        # the run's state and its own frozen parts (all but the backbone)
+        self.run_state_bytes = (_nbytes((self.state, {k: v for k, v in self.frozen.items()
+                                                       if k != sweep.BACKBONE})) // n_local
+                                if self.state is not None else None)
+
+    def _init_sweep(self, cfg, case: Case, n_local: int, accum: int) -> None:
+        """K runs in one vmapped sweep step, as `fpt_jax.sweep` trains them: learning rates
+        and seeds do not change the time (every run gets the config's learning rate, seeds
+        0..K-1)."""
+        seeds = list(range(case.runs))
+        sw = sweep.init_runs(cfg, learning_rates=[cfg.learning_rate] * case.runs, seeds=seeds,
+                             task=case.shape.task())
+        self.model, self.task, self.seed = sw.model, sw.task, cfg.seed
+        per_process = case.shape.batch_size // jax.process_count()
+        self.batches = [sweep.sweep_batches(sw.task, i, per_process, seeds, n_local, accum)
+                        for i in range(2)]
+        self.rng = sweep.run_rngs(seeds)
+        self.trainable_params = _size(sw.states.trainable)  # all K runs'
+        self.total_params = _size(sw.states.trainable) + _size(sw.frozen)
+        backbone = sw.frozen.get(sweep.BACKBONE)
+        self.backbone_bytes = _nbytes(backbone) if backbone is not None else None
+        # one run's state plus its own frozen parts (not the shared backbone)
+        per_run = (sw.states, {k: v for k, v in sw.frozen.items() if k != sweep.BACKBONE})
+        self.run_state_bytes = _nbytes(per_run) // case.runs
+        step = sweep.make_sweep_step(sw.model, sw.task, sw.tx, cfg.grad_accum)
+        self.fn = sweep.pmapped_sweep_step(step, self.mapped)
+        self.params = None
+        self.state = parallel.replicate(sw.states, self.devices)
+        self.frozen = parallel.replicate(sw.frozen, self.devices)
+        sw.states = sw.frozen = None  # the devices hold them now
 
     def host_batch(self, split: str, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the `step`-th global batch of the case's shape."""
@@ -117,7 +170,11 @@ class JaxRunner(Runner):
             "achieved_tflops": flops / med / 1e12 if flops and med else None,
             "bytes_accessed_per_step_per_device": self.cost and self.cost["bytes_accessed"],
             "memory_per_device": self.memory, "hlo": self.hlo, "state_donated": self.donated,
-            "trainable_params": self.trainable_params, "total_params": self.total_params})
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+            # per device: the compiled step's arguments (states, frozen parameters, batches,
+            # keys); with K runs they should be backbone + K x run state (+ K batches)
+            "argument_bytes": self.memory and self.memory["argument"],
+            "backbone_bytes": self.backbone_bytes, "run_state_bytes": self.run_state_bytes})
         return out
 
 

@@ -42,9 +42,9 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{r['torch_tflops'] * 1e3:.0f}", f"{r['ratio']:.2f}"]
                          for r in cmp["sizes"]])
     lines += [""] + _table(
-        ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "framework",
+        ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "runs K", "framework",
          "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s", "% of peak",
-         "peak mem/device", "compile s"], "lllllrrrrrrrr",
+         "peak mem/device", "compile s"], "llllrlrrrrrrrr",
         [_result_row(r) for r in report["results"]])
     comps = [c for c in report["comparisons"]
              if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
@@ -55,6 +55,7 @@ def markdown(report: dict[str, Any]) -> str:
             [[c["case"], f"{c['jax_ms']:.2f}", _f(c["torch_ms"]),
               _f(c["speedup_vs_torch"]) + ("x" if c["speedup_vs_torch"] else ""),
               _f(c["time_vs_full"])] for c in comps])
+    lines += _sweep_table(report)
     for chk in report["checks"].get("bf16_loss", []):
         lines += ["", f"bfloat16 loss check ({chk['shape']}, eval loss at init): float32 "
                   f"{chk['loss_float32']:.5f}, bfloat16 {chk['loss_bfloat16']:.5f}, relative "
@@ -120,13 +121,46 @@ def _setting(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sweep_table(report: dict[str, Any]) -> list[str]:
+    """K runs in one vmapped step: per-run time against K=1 and the PyTorch recipe's one run,
+    utilisation, and the compiled step's arguments (the backbone once, K x the run state)."""
+    rows = [r for r in report["results"] if r["framework"] == "jax" and r["mode"] != "forward"]
+    if not any(r.get("runs", 1) != 1 for r in rows):
+        return []
+    comp = {c["case"]: c for c in report["comparisons"]}
+    lines = ["", "Sweeps: K runs trained by one vmapped step (fpt_jax.sweep; the backbone read "
+             "once for all K runs). K=1 is the single-run training step. Per-run time = step "
+             "time / K; PyTorch's time is the original recipe's, one run per step (as the "
+             "original code trains). Arguments: the compiled step's per device (backbone + "
+             "K x run state + K batches).", ""]
+    body = []
+    for r in rows:
+        c, st, util = comp.get(r["case"], {}), r["step_ms"], r.get("utilisation")
+        pr = r.get("per_run_ms")
+        body.append([
+            r["case"], r.get("runs", 1),
+            *([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
+               f"{pr['median']:.2f}", f"{pr['p10']:.2f}-{pr['p90']:.2f}"]
+              if st else [r.get("skipped", "not run"), "-", "-", "-"]),
+            _f(c.get("per_run_vs_k1")), _f(c.get("torch_ms")), _f(c.get("per_run_vs_torch")),
+            _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
+            _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
+            _f(util and 100 * util, ".1f"),
+            _bytes(r.get("argument_bytes")), _bytes(r.get("backbone_bytes")),
+            _bytes(r.get("run_state_bytes"))])
+    return lines + _table(
+        ["case", "K", "ms/step median", "p10-p90", "ms/run median", "ms/run p10-p90",
+         "per run vs K=1", "PyTorch one run ms", "per run / PyTorch", "GFLOP/step", "GFLOP/s",
+         "% of peak", "arguments", "backbone", "run state"], "lrrrrrrrrrrrrrr", body)
+
+
 def _result_row(r: dict[str, Any]) -> list[str]:
     s, st = r["shape"], r["step_ms"]
     timing = ([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
                f"{r['tokens_per_s']:.0f}"] if st else [r.get("skipped", "not run"), "-", "-"])
     util = r.get("utilisation")
     return [f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})", r["mode"],
-            r["dtype"], "yes" if r["remat"] else "no", r["framework"], *timing,
+            r["dtype"], "yes" if r["remat"] else "no", r.get("runs", 1), r["framework"], *timing,
             _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
             _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
             _f(util and 100 * util, ".1f"),

@@ -74,7 +74,9 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         if peak:
             log(f"peak {dtype}: {peak['tflops']:.3f} TFLOP/s ({peak['source']})")
     if torch_device:
-        sizes = peaks.backbone_matmuls(gpt2.n_embd, sorted({s.tokens for s in bc.shapes}))
+        # the rows of the step's matmuls: a shape's tokens, times K for a sweep of K runs
+        sizes = peaks.backbone_matmuls(gpt2.n_embd, sorted(
+            {s.tokens * k for s in bc.shapes for k in bc.sweeps}))
         for dtype in bc.dtypes:
             cmp = peaks.matmul_comparison(devices, dtype, bc.torch_threads, sizes, torch_device)
             report.setdefault("matmul_comparison", []).append(cmp)
@@ -149,11 +151,15 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
 
 
 def comparisons(results: Sequence[dict]) -> list[dict[str, Any]]:
-    """Per JAX case: speed-up over the PyTorch reference of the same shape, mode and dtype;
-    per training case: time relative to full fine-tuning of the same shape/dtype/remat."""
+    """Per JAX case: speed-up over the PyTorch reference of the same shape, mode and dtype
+    (which trains one run at a time, as the original code: for a case of K runs the
+    speed-up is PyTorch's one-run time over the per-run time, step time / K); per training
+    case: time relative to full fine-tuning of the same shape/dtype/remat/K; for sweeps, the
+    per-run time relative to K=1 of the same shape/mode/dtype/remat."""
     def key(r, **over):
         k = {"shape": r["shape"]["name"], "mode": r["mode"], "dtype": r["dtype"],
-             "remat": r["remat"], "framework": r["framework"], **over}
+             "remat": r["remat"], "framework": r["framework"], "runs": r.get("runs", 1),
+             **over}
         return tuple(sorted(k.items()))
     timed = [r for r in results if r["step_ms"]]
     index = {key(r): r["step_ms"]["median"] for r in timed}
@@ -161,11 +167,16 @@ def comparisons(results: Sequence[dict]) -> list[dict[str, Any]]:
     for r in timed:
         if r["framework"] != "jax":
             continue
-        ms = r["step_ms"]["median"]
-        ref = index.get(key(r, framework="torch", remat=False))
+        ms, runs = r["step_ms"]["median"], r.get("runs", 1)
+        per_run = ms / runs
+        ref = index.get(key(r, framework="torch", remat=False, runs=1))
         full = index.get(key(r, mode="full")) if r["mode"] not in ("full", "forward") else None
-        out.append({"case": r["case"], "jax_ms": ms, "torch_ms": ref,
-                    "speedup_vs_torch": ref / ms if ref else None,
+        one = index.get(key(r, runs=1))
+        out.append({"case": r["case"], "runs": runs, "jax_ms": ms, "per_run_ms": per_run,
+                    "torch_ms": ref,
+                    "speedup_vs_torch": ref / per_run if ref else None,
+                    "per_run_vs_torch": per_run / ref if ref else None,
+                    "per_run_vs_k1": per_run / one if one else None,
                     "time_vs_full": ms / full if full else None})
     return out
 

@@ -142,14 +142,15 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
         name, sep, values = spec.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"--grid={spec}: expected <field>=<v1>{VALUE_SEPARATOR}<v2>..., e.g. "
-                             f"--grid='trainable=output{VALUE_SEPARATOR}output,ln{VALUE_SEPARATOR}fpt'")
+            raise ValueError(f"--grid={spec}: expected <field>=<v1>|<v2>..., e.g. "
+                             "--grid='trainable=output|output,ln|fpt'")
         if name in NOT_A_GRID_AXIS:
             raise ValueError(f"--grid={spec}: {name} is swept within every cell; use "
                              f"{NOT_A_GRID_AXIS[name]}")
         if name not in _FIELDS:
+            fields = ", ".join(n for n in _FIELDS if n not in NOT_A_GRID_AXIS)
             raise ValueError(f"--grid={spec}: unknown field {name!r}; accepted: the fields of "
-                             f"--config ({', '.join(n for n in _FIELDS if n not in NOT_A_GRID_AXIS)})")
+                             f"--config ({fields})")
         if any(name == n for n, _ in axes):
             raise ValueError(f"--grid={spec}: {name} is already an axis; give its values once, "
                              f"separated by '{VALUE_SEPARATOR}'")

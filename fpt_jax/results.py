@@ -12,9 +12,10 @@ A sweep workdir holds one directory per grid cell, `WORKDIR/cells/<name>/`, with
 - `WORKDIR/results.md`: per cell, the learning rate selected on the MEAN best validation
   accuracy over seeds (ties: the smaller learning rate; only learning rates whose every
   seed has a validation accuracy compete: a run that diverged before its first evaluation
-  has none, one that diverged later competes with its best finite evaluation), and at that learning rate the test
-  accuracy as mean +- standard error over seeds, with the number of seeds. The standard
-  error is `std(ddof=1) / sqrt(n)`; with one seed it is 0 (no spread can be measured).
+  has none, one that diverged later competes with its best finite evaluation), and at
+  that learning rate the test accuracy as mean +- standard error over seeds, with the
+  number of seeds. The standard error is `std(ddof=1) / sqrt(n)`; with one seed it is 0
+  (no spread can be measured).
   Then every learning rate's mean validation accuracy per cell.
 - `WORKDIR/curves.png`: validation accuracy against step per cell at its selected
   learning rate: the mean over seeds, and a band from the lowest to the highest seed.

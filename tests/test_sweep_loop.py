@@ -52,3 +52,15 @@ def test_run_k_of_a_sweep_loop_equals_the_run_trained_alone(tmp_path):
                                atol=1e-6)
     np.testing.assert_allclose(runs[2]["test"]["test"]["test/loss"],
                                single["test"]["test"]["test/loss"], rtol=1e-5)
+
+
+def test_a_sweep_reads_the_test_split_once_at_the_end(tmp_path):
+    from tests.test_protocol import CountingTask
+    task = CountingTask()
+    cfg = TrainConfig(**{**TINY, "steps": 8})
+    sweep.train_and_evaluate_sweep(cfg, str(tmp_path), LRS, SEEDS, task=task)
+    # validation at steps 4 and 8, each run its own seeded batches; test once, all runs
+    assert task.reads == {"validation": 2 * len(SEEDS), "test": len(SEEDS)}
+    again = CountingTask()
+    sweep.train_and_evaluate_sweep(cfg, str(tmp_path), LRS, SEEDS, task=again)
+    assert again.reads == {}

@@ -7,6 +7,13 @@ time after warm-up, tokens/s; FLOPs and bytes accessed from XLA's cost analysis 
 compiled step; utilisation against the device's peak; memory from XLA's memory analysis;
 dot and all-reduce counts in the optimised HLO.
 
+Sweeps (`BenchConfig.sweeps`, `--sweeps=1,4,16`): every training case is also timed as K runs
+trained by one vmapped sweep step (`fpt_jax.sweep`: `init_runs`, `make_sweep_step` inside
+`pmapped_sweep_step`, states donated, the backbone shared), reported per run (step time / K),
+against K=1 and against the PyTorch recipe's one run, with the compiled step's argument
+bytes (backbone once + K x the run's state). K=1 is the single-run training step, unchanged,
+so results without sweeps stay comparable.
+
   core       shapes, cases, `BenchConfig`, what every runner shares
   jax_step   the timed JAX step and what XLA says of it; the bfloat16 loss check
   torch_ref  the original PyTorch recipe on the same shapes

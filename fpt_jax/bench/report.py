@@ -50,7 +50,7 @@ def markdown(report: dict[str, Any]) -> str:
              if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
     if comps:
         lines += [""] + _table(
-            ["case", "fpt-jax ms", "PyTorch ms", "speed-up vs PyTorch",
+            ["case", "fpt-jax ms", "PyTorch ms", "speed-up vs PyTorch (per run)",
              "time vs full fine-tuning"], "lrrrr",
             [[c["case"], f"{c['jax_ms']:.2f}", _f(c["torch_ms"]),
               _f(c["speedup_vs_torch"]) + ("x" if c["speedup_vs_torch"] else ""),

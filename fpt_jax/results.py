@@ -325,12 +325,7 @@ def plot_curves(selections: Sequence[Selection], path: str | os.PathLike) -> Non
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation accuracy at the selected learning rate (mean, min-max over seeds)",
                  fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike) -> None:
@@ -348,12 +343,7 @@ def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy (mean over seeds)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 # --- all of it ------------------------------------------------------------------------------
@@ -387,3 +377,14 @@ def write_results(workdir: str | os.PathLike, plots: bool = True) -> dict[str, P
         _write_plot(plot_curves, selections, paths["curves"])
         _write_plot(plot_learning_rates, selections, paths["lr"])
     return paths
+
+
+def _finish(fig, ax, path: str | os.PathLike) -> None:
+    """Legend (when there are lines), grid, saved as PNG, closed."""
+    import matplotlib.pyplot as plt
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fpt_jax import fast_rng, freeze, parallel, train
+from fpt_jax import freeze, parallel, train
 from fpt_jax.config import TrainConfig
-from fpt_jax.tasks import Task, get_task
+from fpt_jax.tasks import Task
 
 BACKBONE = "transformer"  # the top-level key of the shared (backbone) parameters
 
@@ -152,16 +152,7 @@ def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence
         raise ValueError(f"learning rates must be finite and > 0, seeds and backbone_seed >= 0; "
                          f"got learning_rates={learning_rates}, seeds={seeds}, "
                          f"backbone_seed={backbone_seed}")
-    cfg.validate()
-    fast_rng.use_unrolled_threefry_on_cpu()
-    task = task or get_task(cfg.task, **cfg.task_options())
-    eval_split = cfg.eval_split or task.eval_split
-    task.check_split(eval_split)
-    if cfg.eval_batches is None and not task.is_dataset:
-        raise ValueError(f"eval_batches=None: task {task.name} is generated and evaluates on "
-                         "a number of batches; set eval_batches")
-    for split in dict.fromkeys(("train", eval_split, *task.test_splits)):
-        task.prepare(split)
+    task = train.prepare_task(cfg, task)
     config, pretrained = train.backbone(cfg)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = train.make_model(cfg, task, config)

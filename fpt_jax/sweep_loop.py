@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpt_jax import freeze, parallel, sweep, train
+from fpt_jax import parallel, sweep, train
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.metrics import MetricWriter, Progress

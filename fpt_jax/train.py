@@ -234,7 +234,9 @@ class Setup:
     table: str
 
 
-def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
+def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
+    """The run's task, with every split the run reads opened and checked (files present,
+    well-formed) and the evaluation settings checked: a bad input stops it before step 1."""
     cfg.validate()
     fast_rng.use_unrolled_threefry_on_cpu()  # same dropout bits, fused on CPU
     task = task or get_task(cfg.task, **cfg.task_options())
@@ -244,7 +246,12 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
         raise ValueError(f"eval_batches=None: task {task.name} is generated and evaluates on "
                          "a number of batches; set eval_batches")
     for split in dict.fromkeys(("train", eval_split, *task.test_splits)):
-        task.prepare(split)  # every file the run reads, opened and checked before step 1
+        task.prepare(split)
+    return task
+
+
+def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
+    task = prepare_task(cfg, task)
     config, pretrained = backbone(cfg)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)

@@ -37,6 +37,14 @@ def main(argv):
     step = ckpts.latest_step()
     trainable, opt_state = ckpts.restore(step, s.state.trainable, s.state.opt_state)
     ckpts.close()
+    # What a resumed process gets: the run's last step, the trainable tree it trains (not the
+    # frozen one), trained (not the initial values), finite.
+    assert step == F.config.steps, (step, F.config.steps)
+    assert (jax.tree_util.tree_structure(trainable)
+            == jax.tree_util.tree_structure(s.state.trainable))
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(s.state.trainable)))
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(trainable))
     arrays = {**_named_leaves("params/", trainable), **_named_leaves("opt_state/", opt_state)}
     path = F.restored_to.format(process=jax.process_index())
     np.savez(path, step=np.int64(step), **arrays)

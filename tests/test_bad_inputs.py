@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import pytest
 
 from tests.entry_runner import run_all
 
@@ -81,6 +80,12 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("keep_checkpoints_zero", ["--config.keep_checkpoints=0"], ["keep_checkpoints=0"]),
         ("eval_every_zero", ["--config.eval_every=0"], ["eval_every=0; accepted"]),
         ("nonfinite_skips_zero", ["--config.nonfinite_skips=0"], ["nonfinite_skips=0"]),
+        ("patience_zero", ["--config.patience=0"], ["patience=0; accepted"]),
+        ("converge_at_above_1", ["--config.converge_at=1.5"], ["converge_at=1.5; accepted"]),
+        ("backbone_seed_negative", ["--config.backbone_seed=-2"], ["backbone_seed=-2"]),
+        ("validation_fraction_1", ["--config=experiments/configs/mnist.py", *TINY[1:],
+                                   "--config.validation_fraction=1.0"],
+         ["validation_fraction must be in (0, 1)"]),
         ("in_layer_size_zero", ["--config.in_layer_sizes=0"], ["in_layer_sizes=(0,)"]),
         ("bool_not_a_bool", ["--config.remat=maybe"], ["--config.remat=maybe"]),
         ("unknown_task", ["--config.task=bit_parity"], ["unknown task 'bit_parity'; accepted"]),

@@ -23,7 +23,7 @@ import pytest
 
 from tests.entry_runner import run_all
 from tests.test_homology import make_records, write_lmdb
-from tests.test_prepare_data import write_cifar_raw, write_idx, write_mnist_raw
+from tests.test_prepare_data import write_cifar_raw, write_mnist_raw
 
 # (id, arguments, substrings that stderr must hold, optional check of the case's aftermath)
 Case = tuple[str, list[str], list[str], Callable[[], str | None] | None]

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fpt_jax import bench, freeze, tasks, train
-from fpt_jax.bench import jax_step, peaks, report as report_lib, torch_ref
+from fpt_jax.bench import core, jax_step, peaks, report as report_lib, torch_ref
 from fpt_jax.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,10 @@ def test_sweep_step_holds_the_backbone_once(sweep_report):
     # 3 more runs' states (+ their learning rates) and batches, nothing else
     assert 3 * k1["run_state_bytes"] <= grown <= 3 * k1["run_state_bytes"] + 3 * 1024, (
         grown, k1["run_state_bytes"])
+    # the minimum bytes: the backbone (read twice) once, everything else per run
+    backbone_twice = 2 * k1["backbone_bytes"]
+    assert (k4["minimum_bytes_per_step_per_device"] - backbone_twice
+            == 4 * (k1["minimum_bytes_per_step_per_device"] - backbone_twice))
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -245,6 +250,84 @@ def test_matmul_peak_is_measured():
     peak = peaks.measure_matmul_peak(jax.local_devices()[:2], "float32", repeats=2,
                                      sizes=((128, 64, 128),))
     assert peak["tflops"] > 0 and peak["devices"] == 2 and peak["source"] == "measured"
+
+
+def test_bf16_matmul_peak_takes_bf16_operands_and_accumulates_in_float32():
+    """The bfloat16 peak times the step's bfloat16 matmuls (bfloat16 operands, float32
+    accumulation and output), not the slow bfloat16-output path of XLA:CPU."""
+    a = jax.ShapeDtypeStruct((8, 4), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((4, 2), jnp.bfloat16)
+    assert jax.eval_shape(peaks.matmul("bfloat16"), a, b).dtype == jnp.float32
+    hlo = jax.jit(peaks.matmul("bfloat16")).lower(a, b).as_text()
+    assert "tensor<8x4xbf16>" in hlo and "-> tensor<8x2xf32>" in hlo, hlo
+    f32 = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    assert jax.eval_shape(peaks.matmul("float32"), f32, f32.update(shape=(4, 2))
+                          ).dtype == jnp.float32
+    peak = peaks.measure_matmul_peak(jax.local_devices()[:1], "bfloat16", repeats=1,
+                                     sizes=((64, 32, 64),))
+    assert peak["tflops"] > 0 and (peak["operands"], peak["accumulation"]) == (
+        "bfloat16", "float32")
+
+
+def test_each_dtype_has_its_peak_and_the_report_says_which(monkeypatch):
+    measured = []
+
+    def fake_peak(devices, dtype, **_):
+        measured.append(dtype)
+        return {"tflops": {"float32": 0.01, "bfloat16": 0.03}[dtype], "source": "measured",
+                "devices": len(devices), "operands": dtype,
+                "accumulation": peaks.accumulation_dtype(dtype),
+                "matmuls": [{"m": 8, "k": 8, "n": 8, "tflops": 0.01}]}
+    monkeypatch.setattr(peaks, "measure_matmul_peak", fake_peak)
+    bc = dataclasses.replace(TINY, modes=["forward"], dtypes=["float32", "bfloat16"],
+                             torch_reference=False)
+    rep = bench.run(bc, log=None)
+    assert set(rep["peaks"]) == {"float32", "bfloat16"} and "bfloat16" in measured
+    for r in rep["results"]:
+        peak = rep["peaks"][r["dtype"]]["tflops"]
+        assert r["utilisation"] == pytest.approx(r["achieved_tflops"] / peak)
+        assert r["utilisation_peak"] == {"dtype": r["dtype"], "tflops": peak}
+    md = report_lib.markdown(rep)
+    assert ("Peak (bfloat16): 30 GFLOP/s over 4 device(s), measured matmuls of bfloat16 "
+            "operands with float32 accumulation and output") in md
+    assert "against the peak of the case's own dtype" in md
+
+
+def test_minimum_step_bytes_by_hand():
+    # training: 2 x (frozen + trainable) + 9 x trainable
+    assert core.minimum_step_bytes(1000, 10) == 2 * 1010 + 90 == 2110
+    # K = 4 runs: the backbone once, the trainable part 4 times
+    assert core.minimum_step_bytes(1000, 10, runs=4) == 2 * (1000 + 40) + 9 * 40 == 2440
+    # full fine-tuning: nothing frozen, 11 x the parameters
+    assert core.minimum_step_bytes(0, 400) == 4400
+    # forward only: every parameter read once
+    assert core.minimum_step_bytes(1000, 10, training=False) == 1010
+    with pytest.raises(ValueError, match="runs=2"):
+        core.minimum_step_bytes(1000, 10, runs=2, training=False)
+    # the trees' own itemsizes: a bfloat16 frozen leaf counts 2 bytes an element
+    tree = {"w": jnp.zeros((3, 4), jnp.bfloat16), "b": np.zeros(5, np.float32)}
+    assert jax_step._nbytes(tree) == 3 * 4 * 2 + 5 * 4
+
+
+def test_cases_report_bytes_accessed_against_the_minimum(report, tmp_path):
+    """float32 parameters (4 bytes each): full fine-tuning 11 x 4 bytes a parameter, the
+    frozen step 2 x 4 for every parameter + 9 x 4 for the trainable ones, forward 4."""
+    rows = {r["mode"]: r for r in report["results"] if r["framework"] == "jax"}
+    total = rows["full"]["total_params"]
+    expected = {"full": 44 * total, "forward": 4 * total,
+                "frozen": 8 * total + 36 * rows["frozen"]["trainable_params"]}
+    for mode, r in rows.items():
+        assert r["minimum_bytes_per_step_per_device"] == expected[mode], mode
+        assert r["bytes_accessed_vs_minimum"] == pytest.approx(
+            r["bytes_accessed_per_step_per_device"] / expected[mode])
+    md = Path(bench.write(report, str(tmp_path), "min")["markdown"]).read_text()
+    assert core.MINIMUM_BYTES_DEFINITION in md and "Activations" in md
+    # in the main table and in the compiled-step table
+    ratio = f"| {rows['full']['bytes_accessed_vs_minimum']:.2f}x |"
+    main = next(ln for ln in md.splitlines() if ln.startswith("| tiny (4x6x3) | full |"))
+    compiled = [ln for ln in md.splitlines() if ln.startswith("| tiny/full/float32 | ")
+                and ratio in ln]
+    assert ratio in main and len(compiled) == 1, md
 
 
 def test_hlo_stats_counts_all_reduce_operands():

@@ -4,8 +4,10 @@ What is timed is the step training runs, built from a `TrainConfig` (the benchma
 `BenchConfig.base`) by `train.setup`: pmapped over the local devices, the state donated,
 the frozen parameters read in place. Per case: compile time, median and p10-p90 of the step
 time after warm-up, tokens/s; FLOPs and bytes accessed from XLA's cost analysis of the
-compiled step; utilisation against the device's peak; memory from XLA's memory analysis;
-dot and all-reduce counts in the optimised HLO.
+compiled step; utilisation against the device's peak for the case's dtype (bfloat16: bfloat16
+operands accumulating in float32, as the step's matmuls); bytes accessed against the minimum
+a step must touch (`core.minimum_step_bytes`); memory from XLA's memory analysis; dot and
+all-reduce counts in the optimised HLO.
 
 Sweeps (`BenchConfig.sweeps`, `--sweeps=1,4,16`): every training case is also timed as K runs
 trained by one vmapped sweep step (`fpt_jax.sweep`: `init_runs`, `make_sweep_step` inside

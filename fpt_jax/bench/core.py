@@ -202,6 +202,36 @@ class ShapeError(ValueError):
         self.shape, self.kind = shape, kind
 
 
+# The minimum bytes of a step, as the report states it (report.py prints this text).
+MINIMUM_BYTES_DEFINITION = (
+    "2 x the bytes of all model parameters (frozen + trainable, in their stored dtypes: the "
+    "forward pass reads every weight once, the backward pass once more for the input "
+    "gradients) + 9 x the bytes of the trainable parameters (the gradient written once and "
+    "read once by the global-norm clip; Adam reads parameter, gradient and both moments and "
+    "writes parameter and both moments: 1 + 1 + 7). K runs in one sweep step: the shared "
+    "backbone counts once, each run's own parameters K times. Forward only: 1 x the bytes of "
+    "all parameters. Activations, batches and keys are not counted")
+
+
+def minimum_step_bytes(frozen_bytes: int, trainable_bytes: int, runs: int = 1,
+                       training: bool = True) -> int:
+    """The fewest bytes a step can touch (read + written), per device (every device holds
+    and reads a whole replica), by `MINIMUM_BYTES_DEFINITION`:
+
+      training:     2 x (frozen + runs x trainable) + 9 x runs x trainable
+      forward only: frozen + trainable  (runs = 1)
+
+    `frozen_bytes`: the frozen tree as the step holds it, in its stored dtypes (a sweep's
+    shared backbone once, with the runs' own frozen parts, stacked, K times);
+    `trainable_bytes`: one run's trainable parameters. Activations are not counted: the
+    parameters, gradients and moments are what every step must touch whatever the batch."""
+    if runs < 1 or (runs != 1 and not training):
+        raise ValueError(f"runs={runs}: >= 1, and 1 for a forward-only step")
+    if not training:
+        return frozen_bytes + trainable_bytes
+    return 2 * (frozen_bytes + runs * trainable_bytes) + 9 * runs * trainable_bytes
+
+
 def summarize(times_s: Sequence[float]) -> dict[str, float]:
     """Median and spread of step times, in milliseconds."""
     q10, q50, q90 = np.percentile(np.asarray(times_s, np.float64) * 1e3, [10, 50, 90])

@@ -9,7 +9,9 @@ a sweep trains: `sweep.init_runs` (K runs around one backbone), `make_sweep_step
 `pmapped_sweep_step` (vmap over the runs inside pmap, the states donated, the backbone
 read once for all runs), `sweep_batches` and `run_rngs`; K = 1 stays the single-run step
 above. From the compiled step: FLOPs and bytes accessed (XLA's cost
-analysis), memory (XLA's memory analysis), and dot and all-reduce counts in its HLO.
+analysis), the latter against the minimum a step must touch (`core.minimum_step_bytes`, from
+the trees the runner holds, in their stored dtypes), memory (XLA's memory analysis), and dot
+and all-reduce counts in its HLO.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax
 import numpy as np
 
 from fpt_jax import freeze, parallel, sweep, train
-from fpt_jax.bench.core import BenchConfig, Case, Runner, Shape, timed
+from fpt_jax.bench.core import BenchConfig, Case, Runner, Shape, minimum_step_bytes, timed
 
 
 def _size(tree) -> int:
@@ -75,6 +77,8 @@ class JaxRunner(Runner):
         self.rng = jax.random.PRNGKey(cfg.seed + 1)
         self.trainable_params = _size(s.state.trainable) if case.trainable else 0
         self.total_params = _size(s.state.trainable) + _size(s.frozen)
+        self.minimum_bytes = minimum_step_bytes(_nbytes(s.frozen), _nbytes(s.state.trainable),
+                                                training=case.trainable is not None)
         self.state = self.frozen = self.params = None
         if case.trainable is None:
             self.fn = train.pmapped_eval_step(train.make_eval_step(s.model, s.task), self.mapped)
@@ -109,6 +113,9 @@ class JaxRunner(Runner):
         self.rng = sweep.run_rngs(seeds)
         self.trainable_params = _size(sw.states.trainable)  # all K runs'
         self.total_params = _size(sw.states.trainable) + _size(sw.frozen)
+        # the backbone once (the runs' own frozen parts are stacked: K times), K runs' trainable
+        self.minimum_bytes = minimum_step_bytes(
+            _nbytes(sw.frozen), _nbytes(sw.states.trainable) // case.runs, case.runs)
         backbone = sw.frozen.get(sweep.BACKBONE)
         self.backbone_bytes = _nbytes(backbone) if backbone is not None else None
         # one run's state plus its own frozen parts (not the shared backbone)
@@ -164,11 +171,15 @@ class JaxRunner(Runner):
         out = super().result()
         flops = self.cost["flops"] * self.global_devices if self.cost else None
         med = out["step_ms"] and out["step_ms"]["median"] / 1e3
+        accessed = self.cost and self.cost["bytes_accessed"]
         out.update({
             "global_devices": self.global_devices, "compile_s": self.compile_s,
             "flops_per_step": flops,
             "achieved_tflops": flops / med / 1e12 if flops and med else None,
-            "bytes_accessed_per_step_per_device": self.cost and self.cost["bytes_accessed"],
+            "bytes_accessed_per_step_per_device": accessed,
+            # per device too: each device reads a whole replica of the parameters
+            "minimum_bytes_per_step_per_device": self.minimum_bytes,
+            "bytes_accessed_vs_minimum": accessed / self.minimum_bytes if accessed else None,
             "memory_per_device": self.memory, "hlo": self.hlo, "state_donated": self.donated,
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             # per device: the compiled step's arguments (states, frozen parameters, batches,

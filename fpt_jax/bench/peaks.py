@@ -1,9 +1,11 @@
 """The peak FLOP/s that utilisation is measured against, and XLA's matmuls next to PyTorch's.
 
 On CPU the peak is the best of a few large matmuls of the step's dtype timed in the same
-process (pmapped over the step's devices); on GPU/TPU a table of published peaks; or the
-`peak_tflops` setting. `matmul_comparison` times XLA's and PyTorch's matmuls on the
-backbone's own weight shapes, one device each, size by size.
+process (pmapped over the step's devices), one peak per dtype benchmarked; on GPU/TPU a table
+of published peaks; or the `peak_tflops` setting. Matmuls are timed as the training step runs
+them (`matmul`): float32 in float32; bfloat16 operands accumulating in (and returning)
+float32. `matmul_comparison` times XLA's and PyTorch's matmuls on the backbone's own weight
+shapes, one device each, size by size.
 """
 from __future__ import annotations
 
@@ -55,13 +57,30 @@ def _best_tflops(call: Callable[[], Any], flops: float, repeats: int) -> float:
     return flops / min(timed(call) for _ in range(repeats)) / 1e12
 
 
+def accumulation_dtype(dtype: str) -> str:
+    """The dtype the step's matmuls of `dtype` operands accumulate in and return: float32
+    for both. bfloat16 operands accumulate in float32 (`preferred_element_type`), as every
+    bfloat16 matmul of the training step does; a bfloat16 output takes a slow path on XLA:CPU
+    (512x768 @ 768x3072 on a Zen 5: 420 GFLOP/s, against 975 with a float32 output and 487
+    in float32), so a peak of bfloat16 outputs would understate what the step can reach."""
+    return "float32"
+
+
+def matmul(dtype: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`(a, b) -> a @ b` as the step computes it under `dtype`: operands of `dtype`,
+    accumulated in and returned as `accumulation_dtype(dtype)`."""
+    acc = train.COMPUTE_DTYPES[accumulation_dtype(dtype)]
+    return lambda a, b: jnp.dot(a, b, preferred_element_type=acc)
+
+
 def measure_matmul_peak(devices: Sequence[jax.Device], dtype: str, repeats: int = 10,
                         sizes: Sequence[tuple[int, int, int]] = PEAK_MATMULS
                         ) -> dict[str, Any]:
-    """Best FLOP/s of `[m, k] @ [k, n]` matmuls of `dtype`, one per device at once (pmap
-    over `devices`, as the step runs), in total over the devices."""
+    """Best FLOP/s of `[m, k] @ [k, n]` matmuls of `dtype` operands (`matmul`: bfloat16
+    accumulates in float32), one per device at once (pmap over `devices`, as the step runs),
+    in total over the devices."""
     jdtype = train.COMPUTE_DTYPES[dtype]
-    mm = jax.pmap(lambda a, b: jnp.dot(a, b, preferred_element_type=jdtype), devices=devices)
+    mm = jax.pmap(matmul(dtype), devices=devices)
     rng = np.random.default_rng(0)
     per_size = []
     for m, k, n in sizes:
@@ -71,7 +90,8 @@ def measure_matmul_peak(devices: Sequence[jax.Device], dtype: str, repeats: int 
                               2 * m * k * n * len(devices), repeats)
         per_size.append({"m": m, "k": k, "n": n, "tflops": tflops})
     return {"tflops": max(r["tflops"] for r in per_size), "source": "measured",
-            "devices": len(devices), "matmuls": per_size}
+            "devices": len(devices), "operands": dtype,
+            "accumulation": accumulation_dtype(dtype), "matmuls": per_size}
 
 
 def measure_torch_matmul(dtype: str, size: tuple[int, int, int], threads: int | None,
@@ -100,14 +120,16 @@ def matmul_comparison(devices: Sequence[jax.Device], dtype: str, threads: int | 
                       sizes: Sequence[tuple[int, int, int]], torch_device: str = "cpu"
                       ) -> dict[str, Any]:
     """XLA's and PyTorch's matmul rates on the given shapes, one device each, measured in
-    this process (A B per size, so that drift cancels)."""
+    this process (A B per size, so that drift cancels). XLA's are the step's (`matmul`:
+    bfloat16 operands accumulate in float32); PyTorch's `a @ b` returns `dtype`."""
     rows = []
     for m, k, n in sizes:
         xla = measure_matmul_peak(devices[:1], dtype, sizes=((m, k, n),))["tflops"]
         ref = measure_torch_matmul(dtype, (m, k, n), threads, device=torch_device)
         rows.append({"m": m, "k": k, "n": n, "xla_tflops": xla, "torch_tflops": ref,
                      "ratio": xla / ref})
-    return {"dtype": dtype, "threads": threads, "sizes": rows}
+    return {"dtype": dtype, "xla_accumulation": accumulation_dtype(dtype), "threads": threads,
+            "sizes": rows}
 
 
 def peak_for(bc: BenchConfig, devices: Sequence[jax.Device], dtype: str

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fpt_jax.bench.core import MINIMUM_BYTES_DEFINITION
+
 
 def _bytes(n: float | None) -> str:
     if n is None:
@@ -23,6 +25,10 @@ def _f(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _table(header: list[str], align: str, rows: list[list[Any]]) -> list[str]:
     """A markdown table; `align` has one letter per column: l(eft) or r(ight)."""
     rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
@@ -30,21 +36,35 @@ def _table(header: list[str], align: str, rows: list[list[Any]]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
+def _operands(dtype: str, accumulation: str | None) -> str:
+    """'bfloat16 operands, float32 accumulation' where they differ, else the dtype."""
+    return (f"{dtype} operands with {accumulation} accumulation and output"
+            if accumulation and accumulation != dtype else dtype)
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = _setting(report)
     for cmp in report.get("matmul_comparison", []):
         lines += ["", f"Matmuls of the backbone's weight shapes ({cmp['dtype']}, one device, "
                   f"PyTorch with {cmp['threads']} threads): what each library's matmuls reach "
-                  "on the step's own weight shapes, best of several calls.", ""]
+                  "on the step's own weight shapes, best of several calls; XLA's as the step "
+                  f"runs them ({_operands(cmp['dtype'], cmp.get('xla_accumulation'))}), "
+                  f"PyTorch's `a @ b` of {cmp['dtype']}.", ""]
         lines += _table(["rows x in @ in x out", "XLA GFLOP/s", "PyTorch GFLOP/s",
                          "XLA / PyTorch"], "lrrr",
                         [[f"{r['m']}x{r['k']} @ {r['k']}x{r['n']}", f"{r['xla_tflops'] * 1e3:.0f}",
                           f"{r['torch_tflops'] * 1e3:.0f}", f"{r['ratio']:.2f}"]
                          for r in cmp["sizes"]])
-    lines += [""] + _table(
+    lines += ["", "% of peak: the case's achieved FLOP/s (XLA's FLOPs of the compiled step "
+              "over its median time) against the peak of the case's own dtype (Peak above). "
+              "Bytes, per device: XLA's bytes accessed by the compiled step (cost analysis) "
+              "against the minimum a step must touch, which is " + MINIMUM_BYTES_DEFINITION
+              + ".", ""]
+    lines += _table(
         ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "runs K", "framework",
          "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s", "% of peak",
-         "peak mem/device", "compile s"], "llllrlrrrrrrrr",
+         "minimum bytes/step", "bytes accessed / minimum", "peak mem/device", "compile s"],
+        "llllrlrrrrrrrrrr",
         [_result_row(r) for r in report["results"]])
     comps = [c for c in report["comparisons"]
              if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
@@ -64,13 +84,17 @@ def markdown(report: dict[str, Any]) -> str:
     hlo_rows = [r for r in report["results"] if r.get("hlo")]
     if hlo_rows:
         lines += ["", "Compiled step per device (XLA): dot ops, all-reduced elements (the "
-                  "trainable gradients plus metric scalars), bytes accessed, memory.", ""]
+                  "trainable gradients plus metric scalars), bytes accessed against the "
+                  "minimum (defined above), memory.", ""]
         lines += _table(
             ["case", "trainable params", "dot ops", "all-reduce ops", "all-reduced elements",
-             "bytes accessed", "arguments", "temporaries", "donated (aliased)"], "lrrrrrrrr",
+             "bytes accessed", "minimum bytes", "accessed / minimum", "arguments",
+             "temporaries", "donated (aliased)"], "lrrrrrrrrrr",
             [[r["case"], f"{r['trainable_params']:,}", r["hlo"]["dot_ops"],
               r["hlo"]["all_reduce_ops"], f"{r['hlo']['all_reduce_elements']:,}",
               _bytes(r["bytes_accessed_per_step_per_device"]),
+              _bytes(r.get("minimum_bytes_per_step_per_device")),
+              _times(r.get("bytes_accessed_vs_minimum")),
               *(_bytes((r["memory_per_device"] or {}).get(k))
                 for k in ("argument", "temp", "alias"))] for r in hlo_rows])
     if report.get("device_memory_stats"):
@@ -103,6 +127,8 @@ def _setting(report: dict[str, Any]) -> list[str]:
             continue
         text = (f"Peak ({dtype}): {peak['tflops'] * 1e3:.0f} GFLOP/s over {peak['devices']} "
                 f"device(s), {peak['source']}")
+        if "accumulation" in peak:  # measured: matmuls as the step runs them
+            text += f" matmuls of {_operands(peak['operands'], peak['accumulation'])}"
         if "matmuls" in peak:
             text += " (best of " + ", ".join(
                 f"{x['m']}x{x['k']}@{x['k']}x{x['n']}: {x['tflops'] * 1e3:.0f}"
@@ -164,6 +190,8 @@ def _result_row(r: dict[str, Any]) -> list[str]:
             _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
             _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
             _f(util and 100 * util, ".1f"),
+            _bytes(r.get("minimum_bytes_per_step_per_device")),
+            _times(r.get("bytes_accessed_vs_minimum")),
             _bytes((r.get("memory_per_device") or {}).get("peak_estimate")),
             _f(r.get("compile_s"), ".1f")]
 

@@ -69,6 +69,8 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         report["torch_reference_note"] = "not run: " + (
             why_not or ("torch/transformers missing" if not torch_available()
                         else f"no torch device next to {env['backend']}"))
+    # One peak per dtype benchmarked (bfloat16: bfloat16 operands, float32 accumulation, as
+    # the step's matmuls); each case's utilisation is against its own dtype's peak.
     for dtype in () if bc.compile_only else bc.dtypes:
         report["peaks"][dtype] = peak = peaks.peak_for(bc, devices, dtype)
         if peak:
@@ -138,6 +140,8 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         if res["framework"] == "jax":
             res["utilisation"] = (res["achieved_tflops"] / peak["tflops"]
                                   if peak and res["achieved_tflops"] else None)
+            res["utilisation_peak"] = {"dtype": res["dtype"],
+                                       "tflops": peak and peak["tflops"]}
     report["device_memory_stats"] = device_memory_stats(devices)
     if "bfloat16" in bc.dtypes and not bc.compile_only:
         for shape in bc.shapes[:1] if len(bc.shapes) > 2 else bc.shapes:

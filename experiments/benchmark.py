@@ -76,8 +76,8 @@ flags.DEFINE_list("modes", list(MODES), "frozen (train the config's "
 flags.DEFINE_multi_string("selections", [], "Further train modes as trainable selections, as "
                           "--config.trainable accepts (e.g. 'output,attn[-2:]'); repeat the "
                           "flag for several.")
-flags.DEFINE_list("dtypes", None, "Compute dtypes to sweep: float32, bfloat16 (parameters "
-                  "stay float32). Default: --config.dtype. With bfloat16 the eval loss is "
+flags.DEFINE_list("dtypes", None, "Compute dtypes to sweep: float32, bfloat16 (trainable "
+                  "parameters stay float32, frozen ones are stored in the compute dtype). Default: --config.dtype. With bfloat16 the eval loss is "
                   "checked against float32.")
 flags.DEFINE_list("sweeps", ["1"], "K values: every training case is timed with K runs "
                   "trained by one vmapped sweep step (fpt_jax.sweep: the backbone shared, "

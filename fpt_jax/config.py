@@ -111,7 +111,8 @@ class TrainConfig:
     backbone_seed: int = _setting(0, "init='random': seed of the random backbone, apart from "
                                   "`seed`, so that runs of several seeds share one backbone "
                                   "as runs from one pretrained checkpoint do.")
-    dtype: str = _setting("float32", f"Compute dtype {DTYPES}; parameters stay float32.")
+    dtype: str = _setting("float32", f"Compute dtype {DTYPES}; trainable parameters stay "
+                                     "float32, frozen ones are stored in it.")
     remat: bool = _setting(False, "Activation checkpointing per block (long sequences).")
     num_devices: int | None = _setting(None, "Local devices to use; None: all.")
 

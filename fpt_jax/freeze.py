@@ -21,6 +21,7 @@ import re
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -126,6 +127,15 @@ def partition(params, selection: Selection) -> tuple[dict, dict]:
     trainable = {k: v for k, v in flat.items() if is_trainable(k, selection)}
     frozen = {k: v for k, v in flat.items() if k not in trainable}
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def cast_frozen(frozen: dict, dtype) -> dict:
+    """The frozen parameters in the compute `dtype`, cast once: they never change, so a
+    bfloat16 run keeps them (and reads them every step) at half the bytes. Trainable
+    parameters stay float32, and checkpoints (which hold the trainable part) are unaffected."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree_util.tree_map(cast, frozen)
 
 
 def merge(trainable: dict, frozen: dict) -> dict:

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import urllib.request
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -53,6 +53,27 @@ def pmap_devices(num_devices: int | None = None) -> list[jax.Device]:
             taken[d.process_index] = taken.get(d.process_index, 0) + 1
             devices.append(d)
     return devices
+
+
+def map_over_devices(fn: Callable, devices: Sequence[jax.Device], in_axes: Any = 0,
+                     donate_argnums: tuple[int, ...] = ()) -> Callable:
+    """`fn` once per device over the leading (device) axis of its arguments:
+    `jax.pmap(fn, axis_name=AXIS, ...)` over `devices`. Over the one device of a
+    single-process run it is `jax.jit(jax.vmap(fn, axis_name=AXIS))` instead: the same
+    per-device program on the same `[1, ...]` layout, collectives over `AXIS` reduce over
+    one member. Why: pmap lowers through `shard_map`, and there XLA:CPU's fusion recomputes
+    each Adam moment inside the parameter's update and so copies every donated parameter and
+    moment before updating it (measured on the full fine-tuning step of a 4-layer, width-256
+    GPT-2: 111 copies, 2.1x the minimum bytes; 0 copies under jit)."""
+    if len(devices) == 1 and jax.process_count() == 1:
+        def one_device(*args):
+            axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+            args = [a if ax is None else jax.tree_util.tree_map(lambda x: x[0], a)
+                    for a, ax in zip(args, axes)]
+            return jax.vmap(fn, in_axes=None, axis_size=1, axis_name=AXIS)(*args)
+        return jax.jit(one_device, donate_argnums=donate_argnums)
+    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, donate_argnums=donate_argnums,
+                    devices=devices)
 
 
 # --- multi-process setup ---------------------------------------------------------------

@@ -56,17 +56,10 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
     def chain(learning_rate):
         lr = learning_rate if unit is None else (lambda count: learning_rate * unit(count))
-        if cfg.optimizer == "adam":
-            opt = optax.adam(lr)
-        else:
-            opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
-        clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip is not None else []
-        return optax.chain(*clip, opt)
+        return train.optimizer_chain(cfg, lr)
 
     tx = optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(cfg.learning_rate)
-    if cfg.nonfinite_skips is not None:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
-    return tx
+    return train.skip_nonfinite(cfg, tx)
 
 
 def _map_inject_state(opt_state, fn):
@@ -177,6 +170,7 @@ def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence
     frozen = stack(others) if others[0] else {}
     if shared is not None:
         frozen[BACKBONE] = shared
+    frozen = freeze.cast_frozen(frozen, train.COMPUTE_DTYPES[cfg.dtype])
     return Sweep(cfg, task, model, config, selection, tx, learning_rates, seeds, backbone_seed,
                  states, frozen, table)
 
@@ -240,8 +234,8 @@ def pmapped_sweep_step(sweep_step: Callable, devices) -> Callable:
     """The sweep step over `devices` (pmap outside, vmap inside): states, frozen parameters
     and batches per device (`parallel.replicate`, `sweep_batches`), the `[K]` keys shared;
     the states are donated (updated in place), the frozen parameters only read."""
-    return jax.pmap(sweep_step, axis_name=parallel.AXIS, in_axes=(0, 0, 0, None),
-                    donate_argnums=(0,), devices=devices)
+    return parallel.map_over_devices(sweep_step, devices, in_axes=(0, 0, 0, None),
+                                     donate_argnums=(0,))
 
 
 def train_and_evaluate_sweep(cfg: TrainConfig, workdir: str, learning_rates: Sequence[float],

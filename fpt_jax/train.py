@@ -123,20 +123,45 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(cfg.steps, warm + 1))
 
 
+def optimizer_chain(cfg: TrainConfig, learning_rate: optax.ScalarOrSchedule
+                    ) -> optax.GradientTransformation:
+    """Clipping (when `grad_clip`) then Adam or AdamW at `learning_rate`."""
+    if cfg.optimizer == "adam":
+        opt = optax.adam(learning_rate)
+    else:
+        opt = optax.adamw(learning_rate, weight_decay=cfg.weight_decay)
+    clip = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip is not None else []
+    return optax.chain(*clip, opt)
+
+
+def skip_nonfinite(cfg: TrainConfig, tx: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+    """With `nonfinite_skips`, skip non-finite updates; the loop stops the run after
+    nonfinite_skips in a row (guard.MetricsBuffer), so the optimizer itself never gives up
+    and applies one."""
+    if cfg.nonfinite_skips is None:
+        return tx
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The optimizer of the trainable parameters (the frozen ones never reach it)."""
-    schedule = learning_rate_schedule(cfg)
-    if cfg.optimizer == "adam":
-        opt = optax.adam(schedule)
-    else:
-        opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip is not None else []
-    tx = optax.chain(*clip, opt)
-    if cfg.nonfinite_skips is not None:
-        # Skip non-finite updates; the loop stops the run after nonfinite_skips in a row
-        # (guard.MetricsBuffer), so the optimizer itself never gives up and applies one.
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
-    return tx
+    return skip_nonfinite(cfg, optimizer_chain(cfg, learning_rate_schedule(cfg)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one scalar factor, `g * min(1, max_norm / norm)` (the
+    form of PyTorch's `clip_grad_norm_`). optax divides every element by the norm; XLA keeps
+    that divide as a pass of its own over the gradients (a divide is not recomputed inside
+    each consumer), while a scalar multiply fuses into the Adam moments' pass: measured on
+    the XLA cost analysis of a full fine-tuning update, 15 -> 11 float32 accesses per
+    parameter (the minimum is 8). Equal to optax's within rounding (tested)."""
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))  # norm 0: inf -> 1
+        return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # --- the pure steps -------------------------------------------------------------------------
@@ -182,7 +207,10 @@ def make_train_step(model: FPT, task: Task, tx: optax.GradientTransformation,
                 jax.eval_shape(grad_fn, state.trainable, frozen, first, rng))
             (grads, metrics), _ = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum), batch))
             grads, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, metrics))
-        if axis_name is not None:
+        if axis_name is not None and jax.lax.psum(1, axis_name) > 1:
+            # Over one device the mean is the identity; skipping the all-reduce matters on
+            # XLA:CPU, where any all-reduce in the step makes it copy every donated state
+            # buffer (parameters and moments) before the update instead of updating in place.
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -209,12 +237,12 @@ def make_eval_step(model: FPT, task: Task, axis_name: str | None = parallel.AXIS
 def pmapped_train_step(train_step: Callable, devices) -> Callable:
     """The step over `devices`: state, frozen parameters and batch per device, one rng;
     the state is donated (updated in place), the frozen parameters only read."""
-    return jax.pmap(train_step, axis_name=parallel.AXIS, in_axes=(0, 0, 0, None),
-                    donate_argnums=(0,), devices=devices)
+    return parallel.map_over_devices(train_step, devices, in_axes=(0, 0, 0, None),
+                                     donate_argnums=(0,))
 
 
 def pmapped_eval_step(eval_step: Callable, devices) -> Callable:
-    return jax.pmap(eval_step, axis_name=parallel.AXIS, devices=devices)
+    return parallel.map_over_devices(eval_step, devices)
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -261,6 +289,7 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     params = init_params(model, task, jax.random.PRNGKey(cfg.seed), pretrained)
     table, _ = freeze.count_table(params, selection)
     trainable, frozen = freeze.partition(params, selection)
+    frozen = freeze.cast_frozen(frozen, COMPUTE_DTYPES[cfg.dtype])
     tx = make_optimizer(cfg)
     state = TrainState(np.int32(0), trainable, tx.init(trainable))
     return Setup(cfg, task, model, config, selection, tx, state, frozen, table)

@@ -35,10 +35,16 @@ def _run_steps(cfg: TrainConfig, n: int, num_devices: int):
     return s, parallel.unreplicate(state), parallel.unreplicate(frozen), losses
 
 
-@pytest.mark.parametrize("trainable", ["fpt", "output,ln[-1:],attn[0]"])
-def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable):
-    cfg = TrainConfig(**TINY, trainable=trainable)
+@pytest.mark.parametrize("trainable,dtype", [("fpt", "float32"),
+                                             ("output,ln[-1:],attn[0]", "float32"),
+                                             ("output,ln[-1:],attn[0]", "bfloat16")])
+def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable, dtype):
+    cfg = TrainConfig(**TINY, trainable=trainable, dtype=dtype)
     s, final, frozen_after, _ = _run_steps(cfg, 3, num_devices=4)
+    # Frozen leaves are stored in the compute dtype (cast once at setup); trainable ones
+    # stay float32 whatever the compute dtype.
+    assert {x.dtype for x in jax.tree_util.tree_leaves(s.frozen)} == {np.dtype(dtype)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(final.trainable)} == {np.dtype("float32")}
     flat = lambda t: flax.traverse_util.flatten_dict(t)  # noqa: E731
     before_t, before_f = flat(s.state.trainable), flat(s.frozen)
     after_t, after_f = flat(final.trainable), flat(frozen_after)

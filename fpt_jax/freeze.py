@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fpt_jax.models import backbones
+
 GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
 LAYERED = ("ln", "attn", "mlp")
 SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS),
@@ -37,25 +39,16 @@ def _keys(path) -> tuple[str, ...]:
 
 def param_group(path: Iterable[Any]) -> tuple[str, int | None]:
     """`(group, layer)` of a parameter path such as ('transformer', 'h_3', 'attn', 'c_attn',
-    'kernel') -> ('attn', 3). The layer is None outside the blocks."""
+    'kernel') -> ('attn', 3). The layer is None outside the blocks. Below `transformer`
+    the backbone's family names the group (`models.backbones.param_group`)."""
     keys = _keys(path) if not all(isinstance(k, str) for k in path) else tuple(path)
     top = keys[0]
     if top in ("input", "output"):
         return top, None
-    if top == "transformer" and len(keys) > 1:
-        name = keys[1]
-        if name == "wpe":
-            return "pos", None
-        if name == "ln_f":
-            return "ln", None
-        m = re.fullmatch(r"h_(\d+)", name)
-        if m and len(keys) > 2:
-            sub = keys[2]
-            if sub.startswith("ln_"):
-                return "ln", int(m.group(1))
-            if sub in ("attn", "mlp"):
-                return sub, int(m.group(1))
-    raise ValueError(f"parameter {'/'.join(keys)} belongs to no group {GROUPS}")
+    group = backbones.param_group(keys[1:]) if top == "transformer" and len(keys) > 1 else None
+    if group is None:
+        raise ValueError(f"parameter {'/'.join(keys)} belongs to no group {GROUPS}")
+    return group
 
 
 @dataclasses.dataclass(frozen=True)

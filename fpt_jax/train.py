@@ -21,15 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
-from fpt_jax import fast_rng, freeze, optim, parallel, weights
+from fpt_jax import fast_rng, freeze, optim, parallel
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.guard import MetricsBuffer, check_finite_state
 from fpt_jax.protocol import BestStep, read_summary, write_summary
 from fpt_jax.metrics import MetricWriter, Progress
+from fpt_jax.backbone_init import backbone  # noqa: F401 (train.backbone: the public name)
+from fpt_jax.models import backbones
 from fpt_jax.models.fpt import FPT
-from fpt_jax.models.gpt2 import GPT2Config
 from fpt_jax.tasks import Task, get_task
 from fpt_jax.workdir import WorkdirLock
 
@@ -48,43 +50,7 @@ class TrainState:
 
 # --- building the pieces ------------------------------------------------------------------
 
-def backbone(cfg: TrainConfig) -> tuple[GPT2Config, dict | None]:
-    """The GPT-2 config and, for `init='pretrained'`, its converted parameters."""
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")
-                 if getattr(cfg, k) is not None}
-    if cfg.init == "random":
-        if cfg.model == "auto":
-            raise ValueError("model='auto' takes the architecture from pretrained weights; "
-                             "with init='random' pass a preset name as model")
-        config = GPT2Config.preset(cfg.model, **overrides)
-        params = None
-    else:
-        if overrides:
-            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
-                             "only; pretrained weights fix the architecture")
-        if cfg.model == "auto":  # the architecture is whatever the weights hold
-            if not cfg.weights:
-                raise ValueError("model='auto' takes the architecture from weights; set "
-                                 "weights, or a preset name as model")
-            return _with_dropout(*weights.load_gpt2(cfg.weights), cfg)
-        expected = GPT2Config.preset(cfg.model)  # an unknown preset is an error first
-        config, params = weights.load_gpt2(cfg.weights or cfg.model)
-        arch = ("n_layer", "n_head", "n_embd")
-        if any(getattr(config, a) != getattr(expected, a) for a in arch):
-            got = {a: getattr(config, a) for a in arch}
-            want = {a: getattr(expected, a) for a in arch}
-            raise ValueError(f"weights={cfg.weights} holds a GPT-2 with {got}, but "
-                             f"model={cfg.model} is {want}; set the matching model "
-                             "(or model='auto' to take the architecture from the weights)")
-    return _with_dropout(config, params, cfg)
-
-
-def _with_dropout(config: GPT2Config, params, cfg: TrainConfig):
-    return dataclasses.replace(config, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                               resid_pdrop=cfg.dropout), params
-
-
-def make_model(cfg: TrainConfig, task: Task, config: GPT2Config) -> FPT:
+def make_model(cfg: TrainConfig, task: Task, config: Any) -> FPT:
     return FPT(config, input_dim=task.input_dim, output_dim=task.output_dim,
                input_kind=task.input_kind, in_layer_sizes=tuple(cfg.in_layer_sizes),
                out_layer_sizes=tuple(cfg.out_layer_sizes), dropout=cfg.dropout,
@@ -96,22 +62,30 @@ def init_params(model: FPT, task: Task, rng: jax.Array, pretrained: dict | None 
     """FPT parameters (host numpy): random, with the pretrained backbone in place when given.
     The random backbone is then never computed (only the other parts are returned from
     the jitted init, so XLA drops its initialisers); flax derives each parameter's key
-    from its path, so the other parts equal those of a full random init."""
+    from its path, so the other parts equal those of a full random init. Backbone
+    parameters that no checkpoint holds (the family's `fresh_paths`, e.g. ViT's new
+    position table) come from this initialisation too."""
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
     x = jnp.zeros((1, *task.example_shape), dtype)
     init = lambda r: model.init(r, x)["params"]  # noqa: E731
     if pretrained is None:
         return jax.tree_util.tree_map(np.asarray, jax.jit(init)(rng))
-    expected = jax.eval_shape(init, rng)["transformer"]
-    got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                 pretrained)
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
-            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(got),
-                                               jax.tree_util.tree_leaves(expected))):
+    expected = traverse_util.flatten_dict(jax.eval_shape(init, rng)["transformer"])
+    got = traverse_util.flatten_dict(pretrained)
+    fresh = backbones.family_of(model.config).fresh_paths(model.config)
+    fresh = {p for p in fresh if p not in got}  # a run's own backbone has them already
+    if set(got) != set(expected) - fresh or any(np.shape(got[p]) != expected[p].shape
+                                                 for p in got):
         raise ValueError("the pretrained backbone's parameters do not match the model's "
                          "architecture")
-    rest = jax.jit(lambda r: {k: v for k, v in init(r).items() if k != "transformer"})(rng)
-    return {**jax.tree_util.tree_map(np.asarray, rest), "transformer": pretrained}
+
+    def rest(r):
+        params = init(r)
+        new = traverse_util.flatten_dict(params["transformer"])
+        return ({k: v for k, v in params.items() if k != "transformer"},
+                {p: new[p] for p in fresh})
+    others, new = jax.tree_util.tree_map(np.asarray, jax.jit(rest)(rng))
+    return {**others, "transformer": traverse_util.unflatten_dict({**got, **new})}
 
 
 # --- the pure steps -------------------------------------------------------------------------
@@ -204,7 +178,7 @@ class Setup:
     cfg: TrainConfig
     task: Task
     model: FPT
-    config: GPT2Config
+    config: Any  # the backbone family's config
     selection: freeze.Selection
     tx: optax.GradientTransformation
     state: TrainState | None  # on the host, unreplicated
@@ -245,10 +219,12 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     return Setup(cfg, task, model, config, selection, tx, state, frozen, table)
 
 
-def run_identity(cfg: TrainConfig, config: GPT2Config) -> dict:
-    """What must not change between a run and its resumption."""
+def run_identity(cfg: TrainConfig, config: Any) -> dict:
+    """What must not change between a run and its resumption (and what rebuilds its model:
+    `backbone_init.run_config`)."""
     return {"task": cfg.task, "task_options": cfg.task_options(), "model": cfg.model,
-            "init": cfg.init, "weights": cfg.weights, "backbone": dataclasses.asdict(config),
+            "init": cfg.init, "weights": cfg.weights,
+            "family": backbones.family_of(config).name, "backbone": dataclasses.asdict(config),
             "trainable": cfg.trainable, "seed": cfg.seed, "backbone_seed": cfg.backbone_seed,
             "in_layer_sizes": list(cfg.in_layer_sizes),
             "out_layer_sizes": list(cfg.out_layer_sizes)}
@@ -439,7 +415,7 @@ def _test_at_best(s: Setup, workdir: str, devices, p_eval, frozen, best: Checkpo
 
 
 def _check_identity(saved: dict, current: dict, workdir: str) -> None:
-    saved = json.loads(json.dumps(saved))
+    saved = {"family": "gpt2", **json.loads(json.dumps(saved))}  # before families: GPT-2
     current = json.loads(json.dumps(current))
     diff = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
     if diff:

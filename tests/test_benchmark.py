@@ -371,7 +371,7 @@ def test_sweeps_default_to_the_base_config():
     assert (cfg.task, cfg.init, cfg.batch_size, cfg.trainable, cfg.dtype, cfg.remat) == (
         "synthetic", "random", SHAPE.batch_size, "full", "bfloat16", True)
     # pretrained is the config's default: the benchmark initialises at random regardless
-    assert bench.BenchConfig(base=dataclasses.replace(BASE, init="pretrained")).gpt2().n_layer == 1
+    assert bench.BenchConfig(base=dataclasses.replace(BASE, init="pretrained")).backbone().n_layer == 1
 
 
 def test_scaling_plot_and_table(tmp_path):

@@ -462,6 +462,7 @@ def test_bfloat16_safetensors_load_as_float32(tmp_path):
 
 
 def test_config_of_another_model_type_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="config.json is not a GPT-2 config .*'bert'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="model_type='llama' is not a backbone family this "
+                                         "project reads; accepted: gpt2, bert, vit"):
         load_gpt2(tmp_path)

@@ -17,7 +17,6 @@ import numpy as np
 
 from fpt_jax import freeze, train
 from fpt_jax.config import TrainConfig
-from fpt_jax.models.gpt2 import GPT2Config
 from fpt_jax.tasks import Task, get_task
 
 MODES = ("frozen", "full", "forward")
@@ -144,7 +143,7 @@ class BenchConfig:
                 dataclasses.replace(self.base, dtype=dtype)
             except ValueError as e:
                 raise ValueError(f"dtypes={','.join(self.dtypes)}: {e}") from None
-        n_layer = self.gpt2().n_layer
+        n_layer = self.backbone().n_layer
         freeze.parse_selection(self.base.trainable, n_layer)  # the 'frozen' mode's
         for mode in self.modes:
             if mode not in MODES:
@@ -159,7 +158,7 @@ class BenchConfig:
         """Every shape fits the model and splits over `num_devices` (all processes' devices)
         in every mode: checked before anything is timed, so a later shape cannot fail after
         the earlier ones were measured. ShapeError names the shape."""
-        n_positions = self.gpt2().n_positions
+        n_positions = self.backbone().n_positions
         accums = {self.base.grad_accum if sel else 1 for sel in self.selections()}
         for shape in self.shapes:
             if shape.seq_len > n_positions:
@@ -173,7 +172,8 @@ class BenchConfig:
                                             f"accepted: a multiple of {num_devices * accum}, "
                                             f"or a device count that divides the batch")
 
-    def gpt2(self) -> GPT2Config:
+    def backbone(self) -> Any:
+        """The backbone's config (any family; its architecture as the base config sets it)."""
         return train.backbone(dataclasses.replace(self.base, init="random"))[0]
 
     def selections(self) -> list[str | None]:

@@ -22,6 +22,7 @@ from fpt_jax.bench import peaks
 from fpt_jax.bench.core import BenchConfig, Case, Runner
 from fpt_jax.bench.jax_step import JaxRunner, dtype_loss_check, fits_on_host
 from fpt_jax.bench.torch_ref import TorchRunner, torch_available, torch_device_for, unsupported
+from fpt_jax.models import backbones
 
 # Environment variables that change speed (allocator, threads, XLA), recorded with results.
 PERF_ENV = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS",
@@ -57,11 +58,12 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
                     if bc.torch_reference and not why_not and not bc.compile_only else None)
     if torch_device == "cpu" and bc.torch_threads is None:
         bc = dataclasses.replace(bc, torch_threads=os.cpu_count())
-    gpt2 = bc.gpt2()
+    backbone = bc.backbone()
     report: dict[str, Any] = {
         "command": command, "started": _now(), "environment": env,
         "config": dataclasses.asdict(bc),
-        "model": {k: getattr(gpt2, k) for k in ("n_layer", "n_head", "n_embd")},
+        "model": {"family": backbones.family_of(backbone).name,
+                  **{k: getattr(backbone, k) for k in ("n_layer", "n_head", "n_embd")}},
         "torch_reference": torch_device, "peaks": {}, "results": [], "checks": {},
         "scaling_shapes": [s.name for s in bc.shapes if s.name.startswith("seq")],
     }
@@ -77,7 +79,7 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
             log(f"peak {dtype}: {peak['tflops']:.3f} TFLOP/s ({peak['source']})")
     if torch_device:
         # the rows of the step's matmuls: a shape's tokens, times K for a sweep of K runs
-        sizes = peaks.backbone_matmuls(gpt2.n_embd, sorted(
+        sizes = peaks.backbone_matmuls(backbone.n_embd, sorted(
             {s.tokens * k for s in bc.shapes for k in bc.sweeps}))
         for dtype in bc.dtypes:
             cmp = peaks.matmul_comparison(devices, dtype, bc.torch_threads, sizes, torch_device)

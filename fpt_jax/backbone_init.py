@@ -23,6 +23,7 @@ from fpt_jax.models import backbones
 _ARCH = ("n_layer", "n_head", "n_embd")
 # The preset whose pretrained weights ship as a named source (weights.NAMED_SOURCES).
 _PRESET_SOURCES = {"minilm-l6": "minilm"}
+_NAMES = {"gpt2": "GPT-2", "bert": "BERT", "vit": "ViT"}  # for messages
 
 
 def is_run_dir(init: str) -> bool:
@@ -63,11 +64,12 @@ def backbone(cfg: TrainConfig) -> tuple[Any, dict | None]:
             got_fam = backbones.family_of(config).name
             if got_fam != fam.name or any(getattr(config, a) != getattr(expected, a)
                                           for a in _ARCH):
-                got = {"family": got_fam, **{a: getattr(config, a) for a in _ARCH}}
-                want = {"family": fam.name, **{a: getattr(expected, a) for a in _ARCH}}
-                raise ValueError(f"weights={cfg.weights} holds {got}, but model={cfg.model} "
-                                 f"is {want}; set the matching model (or model='auto' to take "
-                                 "the architecture from the weights)")
+                got = {a: getattr(config, a) for a in _ARCH}
+                want = {a: getattr(expected, a) for a in _ARCH}
+                raise ValueError(f"weights={cfg.weights} holds a {_NAMES[got_fam]} with {got}, "
+                                 f"but model={cfg.model} is a {_NAMES[fam.name]} with {want}; "
+                                 "set the matching model (or model='auto' to take the "
+                                 "architecture from the weights)")
     return config.with_dropout(cfg.dropout), params
 
 

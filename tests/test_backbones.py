@@ -99,7 +99,7 @@ def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
     assert loaded.keys() == params.keys()
     for k, v in loaded.items():
         np.testing.assert_array_equal(params[k], v)
-    with pytest.raises(ValueError, match="holds .*'bert'.* but model=gpt2"):
+    with pytest.raises(ValueError, match="holds a BERT with .* but model=gpt2 is a GPT-2"):
         train.setup(dataclasses.replace(cfg, model="gpt2"))
     with pytest.raises(weights.WeightsError, match="holds a bert model, not a GPT-2"):
         weights.load_gpt2(directory)

@@ -106,9 +106,7 @@ def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
 
 
 def test_a_vit_directory_loads_with_a_fresh_position_table(tmp_path):
-    hf = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, image_size=16, patch_size=4)
-    directory = _hf_dir(tmp_path, transformers.ViTModel(hf))
+    directory = _vit(tmp_path)
     config, params = weights.load(directory)
     fam = backbones.family_of(config)
     assert fam.name == "vit" and fam.fresh_paths(config)
@@ -139,14 +137,40 @@ def test_bad_bert_directories_are_clear_errors(tmp_path, change, match):
         weights.load(directory)
 
 
-def test_a_bert_checkpoint_missing_a_layer_names_the_missing_parameters(tmp_path):
+def _vit(tmp_path):
+    hf = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, image_size=16, patch_size=4)
+    return _hf_dir(tmp_path, transformers.ViTModel(hf))
+
+
+@pytest.mark.parametrize("make", [lambda d: _bert(d)[2], _vit], ids=["bert", "vit"])
+def test_a_checkpoint_missing_a_layer_or_with_a_foreign_key_is_a_clear_error(tmp_path, make):
     from safetensors.numpy import load_file, save_file
-    _, _, directory = _bert(tmp_path)
+    directory = make(tmp_path)
     state = load_file(f"{directory}/model.safetensors")
     save_file({k: v for k, v in state.items() if ".layer.1." not in k},
               f"{directory}/model.safetensors")
     with pytest.raises(weights.WeightsError, match="missing parameters .*layer_1"):
         weights.load(directory)
+    save_file({**state, "encoder.layer.0.surprise.weight": np.zeros(3, np.float32)},
+              f"{directory}/model.safetensors")
+    with pytest.raises(weights.WeightsError, match="unexpected keys .*surprise"):
+        weights.load(directory)
+
+
+@pytest.mark.parametrize("model", ["bert-base", "vit-base"])
+def test_other_families_run_in_the_sweep_and_the_benchmark(tmp_path, model):
+    from fpt_jax import sweep
+    from fpt_jax.bench.core import BenchConfig, Case, Shape
+    from fpt_jax.bench.jax_step import JaxRunner
+    cfg = TrainConfig(**{**TINY, "eval_every": 2}, model=model, steps=2)
+    runs = sweep.train_and_evaluate_sweep(cfg, str(tmp_path), [1e-3, 3e-3], [0, 1])
+    assert len(runs) == 2 and all(np.isfinite(r["best_val_accuracy"]) for r in runs)
+    bc = BenchConfig(base=dataclasses.replace(cfg, num_devices=1), torch_reference=False)
+    r = JaxRunner(bc, Case(Shape("bit_xor", 4, 10, 1, 2), "fpt", "bfloat16", runs=2))
+    r.compile()
+    assert r.run_step() > 0
+    assert r.result()["bytes_accessed_vs_minimum"] > 1.0
 
 
 def test_minilm_named_source_needs_its_package(monkeypatch):

@@ -154,7 +154,8 @@ def _convert_cases(tmp: Path) -> list[Case]:
     shutil.copytree(earlier, tmp / "earlier_to_replace")
     wide = v("wide_config", _edit_config(n_embd=32))
     bad_json = v("bad_json", lambda d: (d / "config.json").write_text('{"model_type": "gpt2",'))
-    bert = v("bert", _edit_config(model_type="bert"))
+    bert = v("bert", _edit_config(model_type="bert"))  # a BERT config.json over GPT-2 weights
+    llama = v("llama", _edit_config(model_type="llama"))
     str_size = v("str_size", _edit_config(n_layer="1"))
     st_trunc = v("st_truncated", lambda d: _truncate(d / "model.safetensors"))
     st_noise = v("st_noise", lambda d: (d / "model.safetensors").write_bytes(
@@ -182,7 +183,10 @@ def _convert_cases(tmp: Path) -> list[Case]:
         src(tmp / "nothing_here", "convert_source_missing", [str(tmp / "nothing_here")]),
         src(tmp / "a_file", "convert_source_is_a_file", [f"{tmp / 'a_file'} is a file"]),
         src(no_config, "convert_no_config_json", [f"{no_config} has no config.json"]),
-        src(bert, "convert_not_a_gpt2", [f"{bert}/config.json", "model_type='bert'"]),
+        src(bert, "convert_weights_of_another_family", [
+            f"{bert}/model.safetensors", "unexpected keys not in a bert", "h.0.attn.c_attn"]),
+        src(llama, "convert_unknown_family", [f"{llama}/config.json", "model_type='llama'",
+                                              "accepted: gpt2, bert, vit"]),
         src(bad_json, "convert_config_json_garbled", [f"{bad_json}/config.json:1"]),
         src(str_size, "convert_config_size_not_int", [f"{str_size}/config.json",
                                                       "n_layer='1'"]),

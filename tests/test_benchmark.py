@@ -447,7 +447,7 @@ def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
     base = data["config"]["base"]
     assert (base["n_layer"], base["n_embd"], base["dropout"], base["trainable"]) == (
         1, 16, 0.0, "output,ln")
-    assert data["model"] == {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    assert data["model"] == {"family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16}
     (row,) = data["results"]
     assert row["trainable"] == "output,ln" and row["step_ms"]["n"] == 1
     assert "--config.trainable=output,ln" in data["command"]

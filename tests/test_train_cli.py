@@ -34,7 +34,7 @@ def _train(args, **kwargs):
     ("--config.batch_size=0", "error: batch_size=0; accepted: an integer >= 1"),
     ("--config.patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
     ("--config.weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory "
-                                      "nor a known hub name"),
+                                      "nor a known name"),
     ("--config.learning_rat=1", "error: Field learning_rat not found"),
     ("--config.steps=ten", "error: flag --config.steps=ten: invalid literal for int()"),
     ("--config.max_length=64", "error: task bit_xor takes no setting max_length; its "

@@ -116,7 +116,8 @@ def _setting(report: dict[str, Any]) -> list[str]:
              f"at start {_f(load[0])}, at end {_f(load[1])}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
              + f", python {env['python']}; fpt-jax commit {env['git_commit']}.", "",
-             f"Model: GPT-2 preset `{base['model']}` (random init: time and FLOPs do not depend "
+             f"Model: {m.get('family', 'gpt2')} preset `{base['model']}` (random init: time "
+             "and FLOPs do not depend "
              f"on the weights), {m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} "
              f"heads; dropout {base['dropout']}; frozen = trainable `{base['trainable']}`. "
              f"{bc['steps']} timed steps per case after {bc['warmup']} warm-up steps, "

@@ -228,3 +228,17 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
         train.setup(dataclasses.replace(follow, init=str(tmp_path)))
     with pytest.raises(ValueError, match="init='nowhere'; accepted: pretrained, random"):
         TrainConfig(task="bit_xor", init="nowhere")
+
+
+def test_a_bert_pytorch_bin_directory_loads_as_its_safetensors_twin(tmp_path):
+    import shutil
+    _, _, directory = _bert(tmp_path / "st")
+    model = transformers.BertModel.from_pretrained(directory)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(f"{directory}/config.json", tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    a = flax.traverse_util.flatten_dict(weights.load(directory)[1])
+    b = flax.traverse_util.flatten_dict(weights.load(tmp_path / "bin")[1])
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        np.testing.assert_array_equal(b[k], v)

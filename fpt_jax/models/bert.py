@@ -18,12 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
-from flax import traverse_util
 from flax.typing import Dtype
 
-from fpt_jax.models import mixed
-from fpt_jax.models.gpt2 import INTERMEDIATES, weights_requested
-from fpt_jax.models.remat import remat
+from fpt_jax.models import layers, mixed
 
 # The values of Hugging Face BERT options that this module implements (first: the default).
 _HF_SUPPORTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
@@ -148,13 +145,7 @@ def _layer_norm(config: BertConfig, dtype: Dtype) -> nn.LayerNorm:
 def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
     """Every layer's attention weights `[batch, heads, query, key]`, in layer order, from the
     `state` of `apply(..., mutable=["intermediates"])` on a `Bert` or a model holding one."""
-    flat = traverse_util.flatten_dict(dict(state[INTERMEDIATES]))
-    layers = {}
-    for path, sown in flat.items():
-        if path[-1] == "attention_weights":
-            index = next(int(k[6:]) for k in reversed(path) if re.fullmatch(r"layer_\d+", k))
-            layers[index] = sown[0]  # sow keeps a tuple of values
-    return tuple(layers[i] for i in sorted(layers))
+    return layers.attention_weights(state, "layer_")
 
 
 class SelfAttention(nn.Module):
@@ -166,35 +157,15 @@ class SelfAttention(nn.Module):
                  query_positions: jax.Array | None = None) -> jax.Array:
         """Attention over `x` [b, t, d], heads merged: [b, t, d]; with `query_positions`
         ([b, r] ints) only those positions query (keys and values from every position)."""
-        cfg, t = self.config, x.shape[1]
-        dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        cfg = self.config
         xq = x if query_positions is None else jnp.take_along_axis(
             x, query_positions[:, :, None], axis=1)  # the query projection at those rows only
         q, k, v = (rearrange(_dense(cfg.hidden_size, cfg, self.dtype, name)(h),
                              "b t (h d) -> b t h d", h=cfg.num_attention_heads)
                    for name, h in (("query", xq), ("key", x), ("value", x)))
-        mask = None  # None: no mask, or (causal) the plain causal one
-        if cfg.causal and query_positions is not None:
-            mask = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
-        if weights_requested(self) or (not deterministic and cfg.attention_probs_dropout_prob > 0):
-            # The explicit softmax: to return the weights, and for dropout on the attention
-            # probabilities, which dot_product_attention lacks. Logits and softmax in float32.
-            if cfg.causal and mask is None:
-                mask = jnp.tril(jnp.ones((t, t), dtype=bool))
-            logits = mixed.einsum("bqhd,bkhd->bhqk", q, k, self.dtype)
-            logits = logits * jnp.float32(1 / q.shape[-1] ** 0.5)
-            if mask is not None:
-                logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(logits)
-            self.sow(INTERMEDIATES, "attention_weights", weights)
-            weights = dropout(weights, deterministic=deterministic)
-            out = mixed.einsum("bhqk,bkhd->bqhd", weights, v, self.dtype).astype(self.dtype)
-        else:
-            # The library's fused attention (cuDNN flash attention on GPU; on XLA it computes
-            # logits and softmax in float32 for bfloat16 inputs too).
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                               is_causal=cfg.causal and mask is None)
-        return rearrange(out, "b q h d -> b q (h d)")
+        return layers.attention(self, q, k, v, dropout=cfg.attention_probs_dropout_prob,
+                                deterministic=deterministic, dtype=self.dtype,
+                                causal=cfg.causal, query_positions=query_positions)
 
 
 class Output(nn.Module):
@@ -274,15 +245,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
                  read_positions: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        layer = remat(Layer, self.dtype) if self.remat else Layer
-        for i in range(cfg.num_hidden_layers):
-            if i == cfg.num_hidden_layers - 1 and read_positions is not None:
-                # Recomputing the last layer would buy nothing: its backward follows at once.
-                x = Layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x, read_positions)
-            else:
-                x = layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x)
-        return x
+        return layers.stack(Layer, self.config, self.dtype, self.remat, deterministic, x,
+                            read_positions)
 
 
 class Bert(nn.Module):
@@ -314,21 +278,14 @@ class Bert(nn.Module):
             x, deterministic, read_positions)
 
 
-def init_params(config: BertConfig, rng: jax.Array, seq_len: int = 1) -> dict:
-    """Randomly initialised backbone parameters (float32, Hugging Face's initialisation)."""
-    dummy = jnp.zeros((1, seq_len, config.hidden_size), jnp.float32)
-    return Bert(config).init(rng, dummy)["params"]
-
-
-def param_shapes(config: BertConfig) -> dict:
-    """The backbone's parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+# Hugging Face's initialisation (`_dense`, `nn.Embed` normal(initializer_range)).
+init_params, param_shapes, _num_params = layers.param_functions(Bert)
 
 
 def num_params(config: BertConfig, include_word_embedding: bool = False) -> int:
     """Parameter count (no pooler); 10,844,928 for `minilm-l6`."""
-    n = sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
-    return n + (config.vocab_size * config.hidden_size if include_word_embedding else 0)
+    extra = config.vocab_size * config.hidden_size if include_word_embedding else 0
+    return _num_params(config) + extra
 
 
 # --- Hugging Face state dicts -------------------------------------------------------------

@@ -19,13 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
-from flax import traverse_util
 from flax.typing import Dtype
 
-from fpt_jax.models import mixed
-from fpt_jax.models.remat import remat
-
-INTERMEDIATES = "intermediates"  # the collection that attention weights are sown into
+from fpt_jax.models import layers, mixed
+from fpt_jax.models.layers import INTERMEDIATES, weights_requested  # noqa: F401 (re-exported)
 
 # The values of Hugging Face GPT-2 options that this module implements (first: the default).
 _HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
@@ -111,18 +108,10 @@ def _residual_std(cfg: GPT2Config) -> float:
     return _INIT_STD / (2 * cfg.n_layer) ** 0.5
 
 
-def weights_requested(module: nn.Module) -> bool:
-    """Whether the caller asked for attention weights (`mutable=["intermediates"]`)."""
-    return module.is_mutable_collection(INTERMEDIATES)
-
-
 def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
     """Every block's attention weights `[batch, heads, query, key]`, in layer order, from the
     `state` of `apply(..., mutable=["intermediates"])` on a `GPT2` or a model holding one."""
-    flat = traverse_util.flatten_dict(dict(state[INTERMEDIATES]))
-    layers = {int(path[-3].removeprefix("h_")): sown[0]  # sow keeps a tuple of values
-              for path, sown in flat.items() if path[-1] == "attention_weights"}
-    return tuple(layers[i] for i in sorted(layers))
+    return layers.attention_weights(state, "h_")
 
 
 class Attention(nn.Module):
@@ -142,30 +131,13 @@ class Attention(nn.Module):
         # dq, dk, dv, where indexing gives three zero-padded copies and two adds.
         q, k, v = (rearrange(a, "b t (h d) -> b t h d", h=cfg.n_head)
                    for a in jnp.split(qkv, 3, axis=-1))
-        mask = None  # None: every position queries, causal (key position <= query position)
         if query_positions is not None:
             q = jnp.take_along_axis(q, query_positions[:, :, None, None], axis=1)
-            mask = query_positions[:, None, :, None] >= jnp.arange(x.shape[1])  # [b,1,r,t]
-        if weights_requested(self) or (not deterministic and cfg.attn_pdrop > 0):
-            # The explicit softmax: to return the weights, and for dropout on the attention
-            # probabilities, which GPT-2 applies in training and dot_product_attention lacks.
-            # Heads first: the training step's program from before the fused path (the same
-            # bits in float32). Logits and softmax in float32, as in the fused path.
-            if mask is None:
-                mask = jnp.tril(jnp.ones((x.shape[1],) * 2, dtype=bool))
-            q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
-            logits = mixed.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
-            logits = logits * jnp.float32(1 / q.shape[-1] ** 0.5)
-            weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min))
-            self.sow(INTERMEDIATES, "attention_weights", weights)
-            weights = attn_dropout(weights, deterministic=deterministic)
-            out = mixed.einsum("bhqk,bhkd->bhqd", weights, v, self.dtype).astype(self.dtype)
-            out = rearrange(out, "b h q d -> b q h d")
-        else:
-            # The library's fused attention (cuDNN flash attention on GPU; on XLA it also
-            # computes logits and softmax in float32 for bfloat16 inputs).
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
-        out = rearrange(out, "b q h d -> b q (h d)")
+        # Heads first in the explicit path: the training step's program from before the fused
+        # path (the same bits in float32).
+        out = layers.attention(self, q, k, v, dropout=attn_dropout, deterministic=deterministic,
+                               dtype=self.dtype, causal=True, query_positions=query_positions,
+                               heads_first=True)
         out = _dense(cfg.n_embd, self.dtype, "c_proj", _residual_std(cfg))(out)
         return resid_dropout(out, deterministic=deterministic)
 
@@ -234,31 +206,18 @@ class GPT2(nn.Module):
                        embedding_init=nn.initializers.normal(_INIT_STD))
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        block = remat(Block, self.dtype) if self.remat else Block
-        for i in range(cfg.n_layer):
-            if i == cfg.n_layer - 1 and read_positions is not None:
-                # Recomputing the last block would buy nothing: its backward follows at once.
-                x = Block(cfg, self.dtype, deterministic, name=f"h_{i}")(x, read_positions)
-            else:
-                x = block(cfg, self.dtype, deterministic, name=f"h_{i}")(x)
+        x = layers.stack(Block, cfg, self.dtype, self.remat, deterministic, x, read_positions,
+                         prefix="h_")
         return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
 
 
-def init_params(config: GPT2Config, rng: jax.Array, seq_len: int = 1) -> dict:
-    """Randomly initialised backbone parameters (float32)."""
-    dummy = jnp.zeros((1, seq_len, config.n_embd), jnp.float32)
-    return GPT2(config).init(rng, dummy)["params"]
-
-
-def param_shapes(config: GPT2Config) -> dict:
-    """The backbone's parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+init_params, param_shapes, _num_params = layers.param_functions(GPT2)
 
 
 def num_params(config: GPT2Config, include_token_embedding: bool = False) -> int:
     """Parameter count; 85,842,432 for `gpt2`, 124,439,808 with the token embedding."""
-    n = sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
-    return n + (config.vocab_size * config.n_embd if include_token_embedding else 0)
+    extra = config.vocab_size * config.n_embd if include_token_embedding else 0
+    return _num_params(config) + extra
 
 
 # --- Hugging Face names and parameter groups ----------------------------------------------

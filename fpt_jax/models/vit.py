@@ -18,12 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
-from flax import traverse_util
 from flax.typing import Dtype
 
-from fpt_jax.models import mixed
-from fpt_jax.models.gpt2 import INTERMEDIATES, weights_requested
-from fpt_jax.models.remat import remat
+from fpt_jax.models import layers, mixed
 
 HUB_REPOS = {"vit-base": "google/vit-base-patch16-224"}
 # The values of Hugging Face ViT options that this module implements.
@@ -112,10 +109,7 @@ VIT_PRESETS: dict[str, ViTConfig] = {
 def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
     """Every layer's attention weights `[batch, heads, query, key]` (float32), in layer
     order, from the `state` of `apply(..., mutable=["intermediates"])`."""
-    flat = traverse_util.flatten_dict(dict(state[INTERMEDIATES]))
-    layers = {int(path[-4].removeprefix("layer_")): sown[0]  # sow keeps a tuple of values
-              for path, sown in flat.items() if path[-1] == "attention_weights"}
-    return tuple(layers[i] for i in sorted(layers))
+    return layers.attention_weights(state, "layer_")
 
 
 class SelfAttention(nn.Module):
@@ -134,19 +128,8 @@ class SelfAttention(nn.Module):
         q = heads(_dense(cfg.n_embd, dtype=self.dtype, name="query")(xq))
         k = heads(_dense(cfg.n_embd, dtype=self.dtype, name="key")(x))
         v = heads(_dense(cfg.n_embd, dtype=self.dtype, name="value")(x))
-        if weights_requested(self) or (not deterministic and cfg.attention_probs_dropout_prob > 0):
-            # Explicit: to return the weights, and for dropout on the probabilities (which
-            # dot_product_attention lacks). Logits and softmax in float32, as the fused path.
-            q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
-            logits = mixed.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
-            weights = jax.nn.softmax(logits * jnp.float32(1 / q.shape[-1] ** 0.5))
-            self.sow(INTERMEDIATES, "attention_weights", weights)
-            weights = nn.Dropout(cfg.attention_probs_dropout_prob)(weights, deterministic)
-            out = mixed.einsum("bhqk,bhkd->bhqd", weights, v, self.dtype).astype(self.dtype)
-            out = rearrange(out, "b h q d -> b q h d")
-        else:
-            out = jax.nn.dot_product_attention(q, k, v)  # fused (cuDNN on GPU)
-        return rearrange(out, "b q h d -> b q (h d)")
+        return layers.attention(self, q, k, v, dropout=cfg.attention_probs_dropout_prob,
+                                deterministic=deterministic, dtype=self.dtype, heads_first=True)
 
 
 class _Dense(nn.Module):
@@ -224,15 +207,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
                  read_positions: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        layer = remat(Layer, self.dtype) if self.remat else Layer
-        for i in range(cfg.n_layer):
-            if i == cfg.n_layer - 1 and read_positions is not None:
-                # Recomputing the last layer would buy nothing: its backward follows at once.
-                x = Layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x, read_positions)
-            else:
-                x = layer(cfg, self.dtype, deterministic, name=f"layer_{i}")(x)
-        return x
+        return layers.stack(Layer, self.config, self.dtype, self.remat, deterministic, x,
+                            read_positions)
 
 
 class ViT(nn.Module):
@@ -260,19 +236,8 @@ class ViT(nn.Module):
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
 
 
-def init_params(config: ViTConfig, rng: jax.Array, seq_len: int = 1) -> dict:
-    """Randomly initialised backbone parameters (float32)."""
-    return ViT(config).init(rng, jnp.zeros((1, seq_len, config.n_embd), jnp.float32))["params"]
-
-
-def param_shapes(config: ViTConfig) -> dict:
-    """The backbone's parameter tree as `jax.ShapeDtypeStruct`s, without allocating it."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-
-
-def num_params(config: ViTConfig) -> int:
-    """Parameter count, the new position table included; 85,842,432 for `vit-base`."""
-    return sum(x.size for x in jax.tree_util.tree_leaves(param_shapes(config)))
+# num_params: the new position table included; 85,842,432 for `vit-base`.
+init_params, param_shapes, num_params = layers.param_functions(ViT)
 
 
 # A layer's modules -> (our path below `encoder/layer_{i}`, group), by their names in the

@@ -40,7 +40,7 @@ def backbone(cfg: TrainConfig) -> tuple[Any, dict | None]:
             raise ValueError(f"init={cfg.init} takes the backbone of that run; architecture "
                              f"overrides and weights do not apply (got "
                              f"{ {**overrides, 'weights': cfg.weights} })")
-        config, params = backbone_of_run(cfg.init)
+        config, params = backbone_of_run(cfg.init, cfg.model)
     elif cfg.init == "random":
         if cfg.model == "auto":
             raise ValueError("model='auto' takes the architecture from pretrained weights; "
@@ -73,7 +73,7 @@ def backbone(cfg: TrainConfig) -> tuple[Any, dict | None]:
     return config.with_dropout(cfg.dropout), params
 
 
-def backbone_of_run(workdir: str) -> tuple[Any, dict]:
+def backbone_of_run(workdir: str, model: str = "auto") -> tuple[Any, dict]:
     """`(config, params)` of the backbone that the run in `workdir` ended with (its newest
     checkpoint), rebuilt from the identity that run recorded."""
     from fpt_jax import freeze, train  # train builds runs from this module
@@ -94,6 +94,9 @@ def backbone_of_run(workdir: str) -> tuple[Any, dict]:
             raise ValueError(f"init={workdir} is a sweep cell ({len(identity['learning_rates'])}"
                              " runs); pass a single run's workdir")
         source = run_config(identity, workdir)
+        if model not in ("auto", source.model):
+            raise ValueError(f"init={workdir} is a run of model={source.model}, but "
+                             f"model={model}; set model={source.model} or model=auto")
         s = train.setup(source)
         trainable, _ = ckpts.restore(step, s.state.trainable, s.state.opt_state)
     finally:

@@ -224,6 +224,9 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
 
     with pytest.raises(ValueError, match="architecture overrides"):
         train.setup(dataclasses.replace(follow, n_layer=3))
+    with pytest.raises(ValueError, match="is a run of model=gpt2, but model=minilm-l6"):
+        train.setup(dataclasses.replace(follow, model="minilm-l6"))
+    assert train.backbone(dataclasses.replace(follow, model="auto"))[0].n_layer == 2
     with pytest.raises(ValueError, match="has no checkpoints"):
         train.setup(dataclasses.replace(follow, init=str(tmp_path)))
     with pytest.raises(ValueError, match="init='nowhere'; accepted: pretrained, random"):

@@ -23,7 +23,8 @@ from fpt_jax.models import backbones
 _ARCH = ("n_layer", "n_head", "n_embd")
 # The preset whose pretrained weights ship as a named source (weights.NAMED_SOURCES).
 _PRESET_SOURCES = {"minilm-l6": "minilm"}
-_NAMES = {"gpt2": "GPT-2", "bert": "BERT", "vit": "ViT"}  # for messages
+_NAMES = {"gpt2": "GPT-2", "bert": "BERT", "vit": "ViT", "fnet": "FNet",
+          "lstm": "LSTM"}  # for messages
 
 
 def is_run_dir(init: str) -> bool:
@@ -31,10 +32,20 @@ def is_run_dir(init: str) -> bool:
     return init not in ("random", "pretrained")
 
 
-def backbone(cfg: TrainConfig) -> tuple[Any, dict | None]:
+def backbone(cfg: TrainConfig, task=None) -> tuple[Any, dict | None]:
     """The backbone's config (with the run's dropout) and, unless `init='random'`, its
-    parameters (host numpy, float32)."""
+    parameters (host numpy, float32). A parameter-matched LSTM (`match_model`) takes its
+    width from `task` (built from `cfg` when not given)."""
     overrides = {k: getattr(cfg, k) for k in _ARCH if getattr(cfg, k) is not None}
+    if cfg.model != "auto" and not backbones.family_of_preset(cfg.model).has_checkpoints \
+            and cfg.init == "pretrained":
+        raise ValueError(f"model={cfg.model} is a baseline with no pretrained weights; "
+                         "accepted: init=random (or the workdir of a finished run)")
+    if cfg.match_model is not None and not is_run_dir(cfg.init):
+        from fpt_jax import baselines
+        from fpt_jax.tasks import get_task
+        overrides["n_embd"] = baselines.match(
+            cfg, task or get_task(cfg.task, **cfg.task_options())).width
     if is_run_dir(cfg.init):
         if overrides or cfg.weights:
             raise ValueError(f"init={cfg.init} takes the backbone of that run; architecture "

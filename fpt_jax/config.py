@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
 SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
+MATCH_COUNTS = ("trainable", "total")
 
 
 def _setting(default: Any, help: str) -> Any:  # noqa: A002 - the flag's help text
@@ -75,6 +76,13 @@ class TrainConfig:
     n_layer: int | None = _setting(None, "Random init only: number of blocks.")
     n_head: int | None = _setting(None, "Random init only: attention heads.")
     n_embd: int | None = _setting(None, "Random init only: width.")
+    match_model: str | None = _setting(None, "LSTM baseline (model=lstm): a transformer "
+                                       "preset (e.g. gpt2) whose parameter count, as FPT on "
+                                       "this task, the LSTM's width is chosen to match "
+                                       "(fpt_jax/baselines.py); None: the preset's width.")
+    match_count: str = _setting("trainable", f"With match_model: match its {MATCH_COUNTS[0]!r} "
+                                "count (trained as FPT, trainable='fpt') or its "
+                                f"{MATCH_COUNTS[1]!r} count.")
     # --- the FPT wrapper
     dropout: float = _setting(0.1, "Dropout in the input/output layers and the backbone.")
     orth_gain: float | None = _setting(1.41, "Orthogonal-init gain of the input layer; None "
@@ -139,6 +147,17 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*backbones.preset_names(), "auto"))
+        _one_of("match_count", self.match_count, MATCH_COUNTS)
+        if self.match_model is not None:
+            transformers = [p for p in backbones.preset_names()
+                            if backbones.family_of_preset(p).name != "lstm"]
+            if self.model == "auto" or backbones.family_of_preset(self.model).name != "lstm":
+                raise ValueError(f"match_model={self.match_model!r} sizes an LSTM baseline; "
+                                 f"it needs model=lstm (got model={self.model!r})")
+            _one_of("match_model", self.match_model, transformers)
+            if self.n_embd is not None:
+                raise ValueError(f"match_model={self.match_model!r} chooses the width; "
+                                 f"n_embd={self.n_embd} contradicts it (set one of them)")
         for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),

@@ -27,8 +27,8 @@ from flax import traverse_util
 
 from fpt_jax.models import backbones
 
-GROUPS = ("input", "pos", "ln", "attn", "mlp", "output")
-LAYERED = ("ln", "attn", "mlp")
+GROUPS = ("input", "pos", "ln", "attn", "mlp", "lstm", "output")  # lstm: the LSTM baseline
+LAYERED = ("ln", "attn", "mlp", "lstm")
 SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS),
                      "all": ",".join(GROUPS)}
 
@@ -150,6 +150,8 @@ def count_table(params, selection: Selection) -> tuple[str, dict[str, dict[str, 
     lines = [f"trainable selection: {selection.spec!r}",
              f"{'group':<8}{'trainable':>14}{'frozen':>14}"]
     for g, c in counts.items():
+        if g == "lstm" and not c["trainable"] + c["frozen"]:
+            continue  # a row of zeros for every transformer
         lines.append(f"{g:<8}{c['trainable']:>14,}{c['frozen']:>14,}")
     share = 100 * total_t / max(total_t + total_f, 1)
     lines.append(f"{'total':<8}{total_t:>14,}{total_f:>14,}   ({share:.3f}% trainable)")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fpt_jax import freeze, optim, parallel, train
+from fpt_jax import baselines, freeze, optim, parallel, train
 from fpt_jax.config import TrainConfig
 from fpt_jax.tasks import Task
 
@@ -146,7 +146,7 @@ def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence
                          f"got learning_rates={learning_rates}, seeds={seeds}, "
                          f"backbone_seed={backbone_seed}")
     task = train.prepare_task(cfg, task)
-    config, pretrained = train.backbone(cfg)
+    config, pretrained = train.backbone(cfg, task)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = train.make_model(cfg, task, config)
     if pretrained is None:  # a random backbone, the same for every run
@@ -158,6 +158,8 @@ def init_runs(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence
         params = train.init_params(model, task, jax.random.PRNGKey(seed), pretrained)
         if not table:
             table, _ = freeze.count_table(params, selection)
+            if cfg.match_model is not None:
+                table += "\n" + baselines.match(cfg, task).lines()
         trainable, frozen = freeze.partition(params, selection)
         shared = frozen.pop(BACKBONE, None) if shared is None else shared
         frozen.pop(BACKBONE, None)

@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from fpt_jax import fast_rng, freeze, optim, parallel
+from fpt_jax import baselines, fast_rng, freeze, optim, parallel
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.guard import MetricsBuffer, check_finite_state
@@ -204,7 +204,7 @@ def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
 
 def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
     task = prepare_task(cfg, task)
-    config, pretrained = backbone(cfg)
+    config, pretrained = backbone(cfg, task)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
     if pretrained is None:  # init='random': the backbone from its own seed (config.py)
@@ -212,6 +212,8 @@ def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
             "transformer"]
     params = init_params(model, task, jax.random.PRNGKey(cfg.seed), pretrained)
     table, _ = freeze.count_table(params, selection)
+    if cfg.match_model is not None:
+        table += "\n" + baselines.match(cfg, task).lines()
     trainable, frozen = freeze.partition(params, selection)
     frozen = freeze.cast_frozen(frozen, COMPUTE_DTYPES[cfg.dtype])
     tx = optim.make_optimizer(cfg)

@@ -41,7 +41,7 @@ def test_param_group_rejects_unknown_path():
 def test_every_parameter_of_the_model_has_a_group(params):
     groups = {freeze.param_group(p)[0]
               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert groups == set(freeze.GROUPS)
+    assert groups == set(freeze.GROUPS) - {"lstm"}  # a GPT-2 FPT: every group but the LSTM's
 
 
 def _trainable_paths(params, spec):

@@ -9,13 +9,15 @@ Data (offline): python -m experiments.prepare_data --dataset=cifar10 --raw_dir=R
 Paper: FPT 68.2% test accuracy (gpt2-large 72.1%); random-init frozen gpt2 61.7%; ~4e5
 steps to converge.
 """
+from fpt_jax import baselines
 from fpt_jax.config import TrainConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config(variant: str = "fpt") -> TrainConfig:
+    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
+    return baselines.variant(TrainConfig(
         task="cifar10", patch_size=4, augment=True,
         batch_size=16, steps=400_000,
         eval_every=5000, eval_batches=None, eval_batch_size=100, log_every=100,
         checkpoint_every=5000,
-    )
+    ), variant, scratch_layers=3)

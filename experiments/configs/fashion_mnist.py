@@ -8,13 +8,15 @@ and --config.data_dir=DIR.
 Paper: no number (MNIST: FPT 98.0%). Measured here on a CPU: a random-init frozen 4-layer
 width-128 GPT-2 reached 79% test accuracy after 3,000 steps of batch 32 at lr 3e-3.
 """
+from fpt_jax import baselines
 from fpt_jax.config import TrainConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config(variant: str = "fpt") -> TrainConfig:
+    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
+    return baselines.variant(TrainConfig(
         task="fashion_mnist", patch_size=4, image_size=32,
         batch_size=16, steps=20_000,
         eval_every=1000, eval_batches=None, eval_batch_size=100, log_every=100,
         checkpoint_every=2000,
-    )
+    ), variant)

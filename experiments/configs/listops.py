@@ -16,13 +16,15 @@ then --config.data_dir=DIR.
 Paper (truncated at 512, brackets dropped): FPT 38.4% test accuracy, random-init frozen
 34.3%, ~2e3 steps to converge; Rothermel et al. (lr swept): 46.1% / 38.9%.
 """
+from fpt_jax import baselines
 from fpt_jax.config import TrainConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config(variant: str = "fpt") -> TrainConfig:
+    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
+    return baselines.variant(TrainConfig(
         task="listops", max_length=1024, overlength="drop", bucket_size=128,
         batch_size=4, steps=20_000,
         eval_every=1000, eval_batches=None, eval_batch_size=32, log_every=100,
         checkpoint_every=2000,
-    )
+    ), variant, scratch_layers=3)

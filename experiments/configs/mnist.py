@@ -8,13 +8,15 @@ Data (offline): python -m experiments.prepare_data --dataset=mnist --raw_dir=RAW
 Paper: FPT 98.0% test accuracy (~5e3 steps to converge); random-init frozen gpt2 91.7%
 (~2e4 steps).
 """
+from fpt_jax import baselines
 from fpt_jax.config import TrainConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config(variant: str = "fpt") -> TrainConfig:
+    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
+    return baselines.variant(TrainConfig(
         task="mnist", patch_size=4, image_size=32,
         batch_size=16, steps=20_000,
         eval_every=1000, eval_batches=None, eval_batch_size=100, log_every=100,
         checkpoint_every=2000,
-    )
+    ), variant)

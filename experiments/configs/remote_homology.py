@@ -11,14 +11,16 @@ Data: TAPE's remote_homology LMDB files: --config.data_dir=DIR where
 DIR/remote_homology/remote_homology_{train,valid,test_*}.lmdb exist.
 Paper: FPT 12.7% test accuracy (random-init frozen gpt2 9.3%) at lr 1e-4, ~1e5 steps.
 """
+from fpt_jax import baselines
 from fpt_jax.config import TrainConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config(variant: str = "fpt") -> TrainConfig:
+    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
+    return baselines.variant(TrainConfig(
         task="remote_homology", max_length=1024, bucket_size=128,
         learning_rate=1e-4,  # the paper's learning rate for homology
         batch_size=4, steps=100_000,
         eval_every=5000, eval_batches=None, eval_batch_size=32, log_every=100,
         checkpoint_every=5000,
-    )
+    ), variant)

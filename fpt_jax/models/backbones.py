@@ -12,7 +12,11 @@ that brings, under the same names:
     (torch `Linear` kernels are `[out, in]`), `fresh_paths(config)` (parameters that no
     checkpoint holds and that start from the run's own initialisation);
   * `param_group(keys)` -> (group, layer) of a path below the backbone, None if not its own:
-    so trainable selections, count tables, the benchmark and sweeps work for every family.
+    so trainable selections, count tables, the benchmark and sweeps work for every family;
+  * optionally `TAKES_LENGTHS = True`: the module takes `lengths` ([batch] ints) for
+    right-padded token sequences and keeps the padding out of the real positions.
+The baselines (`fnet`: attention replaced by fixed Fourier mixing; `lstm`: layer-normalised
+LSTM) are families too, with no checkpoint to convert (`torch_name_to_path` refuses).
 The family is named by the preset (`model`) or, for pretrained weights, by `config.json`'s
 `model_type`.
 """
@@ -26,7 +30,10 @@ from typing import Any, Callable, Mapping
 # family name (= Hugging Face model_type) -> module, config class, module class, presets
 _FAMILIES = {"gpt2": ("fpt_jax.models.gpt2", "GPT2Config", "GPT2", "GPT2_PRESETS"),
              "bert": ("fpt_jax.models.bert", "BertConfig", "Bert", "BERT_PRESETS"),
-             "vit": ("fpt_jax.models.vit", "ViTConfig", "ViT", "VIT_PRESETS")}
+             "vit": ("fpt_jax.models.vit", "ViTConfig", "ViT", "VIT_PRESETS"),
+             # the baselines: a fixed Fourier-mixing transformer and an LSTM (no checkpoints)
+             "fnet": ("fpt_jax.models.fnet", "FNetConfig", "FNet", "FNET_PRESETS"),
+             "lstm": ("fpt_jax.models.lstm", "LSTMConfig", "LSTM", "LSTM_PRESETS")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,11 @@ class Family:
     param_group: Callable[[tuple[str, ...]], tuple[str, int | None] | None]
     param_shapes: Callable[[Any], dict]
     attention_weights: Callable[[Mapping[str, Any]], tuple]
+    # Whether the module takes `lengths` ([batch] ints of right-padded token sequences) and
+    # keeps padding out of real positions; families without it are causal (GPT-2, LSTM:
+    # padding comes after every real position) or do not mask yet (BERT, ViT).
+    takes_lengths: bool = False
+    has_checkpoints: bool = True  # False: random init only (the baselines)
 
 
 @functools.cache
@@ -55,7 +67,8 @@ def family(name: str) -> Family:
                   getattr(m, "HUB_REPOS", {}), m.torch_name_to_path,
                   getattr(m, "needs_transpose", lambda path: False),
                   getattr(m, "fresh_paths", lambda config: set()), m.param_group,
-                  m.param_shapes, m.attention_weights)
+                  m.param_shapes, m.attention_weights, getattr(m, "TAKES_LENGTHS", False),
+                  getattr(m, "HAS_CHECKPOINTS", True))
 
 
 def families() -> list[Family]:

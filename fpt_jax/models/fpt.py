@@ -26,7 +26,8 @@ from fpt_jax.models.gpt2 import weights_requested
 _torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _torch_bias_init(fan_in: int):
+def torch_uniform_init(fan_in: int):
+    """PyTorch's `nn.Linear` bias init (and its LSTM's every weight): U(-1/sqrt(fan_in), +)."""
     bound = 1 / fan_in ** 0.5
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
                                                                      bound)
@@ -63,7 +64,7 @@ class OutputHead(nn.Module):
     def __call__(self, x, deterministic: bool):
         for i, size in enumerate((*self.sizes, self.features)):
             x = mixed.Dense(size, dtype=self.dtype, kernel_init=_torch_linear_init,
-                         bias_init=_torch_bias_init(x.shape[-1]),
+                         bias_init=torch_uniform_init(x.shape[-1]),
                          name="proj" if i == len(self.sizes) else f"hidden_{i}")(x)
             if i < len(self.sizes):
                 x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
@@ -137,9 +138,12 @@ class FPT(nn.Module):
                 read = jnp.broadcast_to(jnp.arange(t - ratio, t), (h.shape[0], ratio))
         # Attention maps cover every query position: no trimmed last block when they are asked for.
         trim = read is not None and self.trim_last_block and not weights_requested(self)
-        backbone = backbones.family_of(self.config).module_cls
-        h = backbone(self.config, self.dtype, self.remat, name="transformer")(
-            h, deterministic=deterministic, read_positions=read if trim else None)
+        family = backbones.family_of(self.config)
+        # Right-padded token sequences: a family that mixes every position (FNet) masks the
+        # padding with `lengths`; causal ones never see it at a real position.
+        extra = {"lengths": length} if length is not None and family.takes_lengths else {}
+        h = family.module_cls(self.config, self.dtype, self.remat, name="transformer")(
+            h, deterministic=deterministic, read_positions=read if trim else None, **extra)
         if read is not None and not trim:
             h = jnp.take_along_axis(h, read[:, :, None], axis=1)
         logits = OutputHead(self.out_layer_sizes, self.output_dim, self.dropout, self.dtype,

@@ -77,6 +77,7 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
+    out_dtype: Dtype | None = None  # None: the compute dtype (float32: an LSTM's gates)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,4 +85,4 @@ class Dense(nn.Module):
                             jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         y = einsum("...k,kn->...n", x, kernel, self.dtype)
-        return (y + bias.astype(jnp.float32)).astype(self.dtype)
+        return (y + bias.astype(jnp.float32)).astype(self.out_dtype or self.dtype)

@@ -1,0 +1,145 @@
+"""The LSTM baseline: its LN-LSTM cell against a plain numpy reference, mixed precision,
+padding, learning, the parameter-matched width and the errors of its settings."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpt_jax import baselines, train
+from fpt_jax.config import TrainConfig
+from fpt_jax.models import lstm
+from fpt_jax.models.fpt import FPT
+from fpt_jax.tasks import get_task
+
+
+def _layer_norm(x, p, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _reference(params, x, eps):
+    """Ba et al.'s LN-LSTM as the original code runs it, one step at a time in float64."""
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    for i in range(len(params)):
+        p = params[f"lstm_{i}"]
+        b, t, _ = x.shape
+        width = p["cell"]["ln_cell"]["scale"].shape[0]
+        h, c, out = np.zeros((b, width)), np.zeros((b, width)), []
+        for step in range(t):
+            a = (_layer_norm(x[:, step] @ p["i2h"]["kernel"] + p["i2h"]["bias"], p["ln_i2h"], eps)
+                 + _layer_norm(h @ p["cell"]["h2h"]["kernel"] + p["cell"]["h2h"]["bias"],
+                               p["cell"]["ln_h2h"], eps))
+            gi, gf, go, gg = np.split(a, 4, axis=-1)
+            c = _layer_norm(_sigmoid(gf) * c + _sigmoid(gi) * np.tanh(gg), p["cell"]["ln_cell"],
+                            eps)
+            h = _sigmoid(go) * np.tanh(c)
+            out.append(h)
+        x = np.stack(out, 1)
+    return x
+
+
+def _random_params(cfg, x):
+    params = lstm.LSTM(cfg).init(jax.random.PRNGKey(0), x)["params"]
+    # layer-norm scales and biases away from 1 and 0, so that a swapped one shows
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape)
+                                               for l, k in zip(leaves, keys)])
+
+
+def test_ln_lstm_layers_equal_a_numpy_reference():
+    cfg = lstm.LSTMConfig(n_layer=2, n_embd=6, dropout=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 6))
+    params = _random_params(cfg, x)
+    ours = lstm.LSTM(cfg).apply({"params": params}, x)
+    np.testing.assert_allclose(ours, _reference(params, np.asarray(x, np.float64),
+                                                cfg.layer_norm_epsilon), atol=1e-5, rtol=1e-5)
+    read = jnp.array([[6], [2], [4]])
+    at = lstm.LSTM(cfg).apply({"params": params}, x, read_positions=read)
+    np.testing.assert_array_equal(at[:, 0], ours[jnp.arange(3), read[:, 0]])
+
+
+def test_bfloat16_keeps_the_state_in_float32_and_stays_near_float32():
+    cfg = lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 16))
+    params = _random_params(cfg, x)
+    f32 = lstm.LSTM(cfg).apply({"params": params}, x)
+    bf16 = lstm.LSTM(cfg, jnp.bfloat16).apply({"params": params}, x)
+    assert bf16.dtype == jnp.bfloat16
+    # 32 recurrent steps: an error that grew with every step would exceed this
+    assert float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32))) < 0.05
+
+
+def test_padding_after_the_last_token_does_not_change_the_prediction():
+    cfg = lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0)
+    model = FPT(cfg, input_dim=11, output_dim=3, input_kind="tokens", dropout=0.0)
+    rng = np.random.default_rng(0)
+    length = np.array([5, 9])
+    short = rng.integers(1, 11, (2, 12))
+    long = np.concatenate([short, rng.integers(1, 11, (2, 8))], axis=1)  # other padding
+    for row, n in enumerate(length):
+        short[row, n:] = 0
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(short), jnp.asarray(length))
+    a = model.apply(params, jnp.asarray(short), jnp.asarray(length))
+    b = model.apply(params, jnp.asarray(long), jnp.asarray(length))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    c = model.apply(params, jnp.asarray(long), jnp.asarray(length + 1))  # reads a pad token
+    assert not np.allclose(a, c, atol=1e-4)
+
+
+def test_the_lstm_learns_a_tiny_task(tmp_path):
+    # two one-bit strings: the XOR of the first with the second needs the first kept
+    cfg = baselines.variant(TrainConfig(
+        task="bit_xor", n=1, num_patterns=2, patch_size=1, n_layer=1, n_embd=32,
+        batch_size=16, steps=300, eval_every=300, eval_batches=4, log_every=100,
+        checkpoint_every=1000, dropout=0.0), "lstm")
+    cfg = dataclasses.replace(cfg, learning_rate=3e-3)
+    metrics = train.train_and_evaluate(cfg, str(tmp_path))
+    assert metrics["test/accuracy"] == 1.0, metrics
+
+
+def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both():
+    base = dict(task="bit_xor", n=5, num_patterns=2, patch_size=1, model="lstm",
+                init="random", trainable="full", match_model="gpt2")
+    task = get_task("bit_xor", n=5, num_patterns=2, patch_size=1)
+    total = baselines.match(TrainConfig(**base, match_count="total"), task)
+    assert abs(total.difference) < 0.01 and 1800 < total.width < 2000
+    s = train.setup(TrainConfig(**base, match_count="trainable"))
+    matched = baselines.match(s.cfg, task)
+    assert s.config.n_embd == matched.width and s.config.n_layer == 3
+    assert abs(matched.difference) < 0.01
+    # the count is the built model's, the target gpt2's trainable part as FPT on this task
+    built = sum(x.size for x in jax.tree_util.tree_leaves(s.state.trainable))
+    assert built == matched.count
+    d, blocks, positions = 768, 12, 1024  # gpt2 as FPT on 1-feature tokens, 2 classes
+    fpt_trainable = (1 * d + d) + positions * d + (2 * blocks + 1) * 2 * d + (d * 2 + 2)
+    assert matched.target == fpt_trainable
+    assert f"{matched.target:,}" in s.table and f"{matched.count:,}" in s.table
+    for width in (matched.width - 1, matched.width + 1):  # the nearest integer width
+        model = train.make_model(s.cfg, task, dataclasses.replace(s.config, n_embd=width))
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))
+        count = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+        assert abs(count - matched.target) >= abs(matched.count - matched.target)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model="lstm"), "no pretrained weights"),  # init defaults to 'pretrained'
+    (dict(model="lstm", init="random", n_head=4), "no attention heads"),
+    (dict(model="gpt2", match_model="gpt2"), "needs model=lstm"),
+    (dict(model="lstm", init="random", match_model="lstm"), "match_model"),
+    (dict(model="lstm", init="random", match_model="gpt2", n_embd=64), "contradicts"),
+    (dict(model="lstm", init="random", remat=True), "remat is not supported"),
+    (dict(model="lstm", init="random", match_model="gpt2", match_count="all"), "match_count"),
+])
+def test_bad_lstm_settings_are_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, **change)
+        s = train.setup(cfg)
+        s.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 1)))

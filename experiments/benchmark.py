@@ -17,6 +17,13 @@ r"""Measures the speed of fpt-jax's training step, against the original PyTorch 
   python -m experiments.benchmark --config.model=gpt2 --shapes=bit_xor --modes=frozen \
       --sweeps=1,4,16 --name=sweep
 
+  # the baselines in the same run: the LSTM (3 layers x 768, every parameter trained; a
+  # lax.scan of T dependent steps per layer, forward and backward: latency-bound, the report
+  # gives its sequential steps per step and the time per step) and FNet (frozen), next to
+  # frozen FPT and full fine-tuning of GPT-2 at the Bit XOR and CIFAR-10 shapes
+  python -m experiments.benchmark --config.model=gpt2 --shapes=bit_xor,cifar10 \
+      --modes=frozen,full --baselines=lstm,fnet --name=baselines
+
   # bfloat16 compute (with a loss check against float32), another trainable selection
   python -m experiments.benchmark --shapes=cifar10 --dtypes=float32,bfloat16 \
       --modes=frozen --selections='output,attn[-2:]'
@@ -28,6 +35,10 @@ replaces the config's task and batch size with each shape's (a synthetic task) a
 initialises at random: FLOPs and time do not depend on the weights' values. The mode
 `frozen` trains the config's `trainable` selection (the paper's `fpt` by default);
 `--dtypes` and `--remats` sweep the config's dtype and remat (default: the config's own).
+`--baselines` adds baseline backbones (lstm, fnet) for every shape, dtype and K, each trained
+as the paper's comparisons train it (`fpt_jax.baselines.variant`: lstm 'full', fnet the
+config's FPT selection), at random init, at the config's n_layer/n_embd when set (the preset's
+sizes otherwise), without remat and without a PyTorch reference (GPT-2's recipe only).
 
 Every figure is measured in the run: the pmapped, state-donating step over all local devices
 (on a pod, every process runs this command). FLOPs come from XLA's cost analysis of the
@@ -83,6 +94,11 @@ flags.DEFINE_list("sweeps", ["1"], "K values: every training case is timed with 
                   "trained by one vmapped sweep step (fpt_jax.sweep: the backbone shared, "
                   "states donated), reported per run (step time / K) and against K=1. K=1 is "
                   "the single-run training step. Integers >= 1.")
+flags.DEFINE_list("baselines", [], "Baseline backbones timed next to the config's model "
+                  "for every shape, dtype and K: lstm (3 layer-normalised LSTM layers x 768, "
+                  "every parameter trained), fnet (GPT-2's block with fixed Fourier mixing, "
+                  "frozen as FPT), or another preset of those families. They take "
+                  "--config.n_layer/n_embd when set.")
 flags.DEFINE_list("remats", None, "Activation checkpointing per block to sweep: false, true, "
                   "or false,true for both. Default: --config.remat.")
 
@@ -213,6 +229,7 @@ def bench_config():
     return bench.BenchConfig(
         base=F.config, shapes=shapes, modes=[*F.modes, *F.selections], dtypes=F.dtypes,
         remats=F.remats and [_BOOLS[v.strip().lower()] for v in F.remats], sweeps=sweeps(),
+        baselines=F.baselines,
         steps=F.steps, warmup=F.warmup, rounds=F.rounds, switch_steps=F.switch_steps,
         torch_reference=F.torch_reference, torch_threads=F.torch_threads,
         torch_attn=F.torch_attn, peak_tflops=F.peak_tflops, compile_only=F.compile_only)

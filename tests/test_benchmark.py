@@ -199,6 +199,133 @@ def test_sweep_step_holds_the_backbone_once(sweep_report):
             == 4 * (k1["minimum_bytes_per_step_per_device"] - backbone_twice))
 
 
+# --- baselines timed next to the base model ---------------------------------------------
+
+BASELINES = dataclasses.replace(TINY, modes=["frozen"], baselines=["lstm", "fnet"],
+                                peak_tflops=0.05)
+
+
+def test_baseline_cases_train_the_papers_selection_of_their_model():
+    bc = dataclasses.replace(BASELINES, modes=["frozen", "full", "forward"],
+                             remats=[False, True], sweeps=[1, 4])
+    cases = bc.cases(SHAPE)
+    baseline = [c for c in cases if c.model]
+    assert [c.label for c in baseline] == [
+        "tiny/lstm/full/float32", "tiny/lstm/full/float32/K4",
+        "tiny/fnet/frozen/float32", "tiny/fnet/frozen/float32/K4"]
+    # baselines.variant's selections: the LSTM fully trained, FNet frozen as FPT; no remat
+    assert [(c.model, c.trainable, c.remat) for c in baseline[::2]] == [
+        ("lstm", "full", False), ("fnet", "fpt", False)]
+    # the base model's cases come first, as without baselines (remat swept for them only)
+    assert cases[:-4] == dataclasses.replace(bc, baselines=[]).cases(SHAPE)
+    assert {c.model for c in cases[:-4]} == {None}
+
+
+def test_train_config_of_an_lstm_case_is_a_random_fully_trained_lstm_at_the_base_sizes():
+    (case,) = [c for c in BASELINES.cases(SHAPE) if c.model == "lstm"]
+    cfg = BASELINES.train_config(case)
+    assert (cfg.model, cfg.init, cfg.trainable, cfg.n_head, cfg.match_model, cfg.remat) == (
+        "lstm", "random", "full", None, None, False)
+    assert (cfg.task, cfg.batch_size) == ("synthetic", SHAPE.batch_size)
+    config, params = train.backbone(cfg)
+    assert params is None and type(config).__name__ == "LSTMConfig"
+    assert (config.n_layer, config.n_embd) == (BASE.n_layer, BASE.n_embd)  # stays small
+    # without size overrides the preset's: the paper's 3 x 768 LSTM
+    big = bench.BenchConfig(base=TrainConfig(), baselines=["lstm"])
+    assert (big.backbone("lstm").n_layer, big.backbone("lstm").n_embd) == (3, 768)
+
+
+@pytest.mark.parametrize("model, trainable", [("lstm", "full"), ("fnet", "fpt")])
+def test_a_baseline_step_runs_and_reports_bytes_against_the_minimum(model, trainable):
+    r = jax_step.JaxRunner(BASELINES, bench.Case(SHAPE, trainable, model=model))
+    r.compile()
+    assert r.run_step() > 0
+    res = r.result()
+    mode = {"full": "full", "fpt": "frozen"}[trainable]
+    assert res["model"] == model and res["case"] == f"tiny/{model}/{mode}/float32"
+    # float32 parameters: 2 x 4 bytes for every one + 9 x 4 for the trainable ones
+    assert res["minimum_bytes_per_step_per_device"] == (8 * res["total_params"]
+                                                        + 36 * res["trainable_params"])
+    if trainable == "full":
+        assert res["trainable_params"] == res["total_params"]
+    else:
+        assert 0 < res["trainable_params"] < res["total_params"]
+    assert res["bytes_accessed_vs_minimum"] == pytest.approx(
+        res["bytes_accessed_per_step_per_device"] / res["minimum_bytes_per_step_per_device"])
+
+
+@pytest.fixture(scope="module")
+def baseline_report():
+    return bench.run(BASELINES, command="pytest baselines", log=None)
+
+
+def test_baselines_are_timed_next_to_the_base_model_without_a_torch_reference(baseline_report):
+    rows = {(r["framework"], r["model"]): r for r in baseline_report["results"]}
+    jax_rows = {m for f, m in rows if f == "jax"}
+    assert jax_rows == {None, "lstm", "fnet"}
+    # the reference (GPT-2's recipe) for the base model's case only
+    assert {m for f, m in rows if f == "torch"} == ({None} if torch_ref.torch_available()
+                                                    else set())
+    assert baseline_report["baselines"]["lstm"] == {"family": "lstm", "n_layer": 1,
+                                                    "n_head": 1, "n_embd": 16}
+    for m in jax_rows:
+        r = rows["jax", m]
+        assert r["step_ms"]["n"] == BASELINES.steps and r["step_ms"]["p10"] > 0
+    comp = {c["case"]: c for c in baseline_report["comparisons"]}
+    lstm, frozen = rows["jax", "lstm"], rows["jax", None]
+    c = comp["tiny/lstm/full/float32"]
+    assert c["torch_ms"] is None and c["speedup_vs_torch"] is None
+    # against the base model's frozen case, not against the FNet case of the same mode
+    assert c["time_vs_frozen"] == pytest.approx(lstm["step_ms"]["median"]
+                                                / frozen["step_ms"]["median"])
+    assert comp["tiny/frozen/float32"]["time_vs_frozen"] is None
+
+
+def test_report_names_baseline_rows_and_what_the_lstm_scan_costs(baseline_report, tmp_path):
+    md = Path(bench.write(baseline_report, str(tmp_path), "bl")["markdown"]).read_text()
+    lines = md.splitlines()
+    assert any(ln.startswith("| tiny (4x6x3) | lstm | full |") for ln in lines), md
+    assert any(ln.startswith("| tiny (4x6x3) | fnet | frozen |") for ln in lines), md
+    assert any(ln.startswith("| tiny (4x6x3) | gpt2 | frozen |") for ln in lines), md
+    lstm = next(r for r in baseline_report["results"] if r["model"] == "lstm")
+    # 1 layer x 6 tokens x 2 passes (forward, backward) = 12 sequential steps
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("LSTM: ") and "lax.scan" in ln)
+    end = lines.index("", start + 2)
+    rows = [ln for ln in lines[start + 2:end] if not ln.startswith(("| case", "|---"))]
+    assert rows == [f"| tiny/lstm/full/float32 | 1 | 6 | 2 | 1 | [1, 16] x [16, 64] | 12 | "
+                    f"{lstm['step_ms']['median']:.2f} | {lstm['step_ms']['median'] / 12:.4f} | "
+                    f"{100 * lstm['utilisation']:.1f} |"], md  # the LSTM's row only
+
+
+def test_lstm_note_counts_layers_tokens_passes_and_micro_batches():
+    def row(mode, model="lstm"):
+        return {"framework": "jax", "model": model, "mode": mode, "case": f"c/{mode}",
+                "shape": {"seq_len": 10, "batch_size": 16}, "global_devices": 2, "runs": 1,
+                "step_ms": {"median": 60.0}, "utilisation": 0.01}
+    report = {"config": {"base": {"grad_accum": 2}}, "model": {"family": "gpt2"},
+              "baselines": {"lstm": {"family": "lstm", "n_layer": 3, "n_embd": 8}},
+              "results": [row("full"), row("forward"), row("frozen", model=None)]}
+    body = [ln for ln in report_lib._lstm_note(report) if ln.startswith("| c/")]
+    # training: 3 layers x 10 tokens x 2 passes x 2 micro-batches of 16 / (2 x 2) rows
+    assert body == ["| c/full | 3 | 10 | 2 | 2 | [4, 8] x [8, 32] | 120 | 60.00 | 0.5000 | 1.0 |",
+                    "| c/forward | 3 | 10 | 1 | 1 | [8, 8] x [8, 32] | 30 | 60.00 | 2.0000 | 1.0 |"]
+    report["baselines"] = {}
+    assert report_lib._lstm_note(report) == []  # no LSTM row: no note
+
+
+def test_baselines_accept_lstm_and_fnet_presets_only():
+    for bad in (["gpt2"], ["lstm", "nonsense"]):
+        with pytest.raises(ValueError, match=r"unknown baseline '(gpt2|nonsense)'; accepted: "
+                                             r"\['fnet', 'fnet-medium', 'lstm'\]"):
+            dataclasses.replace(TINY, baselines=bad)
+    # FNet's position table limits the shapes even when the base model (an LSTM) has none
+    lstm_base = TrainConfig(model="lstm", init="random", n_layer=1, n_embd=16, dropout=0.0)
+    long = bench.Shape("long", batch_size=4, seq_len=2048, features=3, classes=5)
+    bench.BenchConfig(base=lstm_base, shapes=[long]).check_shapes(4)
+    with pytest.raises(core.ShapeError, match="baseline fnet's n_positions=1024"):
+        bench.BenchConfig(base=lstm_base, shapes=[long], baselines=["fnet"]).check_shapes(4)
+
+
 def test_remat_gives_the_same_loss_and_gradients():
     task = SHAPE.task()
     batch = task.batch("train", 0, 4, seed=0)
@@ -324,7 +451,7 @@ def test_cases_report_bytes_accessed_against_the_minimum(report, tmp_path):
     assert core.MINIMUM_BYTES_DEFINITION in md and "Activations" in md
     # in the main table and in the compiled-step table
     ratio = f"| {rows['full']['bytes_accessed_vs_minimum']:.2f}x |"
-    main = next(ln for ln in md.splitlines() if ln.startswith("| tiny (4x6x3) | full |"))
+    main = next(ln for ln in md.splitlines() if ln.startswith("| tiny (4x6x3) | gpt2 | full |"))
     compiled = [ln for ln in md.splitlines() if ln.startswith("| tiny/full/float32 | ")
                 and ratio in ln]
     assert ratio in main and len(compiled) == 1, md
@@ -462,6 +589,8 @@ def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
     ("--shapes=mnist", "error: unknown --shapes entry 'mnist'"),
     ("--sweeps=1,0", "error: --sweeps=1,0; accepted: integers >= 1"),
     ("--sweeps=four", "error: --sweeps=four; accepted: integers >= 1"),
+    ("--baselines=nonsense", "error: baselines=nonsense: unknown baseline 'nonsense'; "
+                             "accepted: ['fnet', 'fnet-medium', 'lstm']"),
 ])
 def test_cli_bad_flags_exit_with_a_clear_message(tmp_path, flag, message):
     done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",

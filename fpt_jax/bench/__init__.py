@@ -16,6 +16,13 @@ against K=1 and against the PyTorch recipe's one run, with the compiled step's a
 bytes (backbone once + K x the run's state). K=1 is the single-run training step, unchanged,
 so results without sweeps stay comparable.
 
+Baselines (`BenchConfig.baselines`, `--baselines=lstm,fnet`): baseline backbones timed in the
+same run as the config's model, for every shape, dtype and K, each trained as the paper's
+comparisons train it (`fpt_jax.baselines.variant`: the LSTM fully, FNet frozen as FPT), with
+no PyTorch reference (the reference is GPT-2's recipe). For LSTM rows the report gives the
+sequential recurrent steps of a step (layers x T x 2 for a training step) and the time per
+sequential step: the `lax.scan` is latency-bound.
+
   core       shapes, cases, `BenchConfig`, what every runner shares
   jax_step   the timed JAX step and what XLA says of it; the bfloat16 loss check
   torch_ref  the original PyTorch recipe on the same shapes

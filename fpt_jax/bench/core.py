@@ -6,6 +6,12 @@ step trains (None: forward only), `runs` the K runs trained together by one vmap
 (`fpt_jax.sweep`; 1: the single-run training step, exactly as before sweeps existed). Modes name selections: `frozen` is the base config's
 `trainable` (the paper's `fpt` by default), `full` fine-tunes everything, `forward` times the
 eval step; any other selection string is a mode of its own.
+
+Baselines (`BenchConfig.baselines`: presets of the lstm and fnet families) are timed next to
+the base config's model, for every shape, dtype and K: a baseline case (`Case.model` set)
+trains the selection the paper's comparisons train it with, as `fpt_jax.baselines.variant`
+defines it (the LSTM fully trained, FNet frozen as FPT), at random init, at the base config's
+n_layer/n_embd when those are set (the family's preset sizes otherwise).
 """
 from __future__ import annotations
 
@@ -15,11 +21,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fpt_jax import freeze, train
+from fpt_jax import baselines, freeze, train
 from fpt_jax.config import TrainConfig
+from fpt_jax.models import backbones
 from fpt_jax.tasks import Task, get_task
 
 MODES = ("frozen", "full", "forward")
+# The baseline families; each is also the name of its `baselines.variant`.
+BASELINE_FAMILIES = ("lstm", "fnet")
+
+
+def baseline_presets() -> list[str]:
+    """The model presets `BenchConfig.baselines` accepts."""
+    return [p for p in backbones.preset_names()
+            if backbones.family_of_preset(p).name in BASELINE_FAMILIES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +78,11 @@ def scaling_shapes(seq_lens: Sequence[int], batch_size: int, features: int,
     return [Shape(f"seq{t}", batch_size, t, features, classes) for t in seq_lens]
 
 
+def mode_of(trainable: str | None) -> str:
+    """The mode that names a trainable selection (None: forward only)."""
+    return {None: "forward", "fpt": "frozen", "full": "full"}.get(trainable, trainable)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     shape: Shape
@@ -70,15 +90,16 @@ class Case:
     dtype: str = "float32"
     remat: bool = False
     runs: int = 1  # K > 1: K runs in one vmapped sweep step (fpt_jax.sweep)
+    model: str | None = None  # a baseline preset; None: the base config's model
 
     @property
     def mode(self) -> str:
-        return {None: "forward", "fpt": "frozen", "full": "full"}.get(self.trainable,
-                                                                       self.trainable)
+        return mode_of(self.trainable)
 
     @property
     def label(self) -> str:
-        return (f"{self.shape.name}/{self.mode}/{self.dtype}{'/remat' if self.remat else ''}"
+        return (f"{self.shape.name}/{self.model + '/' if self.model else ''}{self.mode}/"
+                f"{self.dtype}{'/remat' if self.remat else ''}"
                 + (f"/K{self.runs}" if self.runs != 1 else ""))
 
 
@@ -97,6 +118,9 @@ class BenchConfig:
     # K values: training cases of K runs in one vmapped sweep step (fpt_jax.sweep), timed
     # per K; K=1 is the single-run training step (forward-only cases are never swept).
     sweeps: tuple[int, ...] = (1,)
+    # Baseline presets (lstm, fnet families) timed for every shape, dtype and K next to the
+    # base config's modes, each training its own selection (`baseline_config`).
+    baselines: tuple[str, ...] = ()
     steps: int = 20  # timed steps per case, split over `rounds`
     warmup: int = 3  # untimed steps after compilation
     rounds: int = 5  # interleaving rounds (A B C A B C ...)
@@ -113,6 +137,7 @@ class BenchConfig:
         self.dtypes = tuple(dict.fromkeys(self.dtypes or (self.base.dtype,)))
         self.remats = tuple(dict.fromkeys(self.remats or (self.base.remat,)))
         self.sweeps = tuple(dict.fromkeys(self.sweeps))
+        self.baselines = tuple(dict.fromkeys(self.baselines))
         self.validate()
 
     def validate(self) -> "BenchConfig":
@@ -152,19 +177,38 @@ class BenchConfig:
                 except ValueError as e:
                     raise ValueError(f"unknown mode {mode!r}: accepted {MODES} or a "
                                      f"trainable selection ({e})") from None
+        for name in self.baselines:
+            try:
+                ok = backbones.family_of_preset(name).name in BASELINE_FAMILIES
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"baselines={','.join(self.baselines)}: unknown baseline "
+                                 f"{name!r}; accepted: {baseline_presets()} (presets of the "
+                                 f"{' and '.join(BASELINE_FAMILIES)} families)")
+            try:  # the base's sizes must make a valid baseline too
+                freeze.parse_selection(self.baseline_config(name).trainable,
+                                       self.backbone(name).n_layer)
+            except ValueError as e:
+                raise ValueError(f"baselines={','.join(self.baselines)}: {name}: {e}") from None
         return self
 
     def check_shapes(self, num_devices: int) -> None:
         """Every shape fits the model and splits over `num_devices` (all processes' devices)
         in every mode: checked before anything is timed, so a later shape cannot fail after
         the earlier ones were measured. ShapeError names the shape."""
-        n_positions = self.backbone().n_positions
+        # the base model's positions and every baseline's (the LSTM has no limit)
+        limits = {"the model's": self.backbone().n_positions,
+                  **{f"baseline {m}'s": self.backbone(m).n_positions for m in self.baselines}}
         accums = {self.base.grad_accum if sel else 1 for sel in self.selections()}
+        if self.baselines:  # baseline cases train
+            accums.add(self.base.grad_accum)
         for shape in self.shapes:
-            if shape.seq_len > n_positions:
-                raise ShapeError(shape, "positions", f"{shape.seq_len} tokens exceed the model's "
-                                        f"n_positions={n_positions}; accepted: sequence "
-                                        f"lengths <= {n_positions}")
+            for whose, n_positions in limits.items():
+                if shape.seq_len > n_positions:
+                    raise ShapeError(shape, "positions", f"{shape.seq_len} tokens exceed "
+                                            f"{whose} n_positions={n_positions}; accepted: "
+                                            f"sequence lengths <= {n_positions}")
             for accum in sorted(accums):
                 if shape.batch_size % (num_devices * accum):
                     raise ShapeError(shape, "batch", f"a batch of {shape.batch_size} does not split "
@@ -172,24 +216,44 @@ class BenchConfig:
                                             f"accepted: a multiple of {num_devices * accum}, "
                                             f"or a device count that divides the batch")
 
-    def backbone(self) -> Any:
-        """The backbone's config (any family; its architecture as the base config sets it)."""
-        return train.backbone(dataclasses.replace(self.base, init="random"))[0]
+    def backbone(self, model: str | None = None) -> Any:
+        """The backbone's config (any family; its architecture as the base config sets it),
+        or the baseline `model`'s (`baseline_config`)."""
+        cfg = (self.baseline_config(model) if model
+               else dataclasses.replace(self.base, init="random"))
+        return train.backbone(cfg)[0]
+
+    def baseline_config(self, model: str) -> TrainConfig:
+        """The base config as the baseline `model` (a preset of the lstm or fnet family) runs
+        in the paper's comparisons: `baselines.variant` of its family (the one definition of
+        what it trains: lstm 'full', fnet the base's FPT selection), at random init, no heads
+        and no matched width; the base's n_layer/n_embd stay when set (a small config stays
+        small), the preset's sizes otherwise."""
+        base = dataclasses.replace(self.base, init="random", weights=None, n_head=None,
+                                   match_model=None)
+        cfg = baselines.variant(base, backbones.family_of_preset(model).name)
+        return dataclasses.replace(cfg, model=model)
 
     def selections(self) -> list[str | None]:
         named = {"frozen": self.base.trainable, "full": "full", "forward": None}
         return list(dict.fromkeys(named.get(m, m) for m in self.modes))
 
     def cases(self, shape: Shape) -> list[Case]:
-        return [Case(shape, sel, dtype, remat, k) for sel in self.selections()
+        """The base model's cases, then each baseline's: its one selection per dtype and K
+        (sweeps of K > 1 runs work for the baselines as for the base model), remat off (the
+        LSTM has none; remat is the base model's setting)."""
+        base = [Case(shape, sel, dtype, remat, k) for sel in self.selections()
                 for dtype in self.dtypes for remat in (self.remats if sel else (False,))
                 for k in (self.sweeps if sel else (1,))]
+        return base + [Case(shape, self.baseline_config(m).trainable, dtype, False, k, m)
+                       for m in self.baselines for dtype in self.dtypes for k in self.sweeps]
 
     def train_config(self, case: Case) -> TrainConfig:
         """The training config whose step the case times."""
+        base = self.baseline_config(case.model) if case.model else self.base
         return dataclasses.replace(
-            self.base, task="synthetic", init="random", weights=None,
-            trainable=case.trainable or self.base.trainable, batch_size=case.shape.batch_size,
+            base, task="synthetic", init="random", weights=None,
+            trainable=case.trainable or base.trainable, batch_size=case.shape.batch_size,
             dtype=case.dtype, remat=case.remat)
 
 
@@ -261,7 +325,7 @@ class Runner:
     def result(self) -> dict[str, Any]:
         case = self.case
         out = {"case": case.label, "framework": self.framework,
-               "shape": dataclasses.asdict(case.shape), "mode": case.mode,
+               "shape": dataclasses.asdict(case.shape), "model": case.model, "mode": case.mode,
                "trainable": case.trainable, "dtype": case.dtype, "remat": case.remat,
                "runs": case.runs, "step_ms": None, "per_run_ms": None, "tokens_per_s": None}
         if self.times:

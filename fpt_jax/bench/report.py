@@ -60,21 +60,25 @@ def markdown(report: dict[str, Any]) -> str:
               "Bytes, per device: XLA's bytes accessed by the compiled step (cost analysis) "
               "against the minimum a step must touch, which is " + MINIMUM_BYTES_DEFINITION
               + ".", ""]
+    base_model = report["config"]["base"]["model"]
     lines += _table(
-        ["shape (batch x tokens x feat)", "mode", "dtype", "remat", "runs K", "framework",
-         "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s", "% of peak",
-         "minimum bytes/step", "bytes accessed / minimum", "peak mem/device", "compile s"],
-        "llllrlrrrrrrrrrr",
-        [_result_row(r) for r in report["results"]])
+        ["shape (batch x tokens x feat)", "model", "mode", "dtype", "remat", "runs K",
+         "framework", "ms/step median", "p10-p90", "tokens/s", "GFLOP/step", "GFLOP/s",
+         "% of peak", "minimum bytes/step", "bytes accessed / minimum", "peak mem/device",
+         "compile s"], "lllllrlrrrrrrrrrr",
+        [_result_row(r, base_model) for r in report["results"]])
+    lines += _lstm_note(report)
     comps = [c for c in report["comparisons"]
-             if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None]
+             if c["speedup_vs_torch"] is not None or c["time_vs_full"] is not None
+             or c.get("time_vs_frozen") is not None]
     if comps:
         lines += [""] + _table(
             ["case", "fpt-jax ms", "PyTorch ms", "speed-up vs PyTorch (per run)",
-             "time vs full fine-tuning"], "lrrrr",
+             f"time vs {base_model} full fine-tuning", f"time vs {base_model} frozen"],
+            "lrrrrr",
             [[c["case"], f"{c['jax_ms']:.2f}", _f(c["torch_ms"]),
               _f(c["speedup_vs_torch"]) + ("x" if c["speedup_vs_torch"] else ""),
-              _f(c["time_vs_full"])] for c in comps])
+              _f(c["time_vs_full"]), _f(c.get("time_vs_frozen"))] for c in comps])
     lines += _sweep_table(report)
     for chk in report["checks"].get("bf16_loss", []):
         lines += ["", f"bfloat16 loss check ({chk['shape']}, eval loss at init): float32 "
@@ -139,6 +143,14 @@ def _setting(report: dict[str, Any]) -> list[str]:
             text += (f"; measured at the start {start:.0f} and at the end {end:.0f} GFLOP/s, "
                      "the best counts")
         lines += ["", text + "."]
+    if report.get("baselines"):
+        lines += ["", "Baselines, timed next to the model above (random init; the selection "
+                  "each trains in the paper's comparisons, `fpt_jax.baselines.variant`; no "
+                  "remat; no PyTorch reference, which is GPT-2's recipe): " + "; ".join(
+                      f"`{name}` ({b['family']}, {b['n_layer']} layers, width {b['n_embd']}, "
+                      "trains `" + ", ".join(sorted({r["trainable"] for r in report["results"]
+                                                     if r.get("model") == name})) + "`)"
+                      for name, b in report["baselines"].items()) + "."]
     ref = next((r for r in report["results"] if r["framework"] == "torch"), None)
     if ref:
         lines += ["", f"PyTorch reference: the original recipe on {ref['device']}, "
@@ -181,12 +193,46 @@ def _sweep_table(report: dict[str, Any]) -> list[str]:
          "% of peak", "arguments", "backbone", "run state"], "lrrrrrrrrrrrrrr", body)
 
 
-def _result_row(r: dict[str, Any]) -> list[str]:
+def _lstm_note(report: dict[str, Any]) -> list[str]:
+    """What the LSTM's recurrence costs, from its timed rows: the sequential steps of a step
+    and the time per sequential step."""
+    grad_accum = report["config"]["base"].get("grad_accum", 1)
+    body = []
+    for r in report["results"]:
+        b = (report.get("baselines") or {}).get(r.get("model")) or report["model"]
+        if r["framework"] != "jax" or not r["step_ms"] or b.get("family") != "lstm":
+            continue
+        training = r["mode"] != "forward"
+        accum = grad_accum if training else 1
+        t, passes = r["shape"]["seq_len"], 2 if training else 1
+        steps = accum * b["n_layer"] * t * passes
+        rows = r["shape"]["batch_size"] // (r["global_devices"] * accum)
+        ms, util = r["step_ms"]["median"], r.get("utilisation")
+        body.append([r["case"], b["n_layer"], t, passes, accum,
+                     f"[{rows}, {b['n_embd']}] x [{b['n_embd']}, {4 * b['n_embd']}]"
+                     + (f" x {r['runs']} runs" if r.get("runs", 1) != 1 else ""),
+                     steps, f"{ms:.2f}", f"{ms / steps:.4f}", _f(util and 100 * util, ".1f")])
+    if not body:
+        return []
+    return ["", "LSTM: each layer runs its recurrence as a `lax.scan` over the T tokens of an "
+            "example, T dependent steps of one `[batch, H] x [H, 4H]` product (batch per "
+            "device) with two layer norms and the gates; a training step runs them forward and "
+            "again, in reverse, backward (and per micro-batch with grad_accum). Each product is "
+            "too small to use the machine's matmul throughput, so the step costs the latency "
+            "of its sequential steps: layers x T x passes (2 training, 1 forward) x "
+            "grad_accum, and the time per sequential step is the step time over that.", ""
+            ] + _table(["case", "layers", "T", "passes", "grad_accum", "product per step",
+                        "sequential steps/step", "ms/step median", "ms per sequential step",
+                        "% of peak"], "lrrrrlrrrr", body)
+
+
+def _result_row(r: dict[str, Any], base_model: str) -> list[str]:
     s, st = r["shape"], r["step_ms"]
     timing = ([f"{st['median']:.2f}", f"{st['p10']:.2f}-{st['p90']:.2f}",
                f"{r['tokens_per_s']:.0f}"] if st else [r.get("skipped", "not run"), "-", "-"])
     util = r.get("utilisation")
-    return [f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})", r["mode"],
+    return [f"{s['name']} ({s['batch_size']}x{s['seq_len']}x{s['features']})",
+            r.get("model") or base_model, r["mode"],
             r["dtype"], "yes" if r["remat"] else "no", r.get("runs", 1), r["framework"], *timing,
             _f(r.get("flops_per_step") and r["flops_per_step"] / 1e9, ".4g"),
             _f(r.get("achieved_tflops") and r["achieved_tflops"] * 1e3, ".0f"),
@@ -198,12 +244,13 @@ def _result_row(r: dict[str, Any]) -> list[str]:
 
 
 def scaling_series(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """tokens/s against sequence length per (framework, mode, dtype, remat) series."""
+    """tokens/s against sequence length per (framework, model, mode, dtype, remat) series."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in report["results"]:
         if r["shape"]["name"] not in report["scaling_shapes"] or not r["tokens_per_s"]:
             continue
-        name = ("fpt-jax " if r["framework"] == "jax" else "PyTorch ") + r["mode"]
+        name = (("fpt-jax " if r["framework"] == "jax" else "PyTorch ")
+                + (f"{r['model']} " if r.get("model") else "") + r["mode"])
         name += (f" {r['dtype']}" if r["dtype"] != "float32" else "") + (
             " remat" if r["remat"] else "")
         series.setdefault(name, []).append((r["shape"]["seq_len"], r["tokens_per_s"]))

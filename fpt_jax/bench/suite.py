@@ -1,5 +1,7 @@
 """The suite: every case of every shape, with the PyTorch reference, interleaved.
 
+The baselines' cases (`BenchConfig.baselines`) are interleaved with the base model's; the
+PyTorch reference is GPT-2's recipe, so it runs for the base model's cases only.
 All runners of one shape are compiled and warmed up, then timed round by round (A B C A B C
 ...) so that drift of the machine's speed cancels out of the ratios. The report is a dict
 (`report.write` turns it into JSON, markdown and a plot).
@@ -19,7 +21,7 @@ import jax
 
 from fpt_jax import parallel
 from fpt_jax.bench import peaks
-from fpt_jax.bench.core import BenchConfig, Case, Runner
+from fpt_jax.bench.core import BenchConfig, Case, Runner, mode_of
 from fpt_jax.bench.jax_step import JaxRunner, dtype_loss_check, fits_on_host
 from fpt_jax.bench.torch_ref import TorchRunner, torch_available, torch_device_for, unsupported
 from fpt_jax.models import backbones
@@ -64,6 +66,9 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         "config": dataclasses.asdict(bc),
         "model": {"family": backbones.family_of(backbone).name,
                   **{k: getattr(backbone, k) for k in ("n_layer", "n_head", "n_embd")}},
+        "baselines": {m: {"family": backbones.family_of(b).name,
+                          **{k: getattr(b, k) for k in ("n_layer", "n_head", "n_embd")}}
+                      for m in bc.baselines for b in [bc.backbone(m)]},
         "torch_reference": torch_device, "peaks": {}, "results": [], "checks": {},
         "scaling_shapes": [s.name for s in bc.shapes if s.name.startswith("seq")],
     }
@@ -112,9 +117,11 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
                 r.warm_up(bc.warmup)
                 runners.append(r)
             nxt = cases[i + 1] if i + 1 < len(cases) else None
-            if torch_device and (nxt is None or (nxt.trainable, nxt.dtype)
-                                 != (case.trainable, case.dtype)):
-                # the reference (it has no remat) after its (selection, dtype)'s last case
+            if torch_device and case.model is None and (
+                    nxt is None or (nxt.model, nxt.trainable, nxt.dtype)
+                    != (case.model, case.trainable, case.dtype)):
+                # the reference (it has no remat) after its (selection, dtype)'s last case;
+                # GPT-2's recipe, so none for a baseline's cases
                 r = TorchRunner(bc, Case(shape, case.trainable, case.dtype), batches,
                                 torch_device)
                 log(f"  torch {r.case.label}: warming up")
@@ -150,22 +157,24 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
             log(f"bf16 loss check on {shape.name}")
             report["checks"].setdefault("bf16_loss", []).append(
                 dtype_loss_check(bc, shape, devices=devices))
-    report["comparisons"] = comparisons(report["results"])
+    report["comparisons"] = comparisons(report["results"], mode_of(bc.base.trainable))
     report["environment"]["load_average_end"] = _loadavg()
     report["finished"] = _now()
     return report
 
 
-def comparisons(results: Sequence[dict]) -> list[dict[str, Any]]:
+def comparisons(results: Sequence[dict], frozen_mode: str = "frozen") -> list[dict[str, Any]]:
     """Per JAX case: speed-up over the PyTorch reference of the same shape, mode and dtype
     (which trains one run at a time, as the original code: for a case of K runs the
     speed-up is PyTorch's one-run time over the per-run time, step time / K); per training
-    case: time relative to full fine-tuning of the same shape/dtype/remat/K; for sweeps, the
-    per-run time relative to K=1 of the same shape/mode/dtype/remat."""
+    case: time relative to the base model's full fine-tuning of the same shape/dtype/remat/K
+    (a baseline's: without remat), and for a baseline's case relative to the base model's
+    `frozen_mode` (the base config's selection) too; for sweeps, the per-run time relative
+    to K=1 of the same shape/model/mode/dtype/remat."""
     def key(r, **over):
-        k = {"shape": r["shape"]["name"], "mode": r["mode"], "dtype": r["dtype"],
-             "remat": r["remat"], "framework": r["framework"], "runs": r.get("runs", 1),
-             **over}
+        k = {"shape": r["shape"]["name"], "model": r.get("model"), "mode": r["mode"],
+             "dtype": r["dtype"], "remat": r["remat"], "framework": r["framework"],
+             "runs": r.get("runs", 1), **over}
         return tuple(sorted(k.items()))
     timed = [r for r in results if r["step_ms"]]
     index = {key(r): r["step_ms"]["median"] for r in timed}
@@ -175,15 +184,20 @@ def comparisons(results: Sequence[dict]) -> list[dict[str, Any]]:
             continue
         ms, runs = r["step_ms"]["median"], r.get("runs", 1)
         per_run = ms / runs
+        baseline = r.get("model") is not None
         ref = index.get(key(r, framework="torch", remat=False, runs=1))
-        full = index.get(key(r, mode="full")) if r["mode"] not in ("full", "forward") else None
+        # a baseline against the base model (model None) trained as full / frozen FPT
+        full = (index.get(key(r, mode="full", model=None))
+                if r["mode"] != "forward" and (baseline or r["mode"] != "full") else None)
+        frozen = index.get(key(r, mode=frozen_mode, model=None)) if baseline else None
         one = index.get(key(r, runs=1))
         out.append({"case": r["case"], "runs": runs, "jax_ms": ms, "per_run_ms": per_run,
                     "torch_ms": ref,
                     "speedup_vs_torch": ref / per_run if ref else None,
                     "per_run_vs_torch": per_run / ref if ref else None,
                     "per_run_vs_k1": per_run / one if one else None,
-                    "time_vs_full": ms / full if full else None})
+                    "time_vs_full": ms / full if full else None,
+                    "time_vs_frozen": ms / frozen if frozen else None})
     return out
 
 

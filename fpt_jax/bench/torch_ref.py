@@ -71,6 +71,9 @@ class TorchRunner(Runner):
 
     def __init__(self, bc: BenchConfig, case: Case, batches: Sequence[Batch],
                  device: str = "cpu"):
+        if case.model is not None:
+            raise ValueError(f"case {case.label}: the reference is the original GPT-2 recipe; "
+                             "a baseline's case has none")
         import torch
         import transformers
         from torch import nn

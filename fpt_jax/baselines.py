@@ -104,20 +104,20 @@ def _match(model: str, match_model: str, match_count: str, in_layer_sizes: tuple
                       in_layer_sizes=in_layer_sizes, out_layer_sizes=out_layer_sizes)
     transformer = backbones.family_of_preset(cfg.match_model).config_cls.preset(cfg.match_model)
     selection = "fpt" if cfg.match_count == "trainable" else "full"
-    target = _count(cfg, task, transformer, selection)
+    target = count(cfg, task, transformer, selection)
     lstm_cls = backbones.family_of_preset(cfg.model).config_cls
 
-    def count(width: int) -> int:
-        return _count(cfg, task, lstm_cls.preset(cfg.model, n_embd=width), "full")
+    def at(width: int) -> int:
+        return count(cfg, task, lstm_cls.preset(cfg.model, n_embd=width), "full")
     # Every parameter's size is at most quadratic in the width: three counts fix it.
-    c4, c8, c12 = count(4), count(8), count(12)
+    c4, c8, c12 = at(4), at(8), at(12)
     a = (c12 - 2 * c8 + c4) / 32
     b = (c8 - c4) / 4 - 12 * a
     c0 = c4 - 16 * a - 4 * b
     w = (-b + math.sqrt(max(b * b - 4 * a * (c0 - target), 0.0))) / (2 * a)
     candidates = {max(1, math.floor(w)), max(1, math.ceil(w))}
-    best = min(candidates, key=lambda x: abs(count(x) - target))
-    return Match(best, count(best), target, cfg.match_model, cfg.match_count)
+    best = min(candidates, key=lambda x: abs(at(x) - target))
+    return Match(best, at(best), target, cfg.match_model, cfg.match_count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,9 @@ class _TaskShape:  # what `train.make_model` and `init_params` read of a task
     example_shape: tuple
 
 
-def _count(cfg: TrainConfig, task: _TaskShape, config: Any, selection: str) -> int:
+def count(cfg: TrainConfig, task, config: Any, selection: str = "full") -> int:
+    """Parameters of `cfg`'s FPT over the backbone `config` on `task` that `selection`
+    trains ('full': all of them), from shapes only."""
     from fpt_jax import freeze, train
     model = train.make_model(cfg, task, config)
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32

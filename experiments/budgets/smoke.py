@@ -1,0 +1,31 @@
+"""The `smoke` budget: every part of the report on tiny models in about a minute (CI).
+
+Not a measurement: 1-2 block models of width 16-32 and a few steps, so that the whole
+pipeline (cells, selection, tables, plots, attention map) runs end to end.
+"""
+from ml_collections import ConfigDict
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16)
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "smoke"
+    c.description = ("CI-sized: tiny models and a few steps; checks the pipeline, measures "
+                     "nothing")
+    c.converge_at = 0.99
+    c.tasks = ConfigDict({
+        "bit_xor": dict(overrides=dict(n=2, steps=4, eval_every=2, eval_batches=1,
+                                       eval_batch_size=8, log_every=2, checkpoint_every=100),
+                        learning_rates=[1e-3, 3e-3], seeds=[0, 1]),
+    })
+    # rows: the comparisons, each with its TrainConfig overrides (fpt_jax/baselines.py names)
+    c.rows = ConfigDict({
+        "fpt": {}, "full": {}, "random": dict(TINY), "scratch": dict(TINY),
+        "lstm": dict(n_layer=1, n_embd=16), "lstm_matched": dict(n_layer=1),
+        "fnet": dict(n_layer=1, n_embd=16), "minilm": {}, "minilm_random": dict(TINY),
+    })
+    c.ablation = ConfigDict(dict(rows=["fpt", "random"],
+                                 selections=["output", "output,ln", "output,ln,input", "fpt"]))
+    c.attention_map = True
+    return c

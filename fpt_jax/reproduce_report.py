@@ -1,0 +1,314 @@
+"""The reproduction report: our numbers beside the paper's and Rothermel et al.'s.
+
+`write(report_dir, budget, cells, skipped, ...)` reads the finished sweep cells that
+experiments/reproduce.py planned (REPORT_DIR/cells/, `fpt_jax.results`) and writes
+REPORT_DIR/report.md with:
+  * the main table per task: each row's test accuracy (mean +- s.e. over seeds at the
+    learning rate selected on validation), the paper's and Rothermel et al.'s number for the
+    same comparison (`fpt_jax.paper`, cited), and how our setting differs from the paper's;
+  * the paper's ablation (parameter groups added one at a time), steps to converge, and
+    trainable / total parameter counts;
+  * what was skipped and why; the budget, machine, commit and command;
+  * plots: validation curves and accuracy against learning rate per task, a bar chart of
+    the main table, and the Bit XOR attention map of the best frozen attention run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+from fpt_jax import paper, results
+
+ROW_LABELS = {
+    "fpt": "frozen pretrained GPT-2 (FPT)",
+    "random": "frozen random GPT-2",
+    "full": "pretrained GPT-2, fully fine-tuned",
+    "scratch": "transformer from scratch (random GPT-2, all trained)",
+    "lstm": "LSTM (the paper's, all trained)",
+    "lstm_matched": "LSTM, parameter-matched to FPT",
+    "fnet": "FNet reservoir (frozen Fourier mixing)",
+    "minilm": "frozen pretrained MiniLM",
+    "minilm_random": "frozen random MiniLM architecture",
+}
+PAPER_ROW = {"fpt": "fpt", "random": "random", "scratch": "scratch", "lstm": "lstm"}
+ROTHERMEL_ROW = {"fpt": "fpt", "random": "random", "scratch": "scratch", "full": "full"}
+PROXY_TASK = {"fashion_mnist": "mnist"}  # our task -> the paper's column it stands in for
+ATTENTION_ROWS = ("fpt", "random", "minilm", "minilm_random")  # frozen attention backbones
+# Settings whose difference from the paper's a cell names.
+_COMPARED = ("n", "num_patterns", "patch_size", "image_size", "max_length", "steps",
+             "batch_size", "grad_accum")
+
+
+@dataclasses.dataclass
+class Row:
+    """One planned cell as found on disk, with its selection (None before it finished)."""
+    task: str
+    row: str
+    selection: str | None
+    cfg: Any  # TrainConfig
+    reference: Any  # the same row at the paper's settings (TrainConfig)
+    cell: results.Cell | None
+    picked: results.Selection | None
+
+    @property
+    def test(self) -> tuple[float, float] | None:
+        return self.picked.test.get("test") if self.picked else None
+
+
+def _architecture(cfg) -> str:
+    from fpt_jax.models import backbones
+    preset = backbones.family_of_preset(cfg.model).presets[cfg.model]
+    layers = cfg.n_layer or preset.n_layer
+    if cfg.match_model:
+        return f"{cfg.model} {layers} x width matched"
+    return f"{cfg.model} {layers} x {cfg.n_embd or preset.n_embd}"
+
+
+def differences(r: Row) -> list[str]:
+    """How the cell's setting differs from the paper's (its task config at the paper's
+    settings, as the row is defined there)."""
+    out = []
+    if r.task in PROXY_TASK:
+        out.append(f"{r.task} as a proxy for {PROXY_TASK[r.task]}")
+    if r.task == "listops" and "listops~" in str(r.cfg.data_dir or ""):
+        out.append("generated ListOps")
+    ours, theirs = _architecture(r.cfg), _architecture(r.reference)
+    if ours != theirs:
+        out.append(f"model {ours} (paper's setting: {theirs})")
+    for name in _COMPARED:
+        a, b = getattr(r.cfg, name), getattr(r.reference, name)
+        if a != b:
+            out.append(f"{name} {a} (paper's setting: {b})")
+    return out
+
+
+def _pct(value: tuple[float, float] | None, n: int | None = None) -> str:
+    if value is None:
+        return "-"
+    mean, se = value
+    return f"{100 * mean:.1f} +- {100 * se:.1f}" + (f" (n={n})" if n else "")
+
+
+def _paper(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        return f"{value[0]:g} +- {value[1]:g}"
+    return f"{value:g}"
+
+
+def load_rows(report_dir: Path, planned: Sequence[Any]) -> list[Row]:
+    """The planned cells (experiments.reproduce.PlannedCell) with what is on disk."""
+    found = {c.name: c for c in results.load_cells(report_dir)}
+    rows = []
+    for p in planned:
+        cell = found.get(p.name)
+        picked = results.select(cell) if cell is not None and cell.finished else None
+        rows.append(Row(p.task, p.row, p.selection, p.cfg, p.reference, cell, picked))
+    order = list(ROW_LABELS)  # the report's row order, whatever the budget's
+    return sorted(rows, key=lambda r: order.index(r.row))
+
+
+def main_table(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    for task in tasks:
+        col = PROXY_TASK.get(task, task)
+        lines += [f"### {task}" + (f" (stands in for the paper's {col})" if col != task
+                                   else ""), "",
+                  "| row | ours: test acc. % | selected lr | paper (Lu et al.) | "
+                  "Rothermel et al. | how our setting differs |",
+                  "|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r.task == task and r.selection is None):
+            ours = (_pct(r.test, r.picked.n_seeds) if r.test else
+                    "not finished" if r.picked is None else "no test result")
+            lr = f"{r.picked.learning_rate:g}" if r.picked and r.picked.learning_rate else "-"
+            lu = paper.MAIN.get(PAPER_ROW.get(r.row, ""), {}).get(col)
+            ro = paper.ROTHERMEL.get(ROTHERMEL_ROW.get(r.row, ""), {}).get(col)
+            lines.append(f"| {ROW_LABELS[r.row]} | {ours} | {lr} | {_paper(lu)} | "
+                         f"{_paper(ro)} | {'; '.join(differences(r)) or 'as the paper'} |")
+        lines.append("")
+    return lines
+
+
+def ablation_table(rows: Sequence[Row], budget) -> list[str]:
+    selections = list(budget.ablation.selections)
+    head = " | ".join(f"{paper.ABLATION_LABELS.get(s, s)}" for s in selections)
+    lines = [f"| task | backbone | {head} |", "|---|---|" + "---|" * len(selections)]
+    for task in dict.fromkeys(r.task for r in rows):
+        col = PROXY_TASK.get(task, task)
+        for row in budget.ablation.rows:
+            cells = {(r.selection or r.cfg.trainable): r for r in rows
+                     if r.task == task and r.row == row}
+            if not cells:
+                continue
+            published = (paper.ABLATION if row == "fpt" else
+                         paper.ABLATION_RANDOM if row == "random" else {}).get(col, {})
+            values = []
+            for s in selections:
+                r = cells.get(s)
+                ours = _pct(r.test) if r is not None and r.test else "-"
+                values.append(f"{ours} (paper {_paper(published.get(s))})")
+            lines.append(f"| {task} | {ROW_LABELS[row]} | " + " | ".join(values) + " |")
+    return lines
+
+
+def convergence_table(rows: Sequence[Row], converge_at: float | None) -> list[str]:
+    lines = ["| task | row | ours: first step at >= "
+             f"{100 * (converge_at or 0):g}% validation (seeds that got there) | paper |",
+             "|---|---|---|---|"]
+    for r in (r for r in rows if r.selection is None and r.picked is not None):
+        steps = [s for s in r.picked.steps_to_converge if s is not None]
+        ours = (f"{sum(steps) / len(steps):,.0f} ({len(steps)}/{r.picked.n_seeds})" if steps
+                else f"not reached (0/{r.picked.n_seeds})")
+        col = PROXY_TASK.get(r.task, r.task)
+        pub = (paper.CONVERGENCE[col][paper.CONVERGENCE_ROWS.index(r.row)]
+               if r.row in paper.CONVERGENCE_ROWS and col in paper.CONVERGENCE else None)
+        lines.append(f"| {r.task} | {ROW_LABELS[r.row]} | {ours} | "
+                     f"{'-' if pub is None else f'{pub:.0e}'} |")
+    return lines
+
+
+def count_table(rows: Sequence[Row]) -> list[str]:
+    from fpt_jax import baselines, train
+    from fpt_jax.tasks import get_task
+    lines = ["| task | row | trainable | total |", "|---|---|---:|---:|"]
+    for r in (r for r in rows if r.selection is None):
+        task = get_task(r.cfg.task, **r.cfg.task_options())
+        config = train.backbone(r.cfg, task)[0]
+        total = baselines.count(r.cfg, task, config, "full")
+        trainable = (r.picked.trainable_params if r.picked and r.picked.trainable_params
+                     else baselines.count(r.cfg, task, config, r.cfg.trainable))
+        lines.append(f"| {r.task} | {ROW_LABELS[r.row]} | {trainable:,} | {total:,} |")
+    return lines
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+def _labelled(r: Row) -> results.Selection:
+    return dataclasses.replace(r.picked, cell=dataclasses.replace(r.cell,
+                                                                   name=ROW_LABELS[r.row]))
+
+
+def plot_main(rows: Sequence[Row], path: Path) -> None:
+    """A bar per (task, row): ours (mean +- s.e.), the paper's number as a black mark."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    main = [r for r in rows if r.selection is None and r.test]
+    tasks = list(dict.fromkeys(r.task for r in main))
+    names = list(dict.fromkeys(r.row for r in main))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(names) / 2), 4.5))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        for i, task in enumerate(tasks):
+            r = next((r for r in main if r.task == task and r.row == name), None)
+            if r is None:
+                continue
+            x = i + (j - (len(names) - 1) / 2) * width
+            ax.bar(x, 100 * r.test[0], width, yerr=100 * r.test[1], capsize=2,
+                   color=f"C{j}", label=ROW_LABELS[name] if i == 0 else None)
+            lu = paper.MAIN.get(PAPER_ROW.get(name, ""), {}).get(PROXY_TASK.get(task, task))
+            if lu is not None:
+                ax.plot(x, lu, "k_", markersize=12, markeredgewidth=2)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("test accuracy % (black mark: the paper's)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
+          skipped: Sequence[tuple[str, str, str]], command: str = "", wall_s: float = 0.0
+          ) -> Path:
+    """REPORT_DIR/report.md and its PNGs; returns the report's path."""
+    report_dir = Path(report_dir)
+    rows = load_rows(report_dir, planned)
+    finished = [r for r in rows if r.picked is not None and r.selection is None]
+    plots = []
+    for task in dict.fromkeys(r.task for r in finished):
+        picked = [_labelled(r) for r in finished if r.task == task]
+        for kind, fn in (("curves", results.plot_curves), ("lr", results.plot_learning_rates)):
+            fn(picked, report_dir / f"{kind}_{task}.png")
+            plots.append((f"{task}: validation accuracy" if kind == "curves" else
+                          f"{task}: best validation accuracy against learning rate",
+                          f"{kind}_{task}.png"))
+    if any(r.test for r in finished):
+        plot_main(rows, report_dir / "main.png")
+        plots.insert(0, ("the main table: ours (bars, +- s.e.), the paper's (marks)",
+                         "main.png"))
+    attention = attention_map(rows, report_dir) if budget.get("attention_map") else None
+    lines = [f"# Reproduction report: budget `{budget.name}`", "",
+             f"{budget.description}.", "", *_header(command, wall_s), "",
+             "## Main table", "",
+             "Test accuracy at each run's best validation step, mean +- standard error over "
+             "seeds, at the learning rate selected on mean validation accuracy. The paper's "
+             "numbers are Lu et al.'s and Rothermel et al.'s (sources below).", "",
+             *main_table(rows),
+             "## Adding parameter groups one at a time", "",
+             "Test accuracy % of frozen backbones training the named groups (ours, then the "
+             "paper's in parentheses).", "", *ablation_table(rows, budget), "",
+             "## Steps to converge", "", *convergence_table(rows, budget.get("converge_at")),
+             "", "## Parameter counts", "", *count_table(rows), "",
+             "## Skipped", ""]
+    lines += [f"- {task} / {row}: {why}" for task, row, why in skipped] or ["- nothing"]
+    lines += ["", "## Plots", ""]
+    for title, name in plots:
+        lines += [f"{title}:", "", f"![{title}]({name})", ""]
+    if attention:
+        lines += [f"Bit XOR attention, {attention[0]}:", "",
+                  f"![Bit XOR attention]({attention[1]})", ""]
+    lines += ["## Sources", ""]
+    lines += [f"- {text}" for text in paper.CITATIONS.values()]
+    lines += [f"- {text}" for text in paper.NOTES.values()]
+    lines += ["", "## Budget", "", "```json", json.dumps(budget.to_dict(), indent=1,
+                                                        default=str), "```", ""]
+    path = report_dir / "report.md"
+    tmp = report_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def attention_map(rows: Sequence[Row], report_dir: Path) -> tuple[str, str] | None:
+    """The Bit XOR attention of the best frozen attention run (best mean validation
+    accuracy; its best seed), as attention_bit_xor.png."""
+    from fpt_jax import attention_maps
+    frozen = [r for r in rows if r.task == "bit_xor" and r.selection is None
+              and r.row in ATTENTION_ROWS and r.picked and r.picked.val_mean is not None]
+    if not frozen:
+        return None
+    best = max(frozen, key=lambda r: r.picked.val_mean)
+    runs = {int(x["run"]): x for x in best.cell.runs}
+    run = max(best.picked.run_ids, key=lambda k: runs[k].get("best_val_accuracy") or 0.0)
+    attention_maps.render(str(best.cell.path), str(report_dir / "attention_bit_xor.png"),
+                          run=run)
+    return (f"{ROW_LABELS[best.row]}, seed {runs[run].get('seed')}, learning rate "
+            f"{runs[run].get('learning_rate'):g}", "attention_bit_xor.png")
+
+
+def _header(command: str, wall_s: float) -> list[str]:
+    import jax
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return [f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
+            f"{jax.default_backend()} ({cpu}, {os.cpu_count()} cores, "
+            f"{jax.device_count()} device(s)); fpt-jax commit {commit}, jax {jax.__version__}; "
+            f"wall time {wall_s / 60:.1f} min.", "", f"Command: `{command}`"]

@@ -1,0 +1,348 @@
+"""Attention maps of a finished run (issue 19): every layer's and head's weights on one input
+of its task, as a PNG grid (one row per layer, one column per head).
+
+The paper's figure is Bit XOR's: the tokens of the second string attend to the matching
+bits of the first. Any attention backbone works (GPT-2, BERT, ViT); the baselines without
+attention (LSTM, FNet) are refused.
+
+    run, params = load_run(workdir)                      # a single run's best step
+    x, length, labels = example(run.task, "test", 0, seed=run.cfg.seed)
+    maps = attention(run.model, params, x, length)       # n_layer x [heads, query, key]
+    plot(maps, "attention.png", title(run), labels)
+    # or all of it: render(workdir, "attention.png")
+
+A run is rebuilt from the identity its checkpoint records (`backbone_init.run_config`, the
+same path as `init=<workdir>`): the frozen parameters from the weights or the seed, the
+trained ones from the checkpoint. It is rebuilt in float32 without dropout, so the maps of a
+bfloat16 run are its float32 forward (frozen weights not rounded to bfloat16). A finished
+run's directory is only read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import textwrap
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fpt_jax import backbone_init, freeze, sweep, train
+from fpt_jax.config import TrainConfig
+from fpt_jax.models import backbones
+from fpt_jax.models.fpt import FPT
+from fpt_jax.models.layers import INTERMEDIATES
+from fpt_jax.protocol import read_summary
+from fpt_jax.tasks import Task
+
+WHICH = ("best", "last")
+MAX_TICKS = 32  # token labels on the axes up to this many tokens; beyond, they are unreadable
+# Bit values as tick labels: Bit XOR's {0, 1}; Bit Memory's {-1, +1} and the query's zeroed bits.
+_BIT_CHARS = {"bit_xor": {0: "0", 1: "1"}, "bit_memory": {-1: "-", 0: "0", 1: "+"}}
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run, rebuilt: its model and what names it (the figure's title)."""
+    workdir: str
+    cfg: TrainConfig  # backbone_init.run_config's: the run's model, float32, no dropout
+    task: Task
+    model: FPT
+    run: int | None  # the run's index in a sweep cell (summary.json's runs); None: single run
+    which: str  # 'best' or 'last'
+    step: int  # the step whose parameters were loaded
+    summary: dict | None  # summary.json (a cell's: this run's entry); None before the run ended
+    learning_rate: float | None = None  # a sweep cell's run (a single run does not record it)
+
+
+# --- loading a run ----------------------------------------------------------------------------
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    """An orbax manager that only reads a run's checkpoint directory: it creates nothing and
+    is never asked to save (orbax's `read_only` option would do the same, with two warnings
+    on every use)."""
+    options = ocp.CheckpointManagerOptions(create=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _restore_trainable(manager: ocp.CheckpointManager, step: int, template: Any) -> Any:
+    """The checkpoint's `trainable` subtree only (host numpy), shaped like `template`. A partial
+    restore: the optimizer state is neither read nor needed, so its layout (which depends on
+    optimizer settings the identity does not record) cannot get in the way."""
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      template)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"trainable": abstract}, partial_restore=True)))["state"]["trainable"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {step} in {manager.directory} does not fit the model "
+                         f"its identity rebuilds ({str(e)[:300]})") from e
+    return jax.tree_util.tree_map(np.asarray, restored)
+
+
+def _not_a_run(workdir: str) -> ValueError:
+    accepted = ("accepted: the workdir of a run (experiments.train: checkpoints/, best/, "
+                "summary.json) or of a sweep cell (WORKDIR/cells/<name>)")
+    if not os.path.isdir(workdir):
+        return ValueError(f"workdir={workdir}: no such directory; {accepted}")
+    cells = os.path.join(workdir, "cells")
+    if os.path.isdir(cells):
+        names = sorted(os.listdir(cells))
+        return ValueError(f"workdir={workdir} is a sweep's workdir; pass one of its cells, "
+                          f"{os.path.join(workdir, 'cells', '<name>')} (cells: "
+                          f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+    return ValueError(f"workdir={workdir} has no checkpoints/; {accepted}")
+
+
+def _valid_runs(identity: dict) -> str:
+    lrs, seeds = identity["learning_rates"], identity["seeds"]
+    return ", ".join(f"{k} (lr {lr:g}, seed {s})" for k, (lr, s) in enumerate(zip(lrs, seeds)))
+
+
+def load_run(workdir: str, run: int | None = None, which: str = "best") -> tuple[Run, dict]:
+    """The model of the run in `workdir` and its full parameter tree (trainable merged with
+    frozen, host numpy). `workdir` is a single run's (train.train_and_evaluate) or a sweep
+    cell's (K runs; `run` is the index of one, as in summary.json's runs). `which='best'`:
+    the parameters of the run's selected step (best validation accuracy: a single run's
+    best/, a cell's per-run best kept in its newest checkpoint); 'last': the newest
+    checkpoint's."""
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; accepted: {', '.join(WHICH)}")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise _not_a_run(workdir)
+    manager = _reader(ckpt_dir)
+    try:
+        latest = manager.latest_step()
+        if latest is None:
+            raise ValueError(f"workdir={workdir}: the run has no checkpoint yet (checkpoints/ "
+                             "is empty); train it first")
+        saved = _meta(manager, latest)
+        identity = saved.get("identity", {})
+        summary = read_summary(workdir)
+        is_cell = "learning_rates" in identity
+        if is_cell:
+            k = len(identity["learning_rates"])
+            if run is None or not isinstance(run, int) or not 0 <= run < k:
+                got = "run not given" if run is None else f"run={run!r} is out of range"
+                raise ValueError(f"workdir={workdir} is a sweep cell of {k} runs: {got}; "
+                                 f"accepted: run = one of {_valid_runs(identity)}")
+            identity = {**identity, "seed": identity["seeds"][run]}  # run k = seed k alone
+            runs = (summary or {}).get("runs") or []
+            summary = runs[run] if run < len(runs) else None
+        elif run is not None:
+            raise ValueError(f"run={run!r} selects a run of a sweep cell, but workdir={workdir} "
+                             "is a single run; leave run unset")
+        try:
+            cfg = backbone_init.run_config(identity, workdir)
+        except ValueError as e:
+            raise ValueError(f"workdir={workdir}: cannot rebuild its model: {e}") from None
+        s = train.setup(cfg)
+        template, frozen = s.state.trainable, s.frozen
+        s.state = s.frozen = None
+        if is_cell:
+            step, trainable = _cell_trainable(manager, latest, saved, run, which, template,
+                                              workdir)
+        else:
+            step, trainable = _single_trainable(manager, latest, which, template, workdir)
+    finally:
+        manager.close()
+    lr = identity["learning_rates"][run] if is_cell else None
+    return (Run(workdir, cfg, s.task, s.model, run, which, step, summary, lr),
+            freeze.merge(trainable, frozen))
+
+
+def _single_trainable(manager, latest: int, which: str, template, workdir: str
+                      ) -> tuple[int, Any]:
+    if which == "last":
+        return latest, _restore_trainable(manager, latest, template)
+    best_dir = os.path.join(workdir, "best")
+    best = _reader(best_dir) if os.path.isdir(best_dir) else None
+    try:
+        step = best.latest_step() if best is not None else None
+        if step is None:
+            raise ValueError(f"workdir={workdir}: the run has no best/ checkpoint (it has not "
+                             "evaluated yet); use which=last")
+        return step, _restore_trainable(best, step, template)
+    finally:
+        if best is not None:
+            best.close()
+
+
+def _cell_trainable(manager, latest: int, saved: dict, run: int, which: str, template,
+                    workdir: str) -> tuple[int, Any]:
+    """Run `run`'s trainable parameters from a cell's newest checkpoint, which holds all K
+    runs' current ('now') and best-step ('best') parameters, `[K, ...]` each."""
+    k = len(saved["identity"]["learning_rates"])
+    step = latest
+    if which == "best":
+        step = (saved.get("protocol") or [{}] * k)[run].get("best_step")
+        if step is None:
+            raise ValueError(f"workdir={workdir}: run {run} has no selected step (no finite "
+                             "validation accuracy yet); use which=last")
+    key = "best" if which == "best" else "now"
+    stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((k, *np.shape(x)),
+                                                                    np.asarray(x).dtype),
+                                     template)
+    return step, sweep.unstack(_restore_trainable(manager, latest, {key: stacked})[key], run)
+
+
+# --- one input and its maps -------------------------------------------------------------------
+
+def example(task: Task, split: str = "test", index: int = 0, seed: int = 0
+            ) -> tuple[np.ndarray, int | None, list[str]]:
+    """`(x, length, labels)`: the `index`-th example of `split`'s evaluation stream, read in
+    batches of one (a generated task draws it from `seed`, as a run's evaluation with that
+    seed does), its number of real tokens (token tasks; else None) and one label per model
+    token: the bit values of each token for Bit XOR / Bit Memory (with patch 1, Bit XOR's
+    tokens 0..n-1 are the first string, n..2n-1 the second), else the position index."""
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"index={index!r}; accepted: an integer >= 0")
+    try:
+        task.prepare(split)  # an unknown split or missing files: a clear error here
+    except ValueError as e:
+        raise ValueError(f"split={split!r}: {e}") from None
+    batch, count = None, 0
+    for batch in task.eval_batches(split, 1, seed=seed, num_batches=index + 1):
+        count += 1
+        if count > index:
+            break
+    if count <= index:
+        raise ValueError(f"index={index}: split {split!r} of task {task.name} has {count} "
+                         f"examples; accepted: 0..{count - 1}")
+    x = np.asarray(batch["x"][0])
+    length = int(batch["length"][0]) if "length" in batch else None
+    if task.name in _BIT_CHARS:
+        chars = _BIT_CHARS[task.name]
+        tokens = x.reshape(-1, task.input_dim)  # FPT's patch order: row by row
+        labels = ["".join(chars[int(v)] for v in tok) for tok in tokens]
+    else:
+        n = (length if length is not None else x.shape[0]) if task.input_kind == "tokens" \
+            else x.shape[0] * (x.shape[-1] // task.input_dim)
+        labels = [str(i) for i in range(n)]
+    return x, length, labels
+
+
+def attention(model: FPT, params: dict, x: np.ndarray, length: int | None = None,
+              preset: str | None = None) -> list[np.ndarray]:
+    """Every layer's attention weights `[heads, query, key]` (float32) for ONE example `x`
+    (without its batch axis), deterministic, through the family's `attention_weights` (the
+    last block is then computed at every position). With `length` (right-padded tokens) the
+    maps keep the real tokens only: causal families never attend to padding from a real
+    position, so their rows still sum to 1; a bidirectional family that does not mask padding
+    (BERT) loses the weight it put there. `preset` names the model in the error of a family
+    without attention (LSTM, FNet: ValueError)."""
+    family = backbones.family_of(model.config)
+    batch_length = None if length is None else jnp.asarray([length], jnp.int32)
+    _, state = model.apply({"params": params}, jnp.asarray(x)[None], batch_length,
+                           deterministic=True, mutable=[INTERMEDIATES])
+    maps = family.attention_weights(state)
+    if not maps:
+        raise ValueError(f"model={preset or family.name} has no attention maps (family "
+                         f"{family.name}: no attention weights); accepted: a run of an "
+                         "attention backbone (GPT-2, BERT, ViT)")
+    keep = slice(None) if length is None else slice(0, length)
+    return [np.asarray(m[0], np.float32)[:, keep, keep] for m in maps]
+
+
+# --- the figure -------------------------------------------------------------------------------
+
+def figure(maps: Sequence[np.ndarray], title: str, tick_labels: Sequence[str] | None = None):
+    """The grid as a matplotlib figure: row i = layer i, column j = head j, each panel the
+    `[query, key]` map (query tokens down, key tokens across) on ONE colour scale for every
+    panel, 0..1 (the weights are probabilities, comparable across layers and heads), with a
+    colour bar. Token labels on the axes when there are at most `MAX_TICKS` tokens."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not maps or any(np.ndim(m) != 3 or np.shape(m) != np.shape(maps[0]) for m in maps):
+        raise ValueError(f"maps must be layers of [heads, query, key], all one shape; got "
+                         f"{[np.shape(m) for m in maps]}")
+    n_layer, (n_head, n_query, n_key) = len(maps), np.shape(maps[0])
+    if tick_labels is not None and len(tick_labels) != n_key:
+        raise ValueError(f"{len(tick_labels)} tick labels for maps of {n_key} tokens")
+    size = 1.6 if max(n_query, n_key) <= MAX_TICKS else 1.3
+    width = max(size * n_head + 1.2, 5.0)  # room for the title of a one- or two-head model
+    fig, axes = plt.subplots(n_layer, n_head, squeeze=False, layout="constrained",
+                             figsize=(width, size * n_layer + 1.0))
+    ticks = tick_labels is not None and max(n_query, n_key) <= MAX_TICKS
+    font = 5 if max(n_query, n_key) > 16 else 6
+    image = None
+    for i, layer in enumerate(maps):
+        for j in range(n_head):
+            ax = axes[i, j]
+            image = ax.imshow(np.asarray(layer[j]), vmin=0.0, vmax=1.0, cmap="viridis",
+                              interpolation="nearest", aspect="auto")
+            if ticks:
+                ax.set_xticks(range(n_key), list(tick_labels), fontsize=font)
+                ax.set_yticks(range(n_query), list(tick_labels), fontsize=font)
+                ax.tick_params(length=1, pad=1)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"head {j}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"layer {i}", fontsize=8)
+    fig.suptitle("\n".join(textwrap.fill(line, int(width * 13)) for line in title.splitlines()),
+                 fontsize=9)
+    fig.supxlabel("key (attended token)", fontsize=8)
+    fig.supylabel("query token", fontsize=8)
+    bar = fig.colorbar(image, ax=axes, shrink=0.6)
+    bar.set_label("attention weight", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return fig
+
+
+def plot(maps: Sequence[np.ndarray], path: str | os.PathLike, title: str,
+         tick_labels: Sequence[str] | None = None) -> str:
+    """`figure(...)` saved as a PNG at `path` (written to a temporary file, then renamed:
+    never a partial image); returns the path."""
+    import matplotlib.pyplot as plt
+    fig = figure(maps, title, tick_labels)
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def title(r: Run) -> str:
+    """Names the run: model, task, init and trainable selection, run, step, test accuracy."""
+    cfg = r.cfg
+    init = cfg.init if not backbone_init.is_run_dir(cfg.init) else \
+        f"init from {os.path.basename(os.path.normpath(cfg.init))}"
+    parts = [f"{cfg.model} on {cfg.task} ({init}, trainable={cfg.trainable})"]
+    if r.run is not None:
+        cell = os.path.basename(os.path.normpath(r.workdir))
+        parts.append(f"run {r.run} of {cell} (lr {r.learning_rate:g}, seed {cfg.seed})")
+    parts.append(f"{r.which} step {r.step}")
+    test = ((r.summary or {}).get("test") or {}).get("test", {}).get("test/accuracy")
+    if test is not None and r.which == "best" and (r.summary or {}).get("best_step") == r.step:
+        parts.append(f"test accuracy {test:.3f}")
+    return ", ".join(parts)
+
+
+def render(workdir: str, out_png: str | os.PathLike, run: int | None = None,
+           which: str = "best", split: str = "test", index: int = 0) -> str:
+    """The attention maps of the run in `workdir` (`run`: its index in a sweep cell) on the
+    `index`-th example of `split`, as a PNG grid at `out_png`; returns the path."""
+    r, params = load_run(workdir, run, which)
+    x, length, labels = example(r.task, split, index, seed=r.cfg.seed)
+    try:
+        maps = attention(r.model, params, x, length, preset=r.cfg.model)
+    except ValueError as e:
+        raise ValueError(f"workdir={workdir}: {e}") from None
+    return plot(maps, out_png, title(r) + f"\n{split} example {index}", labels)

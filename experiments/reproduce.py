@@ -180,7 +180,8 @@ def weights_probe() -> Callable[[TrainConfig], str | None]:
                 train.backbone(cfg)
                 seen[key] = None
             except Exception as e:  # offline hub, missing package: all mean "not here"
-                seen[key] = f"pretrained weights not reachable: {str(e).splitlines()[0]}"
+                seen[key] = ("pretrained weights not reachable: "
+                             + str(e).splitlines()[0].split(" (")[0])
         return seen[key]
     return reachable
 
@@ -205,8 +206,10 @@ def plan(budget: ConfigDict, report_dir: Path, data_dir: str | None = None,
         lrs, seeds = [float(x) for x in tb.learning_rates], [int(s) for s in tb.seeds]
         paper_cfg = cli.load_config_file(str(CONFIGS / f"{task}.py"))
         wanted = [(row, None) for row in budget.rows if not rows or row in rows]
-        wanted += [(row, sel) for row in budget.ablation.rows for sel in
-                   budget.ablation.selections if row in budget.rows and (not rows or row in rows)]
+        if task in budget.ablation.get("tasks", [task]):  # default: every task
+            wanted += [(row, sel) for row in budget.ablation.rows
+                       for sel in budget.ablation.selections
+                       if row in budget.rows and (not rows or row in rows)]
         for row, sel in wanted:
             try:
                 cfg = row_config(base, row, dict(budget.rows[row]), reachable)

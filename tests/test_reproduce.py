@@ -1,0 +1,127 @@
+"""experiments/reproduce.py: the smoke budget end to end, the report's sections, rows, plots
+and published numbers, reuse of finished cells, and what is skipped."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import reproduce
+from fpt_jax import paper, reproduce_report
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "budgets" / "smoke.py"
+
+
+def _budget(path: Path = SMOKE) -> ConfigDict:
+    import runpy
+    return runpy.run_path(str(path))["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    report_dir = tmp_path_factory.mktemp("report")
+    budget = _budget()
+    plan = reproduce.plan(budget, report_dir)
+    reproduce.run(plan, report_dir, log=lambda m: None)
+    path = reproduce_report.write(report_dir, budget, plan.cells, plan.skipped, command="test")
+    return report_dir, budget, plan, path.read_text()
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first markdown table after `heading`."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_smoke_report_has_every_section_and_every_row(smoke):
+    _, budget, plan, text = smoke
+    for section in ("## Main table", "## Adding parameter groups one at a time",
+                    "## Steps to converge", "## Parameter counts", "## Skipped", "## Plots",
+                    "## Sources", "## Budget"):
+        assert section in text, section
+    shown = {row[0] for row in _table(text, "### bit_xor")}
+    skipped = {row for task, row, _ in plan.skipped}
+    for row in budget.rows:
+        label = reproduce_report.ROW_LABELS[row]
+        assert (label in shown) != (row in skipped), row  # run, or listed as skipped
+        if row in skipped:
+            assert re.search(rf"- bit_xor / {row}: \S", text)
+    for row in _table(text, "### bit_xor"):
+        assert re.fullmatch(r"\d+\.\d \+- \d+\.\d \(n=2\)", row[1]), row  # mean +- s.e.
+    counts = _table(text, "## Parameter counts")
+    assert len(counts) == len(shown)
+    for _, _, trainable, total in counts:
+        assert 0 < int(trainable.replace(",", "")) <= int(total.replace(",", ""))
+
+
+def test_the_plots_decode_and_are_not_blank(smoke):
+    from matplotlib import image
+    report_dir, _, _, text = smoke
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+    assert {"main.png", "curves_bit_xor.png", "lr_bit_xor.png", "attention_bit_xor.png"} <= set(
+        names)
+    for name in names:
+        pixels = image.imread(report_dir / name)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and float(np.std(pixels)) > 0.01
+
+
+def test_the_published_numbers_in_the_report_are_the_papers(smoke):
+    _, _, _, text = smoke
+    for row in _table(text, "### bit_xor"):
+        key = next(k for k, v in reproduce_report.ROW_LABELS.items() if v == row[0])
+        lu = paper.MAIN.get(reproduce_report.PAPER_ROW.get(key, ""), {}).get("bit_xor")
+        assert row[3] == ("-" if lu is None else f"{lu:g}")
+        assert row[4] == "-"  # Rothermel et al. have no bit tasks
+    ablation = _table(text, "## Adding parameter groups one at a time")
+    random_row = next(r for r in ablation if r[1] == reproduce_report.ROW_LABELS["random"])
+    published = [float(re.search(r"\(paper ([\d.]+)\)", c).group(1)) for c in random_row[2:]]
+    assert published == [paper.ABLATION_RANDOM["bit_xor"][s] for s in
+                         ("output", "output,ln", "output,ln,input", "fpt")]
+    assert all(text.count(c) for c in paper.CITATIONS.values())
+
+
+def test_a_second_reproduction_reuses_equal_cells_and_plans_new_ones_for_changes(smoke):
+    report_dir, budget, plan, _ = smoke
+    again = reproduce.plan(budget, report_dir)
+    assert [c.name for c in again.cells] == [c.name for c in plan.cells]
+    statuses = reproduce.run(again, report_dir, log=lambda m: None)
+    assert set(statuses.values()) == {"finished"}  # nothing trained again
+    bigger = _budget()
+    bigger.tasks.bit_xor.overrides.steps = 6
+    grown = reproduce.plan(bigger, report_dir)
+    assert not {c.name for c in grown.cells} & {c.name for c in plan.cells}
+
+
+def test_tasks_without_data_and_unknown_rows(tmp_path):
+    budget = _budget()
+    with budget.unlocked():
+        budget.tasks.mnist = ConfigDict(dict(overrides={}, learning_rates=[1e-3], seeds=[0]))
+    p = reproduce.plan(budget, tmp_path, rows=["random"], reachable=lambda cfg: None)
+    assert [(t, r) for t, r, _ in p.skipped] == [("mnist", "*")]
+    assert "no data" in p.skipped[0][2]
+    assert {c.task for c in p.cells} == {"bit_xor"}
+    with pytest.raises(ValueError, match="'lstn' is not in the budget"):
+        reproduce.plan(budget, tmp_path, rows=["lstn"])
+
+
+@pytest.mark.parametrize("args,message", [
+    ([f"--report_dir=/tmp/x"], "--budget is required"),
+    ([f"--budget={SMOKE}"], "--report_dir is required"),
+    ([f"--budget={SMOKE}", "--report_dir=/proc/nope"], "--report_dir=/proc/nope"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--rows=lstn"], "not in the budget"),
+])
+def test_bad_flags_exit_2_with_an_error(args, message):
+    out = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args, "--plan_only"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error:" in out.stderr and message in out.stderr

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fpt_jax import backbone_init, freeze, sweep, train
+from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import FPT
@@ -58,33 +58,6 @@ class Run:
 
 
 # --- loading a run ----------------------------------------------------------------------------
-
-def _reader(directory: str) -> ocp.CheckpointManager:
-    """An orbax manager that only reads a run's checkpoint directory: it creates nothing and
-    is never asked to save (orbax's `read_only` option would do the same, with two warnings
-    on every use)."""
-    options = ocp.CheckpointManagerOptions(create=False)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def _restore_trainable(manager: ocp.CheckpointManager, step: int, template: Any) -> Any:
-    """The checkpoint's `trainable` subtree only (host numpy), shaped like `template`. A partial
-    restore: the optimizer state is neither read nor needed, so its layout (which depends on
-    optimizer settings the identity does not record) cannot get in the way."""
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                      template)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"trainable": abstract}, partial_restore=True)))["state"]["trainable"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {step} in {manager.directory} does not fit the model "
-                         f"its identity rebuilds ({str(e)[:300]})") from e
-    return jax.tree_util.tree_map(np.asarray, restored)
-
 
 def _not_a_run(workdir: str) -> ValueError:
     accepted = ("accepted: the workdir of a run (experiments.train: checkpoints/, best/, "
@@ -117,13 +90,13 @@ def load_run(workdir: str, run: int | None = None, which: str = "best") -> tuple
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise _not_a_run(workdir)
-    manager = _reader(ckpt_dir)
+    manager = Checkpoints(ckpt_dir, read_only=True)
     try:
         latest = manager.latest_step()
         if latest is None:
             raise ValueError(f"workdir={workdir}: the run has no checkpoint yet (checkpoints/ "
                              "is empty); train it first")
-        saved = _meta(manager, latest)
+        saved = manager.meta(latest)
         identity = saved.get("identity", {})
         summary = read_summary(workdir)
         is_cell = "learning_rates" in identity
@@ -161,15 +134,15 @@ def load_run(workdir: str, run: int | None = None, which: str = "best") -> tuple
 def _single_trainable(manager, latest: int, which: str, template, workdir: str
                       ) -> tuple[int, Any]:
     if which == "last":
-        return latest, _restore_trainable(manager, latest, template)
+        return latest, manager.restore_trainable(latest, template)
     best_dir = os.path.join(workdir, "best")
-    best = _reader(best_dir) if os.path.isdir(best_dir) else None
+    best = Checkpoints(best_dir, read_only=True) if os.path.isdir(best_dir) else None
     try:
         step = best.latest_step() if best is not None else None
         if step is None:
             raise ValueError(f"workdir={workdir}: the run has no best/ checkpoint (it has not "
                              "evaluated yet); use which=last")
-        return step, _restore_trainable(best, step, template)
+        return step, best.restore_trainable(step, template)
     finally:
         if best is not None:
             best.close()
@@ -190,7 +163,7 @@ def _cell_trainable(manager, latest: int, saved: dict, run: int, which: str, tem
     stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((k, *np.shape(x)),
                                                                     np.asarray(x).dtype),
                                      template)
-    return step, sweep.unstack(_restore_trainable(manager, latest, {key: stacked})[key], run)
+    return step, sweep.unstack(manager.restore_trainable(latest, {key: stacked})[key], run)
 
 
 # --- one input and its maps -------------------------------------------------------------------

@@ -94,7 +94,7 @@ def backbone_of_run(workdir: str, model: str = "auto") -> tuple[Any, dict]:
         raise ValueError(f"init={workdir}: accepted values are 'pretrained', 'random' or the "
                          "workdir of a finished run (with checkpoints/); "
                          f"{'no such directory' if not os.path.isdir(workdir) else 'it has no checkpoints/'}")
-    ckpts = Checkpoints(ckpt_dir, keep=1000)
+    ckpts = Checkpoints(ckpt_dir, keep=1000, read_only=True)
     try:
         step = ckpts.latest_step()
         if step is None:
@@ -109,7 +109,9 @@ def backbone_of_run(workdir: str, model: str = "auto") -> tuple[Any, dict]:
             raise ValueError(f"init={workdir} is a run of model={source.model}, but "
                              f"model={model}; set model={source.model} or model=auto")
         s = train.setup(source)
-        trainable, _ = ckpts.restore(step, s.state.trainable, s.state.opt_state)
+        # the trainable part only: the optimizer state's layout depends on settings
+        # (adamw, nonfinite_skips) that the identity does not record
+        trainable = ckpts.restore_trainable(step, s.state.trainable)
     finally:
         ckpts.close()
     return s.config, freeze.merge(trainable, s.frozen)["transformer"]

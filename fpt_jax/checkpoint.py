@@ -29,9 +29,12 @@ class CheckpointError(ValueError):
 class Checkpoints:
     """A CheckpointManager over `directory` for `(step, trainable params, opt_state)`."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, save_every: int = 1000):
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, save_every: int = 1000,
+                 read_only: bool = False):
+        # read_only: another run's checkpoints, read and never written (nothing created;
+        # orbax's own `read_only` option does the same with two warnings on every use)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                               create=True)
+                                               create=not read_only)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_step(self) -> int | None:
@@ -81,6 +84,20 @@ class Checkpoints:
             ) from e
         restored = jax.tree_util.tree_map(np.asarray, restored)
         return restored["trainable"], restored["opt_state"]
+
+    def restore_trainable(self, step: int, trainable) -> Any:
+        """The trainable tree of checkpoint `step` only (host numpy), shaped like `trainable`:
+        a partial restore that never reads the optimizer state, whose layout depends on
+        optimizer settings (adamw, nonfinite_skips) that a reader may not rebuild."""
+        abstract = jax.tree_util.tree_map(_abstract, trainable)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"trainable": abstract},
+                                             partial_restore=True)))["state"]["trainable"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {step} in {self.manager.directory} does not fit "
+                                  f"the model its identity rebuilds ({str(e)[:300]})") from e
+        return jax.tree_util.tree_map(np.asarray, restored)
 
     def resume(self, trainable, opt_state, check_meta: Callable[[dict], None]
                ) -> tuple[int, Any, Any] | None:

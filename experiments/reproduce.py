@@ -62,6 +62,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "lstm": ("lstm", {}),
     "lstm_matched": ("lstm_matched", {}),
     "fnet": ("fnet", {}),
+    "fnet_orthonormal": ("fnet", {"model": "fnet-orthonormal"}),
     "minilm": ("fpt", {"model": "minilm-l6", "weights": "minilm"}),
     "minilm_random": ("random", {"model": "minilm-l6"}),
 }

@@ -33,6 +33,7 @@ ROW_LABELS = {
     "lstm": "LSTM (the paper's, all trained)",
     "lstm_matched": "LSTM, parameter-matched to FPT",
     "fnet": "FNet reservoir (frozen Fourier mixing)",
+    "fnet_orthonormal": "FNet reservoir, orthonormal mixing",
     "minilm": "frozen pretrained MiniLM",
     "minilm_random": "frozen random MiniLM architecture",
 }

@@ -136,3 +136,22 @@ def test_fnet_trains_in_the_pipeline_with_its_frozen_mlp_bit_identical(tmp_path)
     after_t = flax.traverse_util.flatten_dict(parallel.unreplicate(state).trainable)
     assert any(not np.array_equal(v, after_t[k])
                for k, v in flax.traverse_util.flatten_dict(s.state.trainable).items())
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_a_block_adds_the_mixing_of_its_layer_norm_orthonormal_when_asked(normalized):
+    cfg = fnet.FNetConfig(n_layer=1, n_embd=12, normalized=normalized, resid_pdrop=0.0)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 7, 12)), np.float64)
+    lengths = np.array([7, 4])
+    params = fnet.Block(cfg).init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))
+    params = jax.tree_util.tree_map(np.asarray, params)
+    for leaf in ("kernel", "bias"):  # no MLP: the block is x + mixing
+        params["params"]["mlp"]["c_proj"][leaf] = np.zeros_like(
+            params["params"]["mlp"]["c_proj"][leaf])
+    got = fnet.Block(cfg).apply(params, jnp.asarray(x, jnp.float32), jnp.asarray(lengths))
+    for b, n in enumerate(lengths):
+        h = x[b, :n]
+        normed = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+        mix = np.fft.fft2(normed).real / (np.sqrt(n * 12) if normalized else 1.0)
+        np.testing.assert_allclose(got[b, :n], h + mix, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[b, n:], x[b, n:], atol=1e-6)  # padding: untouched

@@ -47,7 +47,8 @@ def get_config() -> ConfigDict:
     })
     c.rows = ConfigDict({
         "fpt": {}, "full": {}, "random": dict(SMALL), "scratch": dict(SMALL, n_layer=3),
-        "lstm": dict(n_embd=384), "lstm_matched": {}, "fnet": dict(n_layer=6, n_embd=384), "minilm": {},
+        "lstm": dict(n_embd=384), "lstm_matched": {}, "fnet": dict(n_layer=6, n_embd=384),
+        "fnet_orthonormal": dict(n_layer=6, n_embd=384), "minilm": {},
         "minilm_random": {},
     })
     c.ablation = ConfigDict(dict(rows=["fpt", "minilm", "random"],

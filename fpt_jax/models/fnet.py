@@ -62,6 +62,12 @@ class FNetConfig:
     layer_norm_epsilon: float = 1e-5
     embd_pdrop: float = 0.1
     resid_pdrop: float = 0.1
+    # False: FNet's unnormalised transform (Re fft2), whose output is ~sqrt(T * D / 2) times
+    # its unit-variance input, so that in this pre-LN block it swamps the residual stream
+    # (the input layer's and position table's contribution) from the first block on. True:
+    # the orthonormal transform (divided by sqrt(T * D), T the real length), which keeps the
+    # stream's scale as GPT-2's small random-init attention output does.
+    normalized: bool = False
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_positions"):
@@ -121,6 +127,7 @@ class FNetConfig:
 FNET_PRESETS: dict[str, FNetConfig] = {
     "fnet": FNetConfig(n_layer=12, n_embd=768),  # gpt2's shape
     "fnet-medium": FNetConfig(n_layer=24, n_embd=1024),  # gpt2-medium's
+    "fnet-orthonormal": FNetConfig(n_layer=12, n_embd=768, normalized=True),
 }
 
 
@@ -200,6 +207,9 @@ class Block(nn.Module):
         eps = self.config.layer_norm_epsilon
         mix = fourier_mix(nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.dtype,
                           lengths, query_positions)
+        if self.config.normalized:  # the orthonormal DFT over each example's real length
+            length = (jnp.full((x.shape[0],), x.shape[1]) if lengths is None else lengths)
+            mix = mix * jax.lax.rsqrt(length * x.shape[-1] * 1.0)[:, None, None]
         if query_positions is not None:
             x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         x = x + mix.astype(self.dtype)

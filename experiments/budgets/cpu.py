@@ -33,7 +33,7 @@ def get_config() -> ConfigDict:
                                           eval_batches=8, eval_batch_size=16, **EVAL),
                            learning_rates=[3e-4, 1e-3], seeds=[0, 1]),
         "listops": dict(overrides=dict(max_length=128, bucket_size=32, batch_size=8,
-                                       steps=400, eval_every=100, eval_batch_size=64, **EVAL),
+                                       steps=300, eval_every=100, eval_batch_size=64, **EVAL),
                         learning_rates=[3e-4, 1e-3], seeds=[0, 1],
                         generate=dict(num_train=4000, num_val=500, num_test=500, max_depth=5,
                                       max_args=5, min_length=30, max_length=200)),

@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from experiments import cli
 from fpt_jax import results
 from fpt_jax.sweep_cells import (  # noqa: F401 (the cell machinery, re-exported)
-    CONTINUABLE, NOT_A_GRID_AXIS, GridCell, cell_status, flatten, run_sweep)
+    CONTINUABLE, NOT_A_GRID_AXIS, GridCell, cell_status, flatten, precheck, run_sweep)
 from fpt_jax.config import TrainConfig
 from fpt_jax.weights import WeightsError
 
@@ -199,28 +199,6 @@ def make_cells(base: TrainConfig, axes: Sequence[tuple[str, Sequence[Any]]]) -> 
             raise ValueError(f"--grid cell {name}: {e}") from None
         cells.append(GridCell(i, name, settings, cfg))
     return cells
-
-
-def precheck(cfg: TrainConfig) -> None:
-    """What can be checked of a cell without reading weights or data: the task and its
-    settings, the backbone's architecture settings, the trainable selection."""
-    from fpt_jax import freeze
-    from fpt_jax.models import backbones
-    from fpt_jax.tasks import get_task
-    get_task(cfg.task, **cfg.task_options())
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")
-                 if getattr(cfg, k) is not None}
-    if cfg.model == "auto" or cfg.init not in ("random", "pretrained"):
-        return  # the architecture is the weights' or the source run's
-    preset = backbones.family_of_preset(cfg.model).config_cls.preset
-    if cfg.init == "random":
-        config = preset(cfg.model, **overrides)
-    else:
-        if overrides:
-            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
-                             "only; pretrained weights fix the architecture")
-        config = preset(cfg.model)
-    freeze.parse_selection(cfg.trainable, config.n_layer)
 
 
 # --- flags other than the grid --------------------------------------------------------------

@@ -67,18 +67,21 @@ class Match:
     target: int  # the transformer's count
     model: str
     kind: str  # 'trainable' or 'total'
+    other: int = 0  # the transformer's other count (total, or trainable), for the table
 
     @property
     def difference(self) -> float:
         return self.count / self.target - 1
 
     def lines(self) -> str:
-        note = (f"{self.model} as FPT, {self.kind} (trainable='fpt')" if self.kind == "trainable"
-                else f"{self.model} as FPT, total")
-        text = (f"parameter-matched LSTM: width {self.width}\n"
-                f"  target  {note}: {self.target:,}\n"
+        counts = {self.kind: self.target,
+                  "total" if self.kind == "trainable" else "trainable": self.other}
+        text = (f"parameter-matched LSTM: width {self.width}, matching {self.model} as FPT on "
+                f"this task, its {self.kind} count\n"
+                f"  {self.model}: trainable (trainable='fpt') {counts['trainable']:,}, total "
+                f"{counts['total']:,}\n"
                 f"  this LSTM (every parameter trained): {self.count:,} "
-                f"({100 * self.difference:+.2f}%)")
+                f"({100 * self.difference:+.2f}% of the {self.kind} count)")
         if abs(self.difference) > 0.01:
             text += ("\n  (more than 1% off: integer widths step the count by about "
                      f"{200 / self.width:.1f}% here)")
@@ -89,26 +92,27 @@ def match(cfg: TrainConfig, task) -> Match:
     """The width of `cfg`'s LSTM (model=lstm) that matches `cfg.match_model` on `task`."""
     if cfg.match_model is None:
         raise ValueError("match() needs match_model set")
-    return _match(cfg.model, cfg.match_model, cfg.match_count, tuple(cfg.in_layer_sizes),
-                  tuple(cfg.out_layer_sizes), _TaskShape(
+    return _match(cfg.model, cfg.n_layer, cfg.match_model, cfg.match_count,
+                  tuple(cfg.in_layer_sizes), tuple(cfg.out_layer_sizes), _TaskShape(
                       task.name, task.input_dim, task.output_dim, task.input_kind,
                       tuple(task.example_shape)))
 
 
 @functools.lru_cache(maxsize=32)
-def _match(model: str, match_model: str, match_count: str, in_layer_sizes: tuple,
-           out_layer_sizes: tuple, task: "_TaskShape") -> Match:
+def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
+           in_layer_sizes: tuple, out_layer_sizes: tuple, task: "_TaskShape") -> Match:
     from fpt_jax.models import backbones
-    # Only what decides parameter shapes (the input and output layers' sizes) matters here.
+    # Only what decides parameter shapes (layers, input and output layers) matters here.
     cfg = TrainConfig(model=model, match_model=match_model, match_count=match_count,
                       in_layer_sizes=in_layer_sizes, out_layer_sizes=out_layer_sizes)
     transformer = backbones.family_of_preset(cfg.match_model).config_cls.preset(cfg.match_model)
-    selection = "fpt" if cfg.match_count == "trainable" else "full"
-    target = count(cfg, task, transformer, selection)
+    target = count(cfg, task, transformer, "fpt" if match_count == "trainable" else "full")
+    other = count(cfg, task, transformer, "full" if match_count == "trainable" else "fpt")
     lstm_cls = backbones.family_of_preset(cfg.model).config_cls
+    layers = {} if n_layer is None else {"n_layer": n_layer}
 
     def at(width: int) -> int:
-        return count(cfg, task, lstm_cls.preset(cfg.model, n_embd=width), "full")
+        return count(cfg, task, lstm_cls.preset(cfg.model, n_embd=width, **layers), "full")
     # Every parameter's size is at most quadratic in the width: three counts fix it.
     c4, c8, c12 = at(4), at(8), at(12)
     a = (c12 - 2 * c8 + c4) / 32
@@ -117,7 +121,7 @@ def _match(model: str, match_model: str, match_count: str, in_layer_sizes: tuple
     w = (-b + math.sqrt(max(b * b - 4 * a * (c0 - target), 0.0))) / (2 * a)
     candidates = {max(1, math.floor(w)), max(1, math.ceil(w))}
     best = min(candidates, key=lambda x: abs(at(x) - target))
-    return Match(best, at(best), target, cfg.match_model, cfg.match_count)
+    return Match(best, at(best), target, cfg.match_model, cfg.match_count, other)
 
 
 @dataclasses.dataclass(frozen=True)

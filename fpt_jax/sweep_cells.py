@@ -133,3 +133,25 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
         log(f"{where}: done in {time.time() - start:.1f} s")
         results.write_results(workdir)
     return statuses
+
+
+def precheck(cfg: TrainConfig) -> None:
+    """What can be checked of a cell without reading weights or data: the task and its
+    settings, the backbone's architecture settings, the trainable selection."""
+    from fpt_jax import freeze
+    from fpt_jax.models import backbones
+    from fpt_jax.tasks import get_task
+    get_task(cfg.task, **cfg.task_options())
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")
+                 if getattr(cfg, k) is not None}
+    if cfg.model == "auto" or cfg.init not in ("random", "pretrained"):
+        return  # the architecture is the weights' or the source run's
+    preset = backbones.family_of_preset(cfg.model).config_cls.preset
+    if cfg.init == "random":
+        config = preset(cfg.model, **overrides)
+    else:
+        if overrides:
+            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
+                             "only; pretrained weights fix the architecture")
+        config = preset(cfg.model)
+    freeze.parse_selection(cfg.trainable, config.n_layer)

@@ -122,6 +122,11 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
     fpt_trainable = (1 * d + d) + positions * d + (2 * blocks + 1) * 2 * d + (d * 2 + 2)
     assert matched.target == fpt_trainable
     assert f"{matched.target:,}" in s.table and f"{matched.count:,}" in s.table
+    one = baselines.match(TrainConfig(**base, n_layer=1), task)  # its own layers matched
+    model = train.make_model(s.cfg, task, lstm.LSTMConfig(n_layer=1, n_embd=one.width))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == one.count
+    assert abs(one.difference) < 0.01 and one.width > matched.width
     for width in (matched.width - 1, matched.width + 1):  # the nearest integer width
         model = train.make_model(s.cfg, task, dataclasses.replace(s.config, n_embd=width))
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))

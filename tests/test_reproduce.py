@@ -119,6 +119,12 @@ def test_tasks_without_data_and_unknown_rows(tmp_path):
     ([f"--budget={SMOKE}"], "--report_dir is required"),
     ([f"--budget={SMOKE}", "--report_dir=/proc/nope"], "--report_dir=/proc/nope"),
     ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--rows=lstn"], "not in the budget"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--budget.rows.lstm.n_head=2"],
+     "a field the budget does not have"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--budget.rows.random.n_head=3"],
+     "row random: GPT2Config.n_embd=16 must be divisible by n_head=3"),  # before any cell
+    ([f"--budget={REPO / 'experiments/configs/bit_xor.py'}", "--report_dir=/tmp/x"],
+     "returned TrainConfig"),
 ])
 def test_bad_flags_exit_2_with_an_error(args, message):
     out = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args, "--plan_only"],

@@ -17,7 +17,7 @@ def get_config() -> ConfigDict:
     c.tasks = ConfigDict({
         "bit_xor": dict(overrides=dict(n=2, steps=4, eval_every=2, eval_batches=1,
                                        eval_batch_size=8, log_every=2, checkpoint_every=100),
-                        learning_rates=[1e-3, 3e-3], seeds=[0, 1]),
+                        learning_rates=(1e-3, 3e-3), seeds=(0, 1)),
     })
     # rows: the comparisons, each with its TrainConfig overrides (fpt_jax/baselines.py names)
     c.rows = ConfigDict({

@@ -49,7 +49,7 @@ from ml_collections import ConfigDict, config_flags
 
 from experiments import cli
 from fpt_jax import sweep_cells
-from fpt_jax import baselines, reproduce_report
+from fpt_jax import baselines, reproduce_report, results
 from fpt_jax.config import TrainConfig
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -287,7 +287,10 @@ def run(p: Plan, report_dir: Path, log: Callable[[str], None] = print) -> dict[s
         log(f"[{len(done)}/{len({c.name for c in p.cells})}] {cell.task} / {cell.row}"
             + (f" / trainable={cell.selection}" if cell.selection else ""))
         statuses.update(sweep_cells.run_sweep([grid], report_dir, cell.learning_rates,
-                                            cell.seeds, log=lambda m: log("  " + m)))
+                                            cell.seeds, log=lambda m: log("  " + m),
+                                            write_results=False))
+    if done:
+        results.write_results(report_dir)  # results.csv / .md of every cell, once
     return statuses
 
 

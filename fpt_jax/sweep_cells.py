@@ -101,7 +101,8 @@ def _write_meta(cell: GridCell, workdir: Path) -> None:
 def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
               learning_rates: Sequence[float], seeds: Sequence[int],
               process_cells: tuple[int, int] = (0, 1), train_fn: Callable | None = None,
-              log: Callable[[str], None] = print) -> dict[str, str]:
+              log: Callable[[str], None] = print, write_results: bool = True
+              ) -> dict[str, str]:
     """Trains this process's share of `cells` one after another (finished ones skipped), then
     writes the results. Every cell is checked against the workdir before the first trains.
     `train_fn` defaults to `fpt_jax.sweep.train_and_evaluate_sweep`. Returns {cell: status}."""
@@ -131,7 +132,8 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
             raise ValueError(f"{where}: {e}") from e
         statuses[cell.name] = "trained"
         log(f"{where}: done in {time.time() - start:.1f} s")
-        results.write_results(workdir)
+        if write_results:  # tables and plots of every cell so far
+            results.write_results(workdir)
     return statuses
 
 

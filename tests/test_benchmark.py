@@ -316,7 +316,7 @@ def test_lstm_note_counts_layers_tokens_passes_and_micro_batches():
 def test_baselines_accept_lstm_and_fnet_presets_only():
     for bad in (["gpt2"], ["lstm", "nonsense"]):
         with pytest.raises(ValueError, match=r"unknown baseline '(gpt2|nonsense)'; accepted: "
-                                             r"\['fnet', 'fnet-medium', 'lstm'\]"):
+                                             r"\['fnet', 'fnet-medium', 'fnet-orthonormal', 'lstm'\]"):
             dataclasses.replace(TINY, baselines=bad)
     # FNet's position table limits the shapes even when the base model (an LSTM) has none
     lstm_base = TrainConfig(model="lstm", init="random", n_layer=1, n_embd=16, dropout=0.0)
@@ -590,7 +590,7 @@ def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
     ("--sweeps=1,0", "error: --sweeps=1,0; accepted: integers >= 1"),
     ("--sweeps=four", "error: --sweeps=four; accepted: integers >= 1"),
     ("--baselines=nonsense", "error: baselines=nonsense: unknown baseline 'nonsense'; "
-                             "accepted: ['fnet', 'fnet-medium', 'lstm']"),
+                             "accepted: ['fnet', 'fnet-medium', 'fnet-orthonormal', 'lstm']"),
 ])
 def test_cli_bad_flags_exit_with_a_clear_message(tmp_path, flag, message):
     done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",

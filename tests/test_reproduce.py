@@ -44,7 +44,7 @@ def _table(text: str, heading: str) -> list[list[str]]:
 
 
 def test_the_smoke_report_has_every_section_and_every_row(smoke):
-    _, budget, plan, text = smoke
+    report_dir, budget, plan, text = smoke
     for section in ("## Main table", "## Adding parameter groups one at a time",
                     "## Steps to converge", "## Parameter counts", "## Skipped", "## Plots",
                     "## Sources", "## Budget"):
@@ -56,8 +56,10 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
         assert (label in shown) != (row in skipped), row  # run, or listed as skipped
         if row in skipped:
             assert re.search(rf"- bit_xor / {row}: \S", text)
+    # every row trained as a sweep cell (each baseline in the sweep): mean +- s.e. of 2 seeds
     for row in _table(text, "### bit_xor"):
-        assert re.fullmatch(r"\d+\.\d \+- \d+\.\d \(n=2\)", row[1]), row  # mean +- s.e.
+        assert re.fullmatch(r"\d+\.\d \+- \d+\.\d \(n=2\)", row[1]), row
+    assert (report_dir / "results.csv").read_text().count("\n") > len(plan.cells)
     counts = _table(text, "## Parameter counts")
     assert len(counts) == len(shown)
     for _, _, trainable, total in counts:

@@ -38,6 +38,7 @@ from fpt_jax.protocol import read_summary
 from fpt_jax.tasks import Task
 
 WHICH = ("best", "last")
+MAX_GENERATED_INDEX = 10_000
 MAX_TICKS = 32  # token labels on the axes up to this many tokens; beyond, they are unreadable
 # Bit values as tick labels: Bit XOR's {0, 1}; Bit Memory's {-1, +1} and the query's zeroed bits.
 _BIT_CHARS = {"bit_xor": {0: "0", 1: "1"}, "bit_memory": {-1: "-", 0: "0", 1: "+"}}
@@ -177,6 +178,9 @@ def example(task: Task, split: str = "test", index: int = 0, seed: int = 0
     tokens 0..n-1 are the first string, n..2n-1 the second), else the position index."""
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"index={index!r}; accepted: an integer >= 0")
+    if not task.is_dataset and index >= MAX_GENERATED_INDEX:  # drawn one by one: bounded
+        raise ValueError(f"index={index}: task {task.name} is generated (every example a "
+                         f"fresh draw); accepted: 0..{MAX_GENERATED_INDEX - 1}")
     try:
         task.prepare(split)  # an unknown split or missing files: a clear error here
     except ValueError as e:

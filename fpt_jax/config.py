@@ -148,6 +148,9 @@ class TrainConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*backbones.preset_names(), "auto"))
         _one_of("match_count", self.match_count, MATCH_COUNTS)
+        if self.match_model is None and self.match_count != MATCH_COUNTS[0]:
+            raise ValueError(f"match_count={self.match_count!r} applies to a parameter-matched "
+                             "LSTM; set match_model too (e.g. match_model=gpt2)")
         if self.match_model is not None:
             transformers = [p for p in backbones.preset_names()
                             if backbones.family_of_preset(p).name != "lstm"]

@@ -124,3 +124,10 @@ def test_the_cli_refuses_a_bad_workdir_with_error_and_exit_code_2(tmp_path):
         assert result["rc"] == 2 and "Traceback" not in result["stderr"]
         assert result["stderr"].startswith("error: --workdir=")
     assert "no checkpoints/" in results[1]["stderr"]
+
+
+def test_an_example_index_beyond_a_generated_tasks_bound_is_refused_at_once():
+    from fpt_jax.tasks import get_task
+    task = get_task("bit_xor", n=3, num_patterns=2, patch_size=1)
+    with pytest.raises(ValueError, match="is generated"):
+        attention_maps.example(task, index=10 ** 8)

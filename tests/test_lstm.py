@@ -142,6 +142,7 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
     (dict(model="lstm", init="random", match_model="gpt2", n_embd=64), "contradicts"),
     (dict(model="lstm", init="random", remat=True), "remat is not supported"),
     (dict(model="lstm", init="random", match_model="gpt2", match_count="all"), "match_count"),
+    (dict(model="lstm", init="random", match_count="total"), "set match_model too"),
 ])
 def test_bad_lstm_settings_are_clear_errors(change, message):
     with pytest.raises(ValueError, match=message):

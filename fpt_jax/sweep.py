@@ -197,7 +197,15 @@ def sweep_batches(task: Task, step: int, per_process: int, seeds: Sequence[int],
         task.batch(split, step, per_process, seed=int(s), process_index=jax.process_index(),
                    process_count=jax.process_count()), num_devices, grad_accum)
         for s in seeds]
-    return {k: np.stack([b[k] for b in per_run], axis=1) for k in per_run[0]}
+    return {k: np.stack(_same_shape([b[k] for b in per_run]), axis=1) for k in per_run[0]}
+
+
+def _same_shape(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Bucketed token batches of different runs (their own data orders) padded to the longest
+    with zeros, the pad id: more right padding changes no real position (causal backbones
+    never see it, FNet masks it by length), and the runs stack into one batch."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    return [np.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)]) for a in arrays]
 
 
 # --- the step ------------------------------------------------------------------------------

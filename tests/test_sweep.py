@@ -183,3 +183,19 @@ def test_init_runs_shares_the_backbone_and_rejects_mismatched_axes():
         sweep.init_runs(cfg, LRS, SEEDS[:2])
     with pytest.raises(ValueError, match="learning rates must be finite"):
         sweep.init_runs(cfg, (1e-3, -1.0, 1e-3), SEEDS)
+
+
+def test_bucketed_token_batches_of_the_runs_are_padded_to_one_shape(tmp_path):
+    from fpt_jax.tasks import get_task, listops
+    listops.write_listops(tmp_path, num_train=64, num_val=8, num_test=8, max_depth=4,
+                          max_args=4, min_length=10, max_length=120)
+    task = get_task("listops", data_dir=str(tmp_path), max_length=128, bucket_size=8)
+    seeds = [0, 1, 2, 3, 4, 5]
+    alone = [task.batch("train", 0, 4, seed=s) for s in seeds]
+    assert len({b["x"].shape for b in alone}) > 1  # the runs' buckets differ
+    stacked = sweep.sweep_batches(task, 0, 4, seeds, num_devices=1)
+    for k, b in enumerate(alone):
+        x = stacked["x"][0, k]
+        np.testing.assert_array_equal(x[:, :b["x"].shape[1]], b["x"])
+        assert not x[:, b["x"].shape[1]:].any()  # the extra columns are padding (id 0)
+        np.testing.assert_array_equal(stacked["length"][0, k], b["length"])

@@ -147,8 +147,8 @@ def ablation_table(rows: Sequence[Row], budget) -> list[str]:
         for row in budget.ablation.rows:
             cells = {(r.selection or r.cfg.trainable): r for r in rows
                      if r.task == task and r.row == row}
-            if not cells:
-                continue
+            if not any(r.selection for r in cells.values()):
+                continue  # no ablation on this task (the budget's ablation.tasks)
             published = (paper.ABLATION if row == "fpt" else
                          paper.ABLATION_RANDOM if row == "random" else {}).get(col, {})
             values = []
@@ -247,8 +247,13 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
         plots.insert(0, ("the main table: ours (bars, +- s.e.), the paper's (marks)",
                          "main.png"))
     attention = attention_map(rows, report_dir) if budget.get("attention_map") else None
+    trained_s = sum(max((float(x.get("wall_s") or 0) for x in r.cell.runs), default=0.0)
+                    for r in rows if r.cell is not None and r.cell.finished)
     lines = [f"# Reproduction report: budget `{budget.name}`", "",
              f"{budget.description}.", "", *_header(command, wall_s), "",
+             f"Training time of the {sum(1 for r in rows if r.picked)} finished cells, summed "
+             f"(each cell's `wall_s` in its summary.json, recorded when it trained, possibly "
+             f"by an earlier invocation): {trained_s / 60:.1f} min.", "",
              "## Main table", "",
              "Test accuracy at each run's best validation step, mean +- standard error over "
              "seeds, at the learning rate selected on mean validation accuracy. The paper's "
@@ -312,4 +317,4 @@ def _header(command: str, wall_s: float) -> list[str]:
     return [f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
             f"{jax.default_backend()} ({cpu}, {os.cpu_count()} cores, "
             f"{jax.device_count()} device(s)); fpt-jax commit {commit}, jax {jax.__version__}; "
-            f"wall time {wall_s / 60:.1f} min.", "", f"Command: `{command}`"]
+            f"this invocation's wall time {wall_s / 60:.1f} min.", "", f"Command: `{command}`"]

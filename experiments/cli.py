@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from fpt_jax.config import TrainConfig, describe_fields
@@ -120,6 +120,16 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag}={given}: cannot create or write in it: "
                          f"{e.strerror or e}") from e
     return path
+
+
+def begin(argv: list[str]) -> None:
+    """What every entry point's `main` does first: stray positional arguments are an error
+    (`error: ...`, exit 2), and absl logs at WARNING unless --verbosity is given (orbax logs
+    every checkpoint save at INFO)."""
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def _fail(message: str) -> None:

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from experiments import cli
@@ -295,10 +295,7 @@ def run(p: Plan, report_dir: Path, log: Callable[[str], None] = print) -> dict[s
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.begin(argv)
     try:
         budget = F.budget
     except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -38,7 +38,7 @@ import sys
 import typing
 from typing import Any, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import cli
 from fpt_jax import results
@@ -247,10 +247,7 @@ def parse_process_cells(spec: str | None) -> tuple[int, int]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.begin(argv)
     try:
         learning_rates = parse_learning_rates(F.learning_rates)
         seeds = parse_seeds(F.seeds)

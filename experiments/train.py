@@ -75,10 +75,7 @@ def initialize_distributed() -> bool:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.begin(argv)
     try:
         if initialize_distributed() and jax.process_index() != 0 and not F["verbosity"].present:
             logging.set_verbosity(logging.ERROR)  # process 0 logs; the others only errors

@@ -266,13 +266,8 @@ class Bert(nn.Module):
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
                  read_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"Bert expects inputs_embeds of shape [batch, seq, "
-                             f"{cfg.hidden_size}], got {inputs_embeds.shape}")
-        seq = inputs_embeds.shape[1]
-        if seq > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {seq} exceeds the model's max_position_embeddings"
-                             f"={cfg.max_position_embeddings}; shorten the input")
+        layers.check_inputs("Bert", inputs_embeds, cfg.hidden_size,
+                            cfg.max_position_embeddings, "max_position_embeddings")
         x = Embeddings(cfg, self.dtype, name="embeddings")(inputs_embeds, deterministic)
         return Encoder(cfg, self.dtype, self.remat, name="encoder")(
             x, deterministic, read_positions)

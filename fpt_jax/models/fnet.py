@@ -234,13 +234,8 @@ class FNet(nn.Module):
                  read_positions: jax.Array | None = None,
                  lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
-            raise ValueError(f"FNet expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
-                             f"got {inputs_embeds.shape}")
+        layers.check_inputs("FNet", inputs_embeds, cfg.n_embd, cfg.n_positions)
         batch, seq = inputs_embeds.shape[:2]
-        if seq > cfg.n_positions:
-            raise ValueError(f"sequence length {seq} exceeds the model's n_positions="
-                             f"{cfg.n_positions}; shorten the input (e.g. larger patches)")
         if lengths is not None and (lengths.shape != (batch,)
                                     or not jnp.issubdtype(lengths.dtype, jnp.integer)):
             raise ValueError(f"FNet lengths must be ints of shape [{batch}], got "

@@ -195,13 +195,8 @@ class GPT2(nn.Module):
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
                  read_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
-            raise ValueError(f"GPT2 expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
-                             f"got {inputs_embeds.shape}")
+        layers.check_inputs("GPT2", inputs_embeds, cfg.n_embd, cfg.n_positions)
         seq = inputs_embeds.shape[1]
-        if seq > cfg.n_positions:
-            raise ValueError(f"sequence length {seq} exceeds the model's n_positions="
-                             f"{cfg.n_positions}; shorten the input (e.g. larger patches)")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
                        embedding_init=nn.initializers.normal(_INIT_STD))
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)

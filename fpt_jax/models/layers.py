@@ -44,6 +44,17 @@ def attention_weights(state: Mapping[str, Any], prefix: str) -> tuple[jax.Array,
     return tuple(layers[i] for i in sorted(layers))
 
 
+def check_inputs(family: str, inputs_embeds: jax.Array, width: int,
+                 max_len: int | None = None, max_name: str = "n_positions") -> None:
+    """A backbone's input: `[batch, seq, width]`, seq at most its position table's rows."""
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != width:
+        raise ValueError(f"{family} expects inputs_embeds of shape [batch, seq, {width}], got "
+                         f"{inputs_embeds.shape}")
+    if max_len is not None and inputs_embeds.shape[1] > max_len:
+        raise ValueError(f"sequence length {inputs_embeds.shape[1]} exceeds the model's "
+                         f"{max_name}={max_len}; shorten the input (e.g. larger patches)")
+
+
 def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
               dropout: nn.Dropout | float, deterministic: bool, dtype: Dtype,
               causal: bool = False, query_positions: jax.Array | None = None,

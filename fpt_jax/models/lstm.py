@@ -145,9 +145,7 @@ class LSTM(nn.Module):
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
                  read_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
-            raise ValueError(f"LSTM expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
-                             f"got {inputs_embeds.shape}")
+        layers.check_inputs("LSTM", inputs_embeds, cfg.n_embd)  # no position limit
         if self.remat:
             raise ValueError("remat is not supported by the LSTM baseline (its scan keeps one "
                              "[batch, 4 * width] gate vector per step); set remat=False")

@@ -224,13 +224,8 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
                  read_positions: jax.Array | None = None) -> jax.Array:
-        cfg, seq = self.config, inputs_embeds.shape[1] if inputs_embeds.ndim == 3 else 0
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
-            raise ValueError(f"ViT expects inputs_embeds of shape [batch, seq, {cfg.n_embd}], "
-                             f"got {inputs_embeds.shape}")
-        if seq > cfg.n_positions:
-            raise ValueError(f"sequence length {seq} exceeds the model's n_positions="
-                             f"{cfg.n_positions}; shorten the input (e.g. larger patches)")
+        cfg = self.config
+        layers.check_inputs("ViT", inputs_embeds, cfg.n_embd, cfg.n_positions)
         x = Embeddings(cfg, self.dtype, name="embeddings")(inputs_embeds, deterministic)
         x = Encoder(cfg, self.dtype, self.remat, name="encoder")(x, deterministic, read_positions)
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)

@@ -8,6 +8,7 @@ task, as a PNG grid (one row per layer, one column per head).
       --config.steps=2000 --workdir=/tmp/fpt_bit_xor_pretrained
   python -m experiments.attention --workdir=/tmp/fpt_bit_xor_pretrained
   # -> /tmp/fpt_bit_xor_pretrained/attention.png (12 layers x 12 heads)
+  # (default names: attention[_run<k>][_last].png, so runs and steps do not overwrite)
 
   # run 1 of a sweep cell (its index in the cell's summary.json), at its newest checkpoint
   python -m experiments.attention --workdir=/tmp/fpt_sweep/cells/trainable=fpt --run=1 \
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import cli
 
@@ -38,20 +39,21 @@ flags.DEFINE_enum("which", "best", ["best", "last"], "best: the parameters of th
 flags.DEFINE_string("split", "test", "The split the example comes from.")
 flags.DEFINE_integer("index", 0, "The example's index in the split's evaluation stream.",
                      lower_bound=0)
-flags.DEFINE_string("out", None, "The PNG to write. Default: WORKDIR/attention.png.")
+flags.DEFINE_string("out", None, "The PNG to write (a .png path). Default: WORKDIR/"
+                    "attention[_run<k>][_last].png, one file per run and step.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli._fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    cli.begin(argv)
     try:
         if not os.path.isdir(F.workdir):
             raise ValueError(f"--workdir={F.workdir}: no such directory; accepted: a finished "
                              "run's workdir or a sweep cell's (WORKDIR/cells/<name>)")
         from fpt_jax import attention_maps  # here: flag errors need no model code
-        out = F.out or os.path.join(F.workdir, "attention.png")
+        out = F.out or os.path.join(F.workdir, default_name(F.run, F.which))
+        if not out.lower().endswith(".png"):
+            raise ValueError(f"--out={out}: the maps are written as PNG; accepted: a path "
+                             "ending in .png")
         # Before the run is loaded: an unwritable --out would lose that work.
         cli.writable_dir(os.path.dirname(os.path.abspath(out)), "--out's directory")
         if os.path.isdir(out):
@@ -60,8 +62,14 @@ def main(argv):
                                      index=F.index)
     except (ValueError, OSError) as e:
         # The library names its arguments (`workdir=...`, `run=...`): here they are flags.
-        cli._fail(re.sub(r"(?<![-\w.])(workdir|run|which|split|index)=", r"--\1=", str(e)))
+        cli.fail(re.sub(r"(?<![-\w.])(workdir|run|which|split|index)=", r"--\1=", str(e)))
     print(f"wrote {path}", flush=True)
+
+
+def default_name(run: int | None, which: str) -> str:
+    """attention.png for a run's best step; a sweep cell's runs and last steps apart."""
+    return ("attention" + ("" if run is None else f"_run{run}")
+            + ("" if which == "best" else f"_{which}") + ".png")
 
 
 def run() -> None:

@@ -236,15 +236,14 @@ def bench_config():
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
+    cli.begin(argv)
     from fpt_jax import bench  # importing JAX does not start its backends
     from fpt_jax.bench.suite import env_prefix
     prefix = env_prefix()  # the environment as the command was given
     try:
         check_flags()
     except ValueError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     if F.cpu_devices:
         # Read when JAX creates its CPU client, which no code has done yet.
         flag = f"--xla_force_host_platform_device_count={F.cpu_devices}"
@@ -261,20 +260,15 @@ def main(argv):
         print("init: random (FLOPs and time do not depend on the weights' values)", flush=True)
         report = bench.run(bc, command=command)
     except ValueError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     if jax.process_index() == 0:
         plot = {"auto": None, "yes": True, "no": False}[F.plot]
         print(bench.markdown(report), flush=True)  # first: the results survive a failed write
         try:
             paths = bench.write(report, F.out_dir, F.name, plot=plot)
         except OSError as e:
-            _fail(f"--out_dir={F.out_dir}: cannot write the results (printed above): {e}")
+            cli.fail(f"--out_dir={F.out_dir}: cannot write the results (printed above): {e}")
         print("wrote " + ", ".join(paths.values()), flush=True)
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def run() -> None:

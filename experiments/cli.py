@@ -13,7 +13,7 @@ import runpy
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -86,10 +86,10 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         return rest
     except KeyError as e:  # config_flags: a field the dataclass does not have
         names = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        _fail(f"{e.args[0] if e.args else e}; accepted: --config.<field> for the fields "
+        fail(f"{e.args[0] if e.args else e}; accepted: --config.<field> for the fields "
               f"{names}")
     except (flags.Error, ValueError, TypeError) as e:
-        _fail(str(e))
+        fail(str(e))
     return []
 
 
@@ -101,7 +101,7 @@ def parse_plain_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLA
     try:
         return flag_values(argv)
     except flags.Error as e:
-        _fail(f"{'; '.join(str(e).splitlines())}; see --helpshort")
+        fail(f"{'; '.join(str(e).splitlines())}; see --helpshort")
     return []
 
 
@@ -127,12 +127,13 @@ def begin(argv: list[str]) -> None:
     (`error: ...`, exit 2), and absl logs at WARNING unless --verbosity is given (orbax logs
     every checkpoint save at INFO)."""
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
+        fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
+    """The one way an entry point refuses its input: `error: <message>` and exit code 2."""
     message = message.replace("Error whilst parsing config file:\n\n", "")
     print(f"error: {message.strip()}", file=sys.stderr, flush=True)
     sys.exit(2)

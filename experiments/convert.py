@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -121,25 +120,18 @@ def convert(source: str, output: Path, overwrite: bool) -> tuple[Any, Path]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; accepted: --source=... --output=... "
-              "[--overwrite]")
+    cli.begin(argv)
     try:
         config, out = convert(_SOURCE.value, Path(_OUTPUT.value), _OVERWRITE.value)
     except OutputError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     except ValueError as e:  # WeightsError and the config's own checks: the source's fault
-        _fail(f"--source={_SOURCE.value}: {e}")
+        cli.fail(f"--source={_SOURCE.value}: {e}")
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
         backbones.family_of(config).param_shapes(config)))
     logging.info("converted %s -> %s (%s backbone parameters without the token embedding)",
                  _SOURCE.value, out, f"{n:,}")
     print(f"wrote {out}: {config}, {n:,} parameters (without the token embedding)")
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def run() -> None:

@@ -22,7 +22,6 @@ Then train with --data_dir pointing at the same directory.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -127,8 +126,7 @@ def check_prepared(prepared: Path) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; accepted: flags only (see --helpshort)")
+    cli.begin(argv)
     start = time.time()
     try:
         if _DATASET.value == "listops":
@@ -154,13 +152,8 @@ def main(argv):
                                                    _DATA_DIR.value)
                 print(f"prepared {out}")
     except (ValueError, OSError) as e:
-        _fail(str(e))
+        cli.fail(str(e))
     print(f"done in {time.time() - start:.1f} s", flush=True)
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def run() -> None:

@@ -76,8 +76,10 @@ config_flags.DEFINE_config_file("budget", None, "The budget: experiments/budgets
 flags.DEFINE_string("report_dir", None, "Where the cells, report.md and its plots go.")
 flags.DEFINE_string("data_dir", None, "Prepared datasets (experiments.prepare_data) and LRA "
                     "ListOps files; tasks without their data are skipped and listed.")
-flags.DEFINE_list("tasks", [], "Only these of the budget's tasks (default: all).")
-flags.DEFINE_list("rows", [], "Only these of the budget's rows (default: all).")
+flags.DEFINE_list("tasks", [], "Train only these of the budget's tasks (default: all); the "
+                  "report still shows every finished cell of the budget.")
+flags.DEFINE_list("rows", [], "Train only these of the budget's rows (default: all); the "
+                  "report still shows every finished cell of the budget.")
 flags.DEFINE_bool("plan_only", False, "Print the cells and what is skipped; train nothing.")
 
 
@@ -299,11 +301,11 @@ def main(argv):
     try:
         budget = F.budget
     except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-        cli._fail(f"--budget: {e}")
+        cli.fail(f"--budget: {e}")
     if budget is None:
-        cli._fail("--budget is required: experiments/budgets/smoke.py, cpu.py or paper.py")
+        cli.fail("--budget is required: experiments/budgets/smoke.py, cpu.py or paper.py")
     if not F.report_dir:
-        cli._fail("--report_dir is required: where the cells and report.md go")
+        cli.fail("--report_dir is required: where the cells and report.md go")
     try:
         check_budget(budget)
         report_dir = cli.writable_dir(F.report_dir, "--report_dir")
@@ -312,7 +314,7 @@ def main(argv):
         start = time.time()
         p = plan(budget, report_dir, F.data_dir, F.tasks, F.rows, dry=F.plan_only)
     except (ValueError, TypeError, KeyError, OSError) as e:
-        cli._fail(str(e))
+        cli.fail(str(e))
     for task, row, why in p.skipped:
         print(f"skipped {task} / {row}: {why}", flush=True)
     print(f"{len({c.name for c in p.cells})} cells", flush=True)
@@ -323,7 +325,9 @@ def main(argv):
     try:
         run(p, report_dir)
     except ValueError as e:
-        cli._fail(str(e))
+        cli.fail(str(e))
+    if F.tasks or F.rows:  # they select what trains; the report covers the whole budget
+        p = plan(budget, report_dir, F.data_dir, dry=True)
     path = reproduce_report.write(report_dir, budget, p.cells, p.skipped,
                                   command=shlex.join(["python", "-m", "experiments.reproduce",
                                                       *sys.argv[1:]]),
@@ -337,7 +341,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return cli.parse_plain_flags(argv)
     except (AttributeError, KeyError) as e:
-        cli._fail(f"--budget override of a field the budget does not have ({e}); add the field "
+        cli.fail(f"--budget override of a field the budget does not have ({e}); add the field "
                   "to the budget file (experiments/budgets/*.py) or a copy of it")
     return []
 

@@ -34,7 +34,6 @@ import hashlib
 import itertools
 import math
 import re
-import sys
 import typing
 from typing import Any, Sequence
 
@@ -42,8 +41,7 @@ from absl import app, flags
 
 from experiments import cli
 from fpt_jax import results
-from fpt_jax.sweep_cells import (  # noqa: F401 (the cell machinery, re-exported)
-    CONTINUABLE, NOT_A_GRID_AXIS, GridCell, cell_status, flatten, precheck, run_sweep)
+from fpt_jax.sweep_cells import NOT_A_GRID_AXIS, GridCell, precheck, run_sweep
 from fpt_jax.config import TrainConfig
 from fpt_jax.weights import WeightsError
 
@@ -259,8 +257,7 @@ def main(argv):
         paths = results.write_results(workdir)
     except (ValueError, WeightsError, OSError) as e:
         # Bad flags, a cell that cannot train, bad files: named, no traceback.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        cli.fail(str(e))
     print(paths["md"].read_text(), end="", flush=True)
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
 

@@ -26,7 +26,6 @@ if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
     from fpt_jax import hugepages
     hugepages.reexec_with_huge_pages()
 
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -86,8 +85,7 @@ def main(argv):
         # Bad settings, bad or missing files, a diverged run: the message names what was
         # wrong (the setting or the file) and what is accepted. A traceback is for bugs.
         prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-        print(f"error: {prefix}{e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        cli.fail(f"{prefix}{e}")
     if jax.process_index() == 0 and final:
         print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())),
               flush=True)

@@ -53,9 +53,12 @@ def param_group(path: Iterable[Any]) -> tuple[str, int | None]:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The trainable part: per group, None (every layer) or the set of layer indices."""
+    """The trainable part: per group, None (every layer) or the set of layer indices.
+    `named`: the groups the spec names itself (not through a preset such as `full`), each
+    of which must select parameters of the model it is applied to."""
     groups: dict[str, frozenset[int] | None]
     spec: str
+    named: frozenset[str] = frozenset()
 
     def is_trainable(self, group: str, layer: int | None) -> bool:
         if group not in self.groups:
@@ -100,7 +103,10 @@ def parse_selection(spec: str, n_layer: int) -> Selection:
     if not groups:
         raise ValueError(f"trainable selection {spec!r} selects nothing to train; accepted: "
                          f"groups {GROUPS} or presets {sorted(SELECTION_PRESETS)}")
-    return Selection(groups, spec)
+    named = frozenset(m.group("group") for item in _split_items(spec)
+                      if item.strip() not in SELECTION_PRESETS
+                      and (m := _ITEM.match(item.strip())))
+    return Selection(groups, spec, named)
 
 
 def _split_items(spec: str) -> list[str]:
@@ -117,9 +123,19 @@ def partition(params, selection: Selection) -> tuple[dict, dict]:
     layout, each holding only its own leaves. The optimizer only ever sees `trainable`, so
     frozen parameters get no gradient, no optimizer state and no update by construction."""
     flat = traverse_util.flatten_dict(params)
+    check_named_groups(selection, flat)
     trainable = {k: v for k, v in flat.items() if is_trainable(k, selection)}
     frozen = {k: v for k, v in flat.items() if k not in trainable}
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def check_named_groups(selection: Selection, paths: Iterable[tuple[str, ...]]) -> None:
+    """Every group the selection names by hand has parameters among `paths` (a model's):
+    `attn` on the LSTM would otherwise train silently less than asked for."""
+    groups = [param_group(p)[0] for p in paths]
+    if missing := sorted(selection.named - set(groups), key=GROUPS.index):
+        raise ValueError(f"trainable={selection.spec!r}: this model has no {', '.join(missing)} "
+                         f"parameters; its groups: {', '.join(dict.fromkeys(groups))}")
 
 
 def cast_frozen(frozen: dict, dtype) -> dict:
@@ -150,8 +166,8 @@ def count_table(params, selection: Selection) -> tuple[str, dict[str, dict[str, 
     lines = [f"trainable selection: {selection.spec!r}",
              f"{'group':<8}{'trainable':>14}{'frozen':>14}"]
     for g, c in counts.items():
-        if g == "lstm" and not c["trainable"] + c["frozen"]:
-            continue  # a row of zeros for every transformer
+        if not c["trainable"] + c["frozen"]:
+            continue  # a group this model lacks (lstm on a transformer, attn on the LSTM)
         lines.append(f"{g:<8}{c['trainable']:>14,}{c['frozen']:>14,}")
     share = 100 * total_t / max(total_t + total_f, 1)
     lines.append(f"{'total':<8}{total_t:>14,}{total_f:>14,}   ({share:.3f}% trainable)")

@@ -322,21 +322,28 @@ def save_converted(directory: str | os.PathLike, config: Config, params: Params)
     return directory
 
 
-def _quiet_closed_loop_reports() -> None:
-    """When one read of a restore fails, orbax closes its event loop while tensorstore's other
-    reads are still in flight; each of them then reports `RuntimeError: Event loop is closed`
-    as an unraisable exception: tracebacks around our clear error. Those (and only those)
-    reports are dropped; everything else goes to the previous hook."""
+def _quiet_abandoned_reads() -> None:
+    """When one read of a restore fails, orbax abandons tensorstore's other reads in flight:
+    each then reports, as an unraisable exception, `RuntimeError: Event loop is closed` or
+    its own read error from a coroutine of orbax's that is closed unfinished. Those are
+    tracebacks around our clear error, at whatever moment the collector reaches them; those
+    (and only those) reports are dropped, everything else goes to the previous hook."""
     import sys
     previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop", False):
+    if getattr(previous, "_drops_abandoned_reads", False):
         return
 
+    def from_orbax_read(unraisable) -> bool:
+        if unraisable.exc_type is RuntimeError and \
+                str(unraisable.exc_value) == "Event loop is closed":
+            return True
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine closed unfinished
+        return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
     def hook(unraisable):
-        if not (unraisable.exc_type is RuntimeError
-                and str(unraisable.exc_value) == "Event loop is closed"):
+        if not from_orbax_read(unraisable):
             previous(unraisable)
-    hook._drops_closed_loop = True
+    hook._drops_abandoned_reads = True
     sys.unraisablehook = hook
 
 
@@ -363,7 +370,7 @@ def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
                  jax.tree_util.tree_flatten_with_path(tree)[0]}
         flat = {p: np.empty(s, np.float32) for p, s in saved.items()}
         _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
-        _quiet_closed_loop_reports()  # before: the reports can come while restore unwinds
+        _quiet_abandoned_reads()  # before: the reports can come while restore unwinds
         try:
             params = ckptr.restore(params_dir, abstract)
         except Exception as e:

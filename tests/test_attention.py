@@ -117,13 +117,20 @@ def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
         attention_maps.render(str(tmp_path), tmp_path / "a.png", which="last")
 
 
-def test_the_cli_refuses_a_bad_workdir_with_error_and_exit_code_2(tmp_path):
-    results = run_all("experiments.attention", [[f"--workdir={tmp_path / 'missing'}"],
-                                                [f"--workdir={tmp_path}"]], timeout=60)
-    for result in results:
+def test_the_cli_refuses_bad_flags_and_names_its_default_png_by_step(tmp_path, run_dir):
+    *bad, good = run_all("experiments.attention", [
+        [f"--workdir={tmp_path / 'missing'}"], [f"--workdir={tmp_path}"],
+        [f"--workdir={run_dir}", f"--out={tmp_path / 'maps.jpg'}"],
+        [f"--workdir={run_dir}", "--which=last"]], timeout=120)
+    for result in bad:
         assert result["rc"] == 2 and "Traceback" not in result["stderr"]
-        assert result["stderr"].startswith("error: --workdir=")
-    assert "no checkpoints/" in results[1]["stderr"]
+        assert result["stderr"].startswith("error: --")
+    assert bad[0]["stderr"].startswith("error: --workdir=")
+    assert "no checkpoints/" in bad[1]["stderr"]
+    assert "accepted: a path ending in .png" in bad[2]["stderr"]
+    assert not (tmp_path / "maps.jpg").exists()
+    assert good["rc"] == 0, good["stderr"][-1000:]
+    assert (run_dir / "attention_last.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_an_example_index_beyond_a_generated_tasks_bound_is_refused_at_once():

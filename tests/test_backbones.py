@@ -6,12 +6,14 @@ import json
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fpt_jax import freeze, parallel, train, weights
 from fpt_jax.config import TrainConfig
-from fpt_jax.models import backbones
+from fpt_jax.models import backbones, bert, fnet, gpt2, lstm, vit
+from fpt_jax.models.fpt import FPT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -245,3 +247,49 @@ def test_a_bert_pytorch_bin_directory_loads_as_its_safetensors_twin(tmp_path):
     assert a.keys() == b.keys()
     for k, v in a.items():
         np.testing.assert_array_equal(b[k], v)
+
+
+_PADDED_TASK_CONFIGS = {  # one small config per family, dropout off
+    "gpt2": lambda: gpt2.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32),
+    "bert": lambda: bert.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                                    intermediate_size=64, max_position_embeddings=32,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "vit": lambda: vit.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, n_positions=32),
+    "fnet": lambda: fnet.FNetConfig(n_layer=2, n_embd=32, n_positions=32),
+    "lstm": lambda: lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PADDED_TASK_CONFIGS))
+def test_fpt_token_logits_do_not_depend_on_right_padding_in_any_family(name):
+    config = _PADDED_TASK_CONFIGS[name]()
+    family = backbones.family_of(config)
+    assert family.name == name
+    # Bidirectional families mask padding with the lengths; causal ones never read it.
+    assert family.takes_lengths == (name in ("bert", "vit", "fnet"))
+    vocab, rng = 11, np.random.default_rng(2)
+    lengths = np.array([12, 5, 1, 9])
+    tokens = rng.integers(1, vocab, (4, 12))
+    short = np.where(np.arange(12) < lengths[:, None], tokens, 0)  # padded to 12 with 0
+    long = np.where(np.arange(20) < lengths[:, None], np.pad(tokens, ((0, 0), (0, 8))),
+                    rng.integers(0, vocab, (4, 20)))  # padded to 20 with random ids
+    model = FPT(config=config, input_dim=vocab, output_dim=3, input_kind="tokens", dropout=0.0)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), short, lengths)
+    forward = jax.jit(model.apply)
+    logits = [forward(params, x, lengths) for x in (short, long)]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+    # The lengths are what the head reads by: one more token reads a padding position.
+    assert np.abs(np.asarray(forward(params, long, lengths + 1)) - logits[1]).max() > 1e-4
+    if not family.takes_lengths:
+        return
+    # The negative: the backbone without lengths mixes the padding into real positions.
+    embed = params["params"]["input"]["embedding"]
+    backbone = {"params": params["params"]["transformer"]}
+    apply = jax.jit(family.module_cls(config).apply)
+    real = np.arange(12) < lengths[:, None]
+    hidden = [np.asarray(apply(backbone, embed[x]))[:, :12][real] for x in (short, long)]
+    assert np.abs(hidden[0] - hidden[1]).max() > 1e-2
+    masked = [np.asarray(apply(backbone, embed[x], lengths=jnp.asarray(lengths)))[:, :12][real]
+              for x in (short, long)]
+    np.testing.assert_allclose(masked[0], masked[1], atol=1e-5)

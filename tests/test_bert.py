@@ -84,11 +84,12 @@ def hf_forward(model, x: np.ndarray, **kwargs):
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "remat", "deterministic",
                                              "output_attentions"))
-def forward(params, x, rng=None, read_positions=None, *, config, dtype=jnp.float32, remat=False,
-            deterministic=True, output_attentions=False):
+def forward(params, x, rng=None, read_positions=None, lengths=None, *, config, dtype=jnp.float32,
+            remat=False, deterministic=True, output_attentions=False):
     """`Bert(...).apply` under jit; with `output_attentions`, also the attention weights."""
     model, rngs = Bert(config, dtype=dtype, remat=remat), {} if rng is None else {"dropout": rng}
-    kwargs = dict(deterministic=deterministic, read_positions=read_positions, rngs=rngs)
+    kwargs = dict(deterministic=deterministic, read_positions=read_positions, lengths=lengths,
+                  rngs=rngs)
     if not output_attentions:
         return model.apply({"params": params}, x, **kwargs)
     out, state = model.apply({"params": params}, x, mutable=["intermediates"], **kwargs)
@@ -127,6 +128,31 @@ def test_equals_transformers_last_hidden_state_and_attentions_within_1e5(config)
     assert len(out[1]) == config.num_hidden_layers == len(expected.attentions)
     for ours, theirs in zip(out[1], expected.attentions):
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [SMALL, CAUSAL], ids=["bidirectional", "causal"])
+def test_lengths_equal_transformers_attention_mask(config):
+    """Right padding masked by `lengths` as Hugging Face masks it by `attention_mask`: every
+    position's output and every attention weight, on the fused and the explicit path, and the
+    read rows alone."""
+    model, x, params = reference(config), inputs(config, seed=2), params_of(config)
+    lengths = np.array([config.max_position_embeddings - 3, 2])
+    mask = (np.arange(x.shape[1]) < lengths[:, None]).astype(np.int64)
+    expected = hf_forward(model, x, attention_mask=torch.from_numpy(mask),
+                          output_attentions=True)
+    unmasked = hf_forward(model, x).last_hidden_state.numpy()
+    hidden = expected.last_hidden_state.numpy()
+    # Bidirectional, the mask changes real positions; causal, padding never reaches them.
+    assert (np.abs(hidden - unmasked)[mask == 1].max() > 1e-2) != config.causal
+    for weights in (False, True):
+        out = forward(params, x, lengths=jnp.asarray(lengths), config=config,
+                      output_attentions=weights)
+        np.testing.assert_allclose(np.asarray(out[0] if weights else out), hidden, atol=1e-5)
+    for ours, theirs in zip(out[1], expected.attentions):
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+    read = jnp.asarray((lengths - 1)[:, None])
+    got = forward(params, x, read_positions=read, lengths=jnp.asarray(lengths), config=config)
+    np.testing.assert_allclose(np.asarray(got)[:, 0], hidden[[0, 1], lengths - 1], atol=1e-5)
 
 
 def test_prefixed_state_dict_with_pooler_heads_and_buffers_converts_the_same():
@@ -424,5 +450,8 @@ def test_apply_checks_input_width_and_length():
         jax.eval_shape(lambda p: Bert(SMALL).apply({"params": p}, jnp.zeros((2, 5, 48))), params)
     with pytest.raises(ValueError, match="sequence length 17 exceeds.*=16"):
         jax.eval_shape(lambda p: Bert(SMALL).apply({"params": p}, inputs(SMALL, seq=17)), params)
+    with pytest.raises(ValueError, match=r"lengths must be ints of shape \[2\], got float32"):
+        jax.eval_shape(lambda p: Bert(SMALL).apply({"params": p}, inputs(SMALL),
+                                                   lengths=jnp.ones(2)), params)
     shapes = jax.eval_shape(lambda: bert.init_params(SMALL, jax.random.PRNGKey(0), seq_len=3))
     assert shapes["encoder"]["layer_1"]["output"]["LayerNorm"]["scale"].shape == (32,)

@@ -1,4 +1,6 @@
 """Parameter groups, trainable selections, and the trainable/frozen partition."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -120,3 +122,24 @@ def test_count_table_sums_to_the_parameter_count(params):
     assert counts["attn"]["trainable"] == 0 and counts["attn"]["frozen"] > 0
     assert counts["output"]["frozen"] == 0
     assert "attn" in text and f"{counts['total']['trainable']:,}" in text
+
+
+@pytest.mark.parametrize("model, spec, missing", [
+    ("lstm", "output,attn", "attn"), ("lstm", "pos", "pos"), ("fnet", "ln,attn[-1:]", "attn"),
+])
+def test_a_named_group_the_model_lacks_is_refused_before_training(model, spec, missing):
+    import dataclasses
+
+    from fpt_jax import sweep_cells, train
+    from fpt_jax.config import TrainConfig
+    cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, model=model,
+                      init="random", n_layer=1, n_embd=16, batch_size=2,
+                      n_head=None, trainable=spec)
+    with pytest.raises(ValueError, match=rf"trainable='{re.escape(spec)}': this model has no "
+                                         rf"{missing} parameters; its groups: input, "):
+        sweep_cells.precheck(cfg)
+    with pytest.raises(ValueError, match=rf"this model has no {missing} parameters"):
+        train.setup(cfg)
+    # Presets name no group themselves: 'full' and 'fpt' train what the model has.
+    for preset in ("full", "fpt"):
+        sweep_cells.precheck(dataclasses.replace(cfg, trainable=preset))

@@ -1,5 +1,5 @@
 """The LSTM baseline: its LN-LSTM cell against a plain numpy reference, mixed precision,
-padding, learning, the parameter-matched width and the errors of its settings."""
+learning, the parameter-matched width and the errors of its settings."""
 import dataclasses
 
 import jax
@@ -10,7 +10,6 @@ import pytest
 from fpt_jax import baselines, train
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import lstm
-from fpt_jax.models.fpt import FPT
 from fpt_jax.tasks import get_task
 
 
@@ -75,23 +74,6 @@ def test_bfloat16_keeps_the_state_in_float32_and_stays_near_float32():
     assert bf16.dtype == jnp.bfloat16
     # 32 recurrent steps: an error that grew with every step would exceed this
     assert float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32))) < 0.05
-
-
-def test_padding_after_the_last_token_does_not_change_the_prediction():
-    cfg = lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0)
-    model = FPT(cfg, input_dim=11, output_dim=3, input_kind="tokens", dropout=0.0)
-    rng = np.random.default_rng(0)
-    length = np.array([5, 9])
-    short = rng.integers(1, 11, (2, 12))
-    long = np.concatenate([short, rng.integers(1, 11, (2, 8))], axis=1)  # other padding
-    for row, n in enumerate(length):
-        short[row, n:] = 0
-    params = model.init(jax.random.PRNGKey(0), jnp.asarray(short), jnp.asarray(length))
-    a = model.apply(params, jnp.asarray(short), jnp.asarray(length))
-    b = model.apply(params, jnp.asarray(long), jnp.asarray(length))
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    c = model.apply(params, jnp.asarray(long), jnp.asarray(length + 1))  # reads a pad token
-    assert not np.allclose(a, c, atol=1e-4)
 
 
 def test_the_lstm_learns_a_tiny_task(tmp_path):

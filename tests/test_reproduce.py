@@ -98,6 +98,13 @@ def test_a_second_reproduction_reuses_equal_cells_and_plans_new_ones_for_changes
     assert [c.name for c in again.cells] == [c.name for c in plan.cells]
     statuses = reproduce.run(again, report_dir, log=lambda m: None)
     assert set(statuses.values()) == {"finished"}  # nothing trained again
+    # Training only some rows again rewrites the report with every finished cell.
+    before = _table(smoke[3], "### bit_xor")
+    done = subprocess.run([sys.executable, "-m", "experiments.reproduce", f"--budget={SMOKE}",
+                           f"--report_dir={report_dir}", "--rows=random"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _table((report_dir / "report.md").read_text(), "### bit_xor") == before
     bigger = _budget()
     bigger.tasks.bit_xor.overrides.steps = 6
     grown = reproduce.plan(bigger, report_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments import sweep as sweep_cli
+from fpt_jax import sweep_cells
 from fpt_jax import results
 from fpt_jax.config import TrainConfig
 from tests.entry_runner import run_all
@@ -254,7 +255,7 @@ def test_flags_parsers():
                     (sweep_cli.parse_process_cells, "a/b")):
         with pytest.raises(ValueError, match="--(learning_rates|seeds|process_cells)"):
             fn(bad)
-    assert sweep_cli.flatten([1e-3, 1e-2], [0, 1]) == ([1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1])
+    assert sweep_cells.flatten([1e-3, 1e-2], [0, 1]) == ([1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1])
 
 
 # --- the loop over cells, with a fake training loop -----------------------------------------
@@ -318,8 +319,8 @@ def test_run_sweep_interrupted_cell_resumes(tmp_path):
     d = tmp_path / "cells" / cells[0].name
     d.mkdir(parents=True)
     (d / "checkpoints").mkdir()  # an interrupted cell: a checkpoint, no summary
-    assert sweep_cli.cell_status(cells[0], tmp_path, [1e-3], [0]) == "resume"
-    assert sweep_cli.cell_status(cells[1], tmp_path, [1e-3], [0]) == "new"
+    assert sweep_cells.cell_status(cells[0], tmp_path, [1e-3], [0]) == "resume"
+    assert sweep_cells.cell_status(cells[1], tmp_path, [1e-3], [0]) == "new"
     sweep_cli.run_sweep(cells, tmp_path, [1e-3], [0], train_fn=fake, log=lambda s: None)
     assert [c[0] for c in fake.calls] == ["trainable=output", "trainable=fpt"]
 

@@ -49,9 +49,9 @@ class Family:
     param_group: Callable[[tuple[str, ...]], tuple[str, int | None] | None]
     param_shapes: Callable[[Any], dict]
     attention_weights: Callable[[Mapping[str, Any]], tuple]
-    # Whether the module takes `lengths` ([batch] ints of right-padded token sequences) and
-    # keeps padding out of real positions; families without it are causal (GPT-2, LSTM:
-    # padding comes after every real position) or do not mask yet (BERT, ViT).
+    # Whether FPT passes `lengths` ([batch] ints of right-padded token sequences) so that
+    # the module keeps padding out of real positions: the bidirectional ones (BERT, ViT,
+    # FNet); the causal ones (GPT-2, LSTM) need not, padding comes after every real position.
     takes_lengths: bool = False
     has_checkpoints: bool = True  # False: random init only (the baselines)
 

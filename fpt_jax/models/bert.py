@@ -22,6 +22,8 @@ from flax.typing import Dtype
 
 from fpt_jax.models import layers, mixed
 
+TAKES_LENGTHS = True  # bidirectional: right padding is masked out of the keys with `lengths`
+
 # The values of Hugging Face BERT options that this module implements (first: the default).
 _HF_SUPPORTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
                  "add_cross_attention": (False,)}
@@ -154,9 +156,11 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 query_positions: jax.Array | None = None) -> jax.Array:
+                 query_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         """Attention over `x` [b, t, d], heads merged: [b, t, d]; with `query_positions`
-        ([b, r] ints) only those positions query (keys and values from every position)."""
+        ([b, r] ints) only those positions query (keys and values from every position, or
+        from the first `lengths[b]` when given)."""
         cfg = self.config
         xq = x if query_positions is None else jnp.take_along_axis(
             x, query_positions[:, :, None], axis=1)  # the query projection at those rows only
@@ -165,7 +169,8 @@ class SelfAttention(nn.Module):
                    for name, h in (("query", xq), ("key", x), ("value", x)))
         return layers.attention(self, q, k, v, dropout=cfg.attention_probs_dropout_prob,
                                 deterministic=deterministic, dtype=self.dtype,
-                                causal=cfg.causal, query_positions=query_positions)
+                                causal=cfg.causal, query_positions=query_positions,
+                                lengths=lengths)
 
 
 class Output(nn.Module):
@@ -188,8 +193,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 query_positions: jax.Array | None = None) -> jax.Array:
-        a = SelfAttention(self.config, self.dtype, name="self")(x, deterministic, query_positions)
+                 query_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
+        a = SelfAttention(self.config, self.dtype, name="self")(x, deterministic, query_positions,
+                                                                lengths)
         if query_positions is not None:
             x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         return Output(self.config, self.dtype, name="output")(a, x, deterministic)
@@ -211,10 +218,12 @@ class Layer(nn.Module):
     deterministic: bool = True  # an attribute: `remat` passes positional arguments only
 
     @nn.compact
-    def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
-        """`query_positions` ([b, r] ints): the layer's output only there ([b, r, d])."""
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """`query_positions` ([b, r] ints): the layer's output only there ([b, r, d]);
+        `lengths` ([b] ints): the keys at or after an example's length are masked."""
         cfg, det = self.config, self.deterministic
-        a = Attention(cfg, self.dtype, name="attention")(x, det, query_positions)
+        a = Attention(cfg, self.dtype, name="attention")(x, det, query_positions, lengths)
         h = Intermediate(cfg, self.dtype, name="intermediate")(a)
         return Output(cfg, self.dtype, name="output")(h, a, det)
 
@@ -244,9 +253,10 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 read_positions: jax.Array | None = None) -> jax.Array:
+                 read_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         return layers.stack(Layer, self.config, self.dtype, self.remat, deterministic, x,
-                            read_positions)
+                            read_positions, lengths=lengths)
 
 
 class Bert(nn.Module):
@@ -257,6 +267,9 @@ class Bert(nn.Module):
     ([batch, r] ints) returns the hidden states there only ([batch, r, hidden_size]) and
     computes the last layer only at those query rows (keys and values from every position):
     the values and gradients of the whole model read afterwards, for fewer FLOPs.
+    `lengths` ([batch] ints, in [1, seq]): right-padded sequences' real lengths; the padding
+    is masked out of every key, as Hugging Face's `attention_mask`, so it never reaches a real
+    position (bidirectional attention would otherwise mix it in).
     """
     config: BertConfig
     dtype: Dtype = jnp.float32
@@ -264,13 +277,14 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 read_positions: jax.Array | None = None) -> jax.Array:
+                 read_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         layers.check_inputs("Bert", inputs_embeds, cfg.hidden_size,
-                            cfg.max_position_embeddings, "max_position_embeddings")
+                            cfg.max_position_embeddings, "max_position_embeddings", lengths)
         x = Embeddings(cfg, self.dtype, name="embeddings")(inputs_embeds, deterministic)
         return Encoder(cfg, self.dtype, self.remat, name="encoder")(
-            x, deterministic, read_positions)
+            x, deterministic, read_positions, lengths)
 
 
 # Hugging Face's initialisation (`_dense`, `nn.Embed` normal(initializer_range)).

@@ -45,7 +45,6 @@ import numpy as np
 from flax.typing import Dtype
 
 from fpt_jax.models import gpt2, layers, mixed
-from fpt_jax.models.remat import remat
 
 HAS_CHECKPOINTS = False  # random init only: no pretrained FNet of this shape exists
 TAKES_LENGTHS = True  # bidirectional: right padding is masked with `lengths`
@@ -234,25 +233,14 @@ class FNet(nn.Module):
                  read_positions: jax.Array | None = None,
                  lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        layers.check_inputs("FNet", inputs_embeds, cfg.n_embd, cfg.n_positions)
-        batch, seq = inputs_embeds.shape[:2]
-        if lengths is not None and (lengths.shape != (batch,)
-                                    or not jnp.issubdtype(lengths.dtype, jnp.integer)):
-            raise ValueError(f"FNet lengths must be ints of shape [{batch}], got "
-                             f"{lengths.dtype} {lengths.shape}")
+        layers.check_inputs("FNet", inputs_embeds, cfg.n_embd, cfg.n_positions, lengths=lengths)
+        seq = inputs_embeds.shape[1]
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
                        embedding_init=nn.initializers.normal(0.02))  # GPT-2's init
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        # layers.stack's loop, with `lengths` passed on (positionally, for remat).
-        block = remat(Block, self.dtype) if self.remat else Block
-        for i in range(cfg.n_layer):
-            if i == cfg.n_layer - 1 and read_positions is not None:
-                # Recomputing the last block would buy nothing: its backward follows at once.
-                x = Block(cfg, self.dtype, deterministic, name=f"h_{i}")(
-                    x, lengths, read_positions)
-            else:
-                x = block(cfg, self.dtype, deterministic, name=f"h_{i}")(x, lengths)
+        x = layers.stack(Block, cfg, self.dtype, self.remat, deterministic, x, read_positions,
+                         prefix="h_", lengths=lengths)
         return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
 
 

@@ -139,8 +139,8 @@ class FPT(nn.Module):
         # Attention maps cover every query position: no trimmed last block when they are asked for.
         trim = read is not None and self.trim_last_block and not weights_requested(self)
         family = backbones.family_of(self.config)
-        # Right-padded token sequences: a family that mixes every position (FNet) masks the
-        # padding with `lengths`; causal ones never see it at a real position.
+        # Right-padded token sequences: a family that mixes every position (BERT, ViT, FNet)
+        # masks the padding with `lengths`; causal ones never see it at a real position.
         extra = {"lengths": length} if length is not None and family.takes_lengths else {}
         h = family.module_cls(self.config, self.dtype, self.remat, name="transformer")(
             h, deterministic=deterministic, read_positions=read if trim else None, **extra)

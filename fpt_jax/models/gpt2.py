@@ -120,9 +120,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 query_positions: jax.Array | None = None) -> jax.Array:
+                 query_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         """Causal self-attention over `x` [b, t, d]; with `query_positions` ([b, r] ints)
-        only those positions query (they still attend to every earlier key): [b, r, d]."""
+        only those positions query (they still attend to every earlier key): [b, r, d].
+        `lengths` ([b] ints): keys at or after an example's length are masked."""
         cfg = self.config
         # Both built first, whichever path runs: their names (Dropout_0/1) fix their keys.
         attn_dropout, resid_dropout = nn.Dropout(cfg.attn_pdrop), nn.Dropout(cfg.resid_pdrop)
@@ -137,7 +139,7 @@ class Attention(nn.Module):
         # path (the same bits in float32).
         out = layers.attention(self, q, k, v, dropout=attn_dropout, deterministic=deterministic,
                                dtype=self.dtype, causal=True, query_positions=query_positions,
-                               heads_first=True)
+                               lengths=lengths, heads_first=True)
         out = _dense(cfg.n_embd, self.dtype, "c_proj", _residual_std(cfg))(out)
         return resid_dropout(out, deterministic=deterministic)
 
@@ -161,13 +163,14 @@ class Block(nn.Module):
     deterministic: bool = True  # an attribute: `remat` passes positional arguments only
 
     @nn.compact
-    def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         """`query_positions` ([b, r] ints): compute the block's output only there ([b, r, d]);
-        keys and values still come from every position."""
+        keys and values still come from every position (before `lengths`, when given)."""
         eps = self.config.layer_norm_epsilon
         a = Attention(self.config, self.dtype, name="attn")(
             nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), self.deterministic,
-            query_positions)
+            query_positions, lengths)
         if query_positions is not None:
             x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         x = x + a
@@ -193,16 +196,17 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 read_positions: jax.Array | None = None) -> jax.Array:
+                 read_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        layers.check_inputs("GPT2", inputs_embeds, cfg.n_embd, cfg.n_positions)
+        layers.check_inputs("GPT2", inputs_embeds, cfg.n_embd, cfg.n_positions, lengths=lengths)
         seq = inputs_embeds.shape[1]
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
                        embedding_init=nn.initializers.normal(_INIT_STD))
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
         x = layers.stack(Block, cfg, self.dtype, self.remat, deterministic, x, read_positions,
-                         prefix="h_")
+                         prefix="h_", lengths=lengths)
         return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
 
 

@@ -3,7 +3,7 @@
   * `attention(module, q, k, v, ...)`: the attention core, called from inside a family's
     compact `__call__` (it sows into that module and its dropout is that module's child);
   * `stack(layer_cls, ...)`: the layers `{prefix}{i}`, remat'd, the last one computed only at
-    `read_positions` when given;
+    `read_positions` when given, each given the sequences' `lengths` when known;
   * `attention_weights(state, prefix)`: every layer's sown attention weights, in layer order;
   * `param_functions(module_cls)`: `init_params`, `param_shapes`, `num_params` of a family.
 """
@@ -45,32 +45,42 @@ def attention_weights(state: Mapping[str, Any], prefix: str) -> tuple[jax.Array,
 
 
 def check_inputs(family: str, inputs_embeds: jax.Array, width: int,
-                 max_len: int | None = None, max_name: str = "n_positions") -> None:
-    """A backbone's input: `[batch, seq, width]`, seq at most its position table's rows."""
+                 max_len: int | None = None, max_name: str = "n_positions",
+                 lengths: jax.Array | None = None) -> None:
+    """A backbone's input: `[batch, seq, width]`, seq at most its position table's rows;
+    `lengths`, when given, ints of shape `[batch]`."""
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != width:
         raise ValueError(f"{family} expects inputs_embeds of shape [batch, seq, {width}], got "
                          f"{inputs_embeds.shape}")
     if max_len is not None and inputs_embeds.shape[1] > max_len:
         raise ValueError(f"sequence length {inputs_embeds.shape[1]} exceeds the model's "
                          f"{max_name}={max_len}; shorten the input (e.g. larger patches)")
+    batch = inputs_embeds.shape[0]
+    if lengths is not None and (lengths.shape != (batch,)
+                                or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+        raise ValueError(f"{family} lengths must be ints of shape [{batch}], got "
+                         f"{lengths.dtype} {lengths.shape}")
 
 
 def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
               dropout: nn.Dropout | float, deterministic: bool, dtype: Dtype,
               causal: bool = False, query_positions: jax.Array | None = None,
-              heads_first: bool = False) -> jax.Array:
+              lengths: jax.Array | None = None, heads_first: bool = False) -> jax.Array:
     """Attention of `q` [b, r, h, d] over `k`, `v` [b, t, h, d], heads merged: [b, r, h*d].
 
     Call it from `module`'s compact `__call__`: the weights are sown there, and `dropout` (on
     the probabilities; a rate makes an `nn.Dropout` there, named by flax in creation order)
     is its child. `causal`: key position <= query position, where the query positions are
-    `query_positions` ([b, r] ints, the rows `q` was taken at) or else 0..t-1.
+    `query_positions` ([b, r] ints, the rows `q` was taken at) or else 0..t-1. `lengths`
+    ([b] ints, right-padded sequences' real lengths): the keys at or after example b's length
+    are masked, so padding never reaches a real position.
     `heads_first`: the explicit path's products in `[b, h, t, d]` (GPT-2's and ViT's program).
     """
     t = k.shape[1]
     mask = None  # None: no mask, or (causal) the plain causal one
     if causal and query_positions is not None:
         mask = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
+    padding = None if lengths is None else jnp.arange(t) < lengths[:, None, None, None]
     if not isinstance(dropout, nn.Dropout):
         dropout = nn.Dropout(dropout)
     if weights_requested(module) or (not deterministic and dropout.rate > 0):
@@ -79,6 +89,8 @@ def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
         # in the fused path.
         if causal and mask is None:
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+        if padding is not None:  # [b, 1, 1, t]
+            mask = padding if mask is None else mask & padding
         if heads_first:
             q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
             logits = mixed.einsum("bhqd,bhkd->bhqk", q, k, dtype)
@@ -98,24 +110,28 @@ def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
     else:
         # The library's fused attention (cuDNN flash attention on GPU; on XLA it also computes
         # logits and softmax in float32 for bfloat16 inputs).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and mask is None)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and mask is None,
+                                           key_value_seq_lengths=lengths)
     return rearrange(out, "b q h d -> b q (h d)")
 
 
 def stack(layer_cls: type[nn.Module], config: Any, dtype: Dtype, use_remat: bool,
           deterministic: bool, x: jax.Array, read_positions: jax.Array | None = None,
-          prefix: str = "layer_") -> jax.Array:
+          prefix: str = "layer_", lengths: jax.Array | None = None) -> jax.Array:
     """`config.n_layer` layers `layer_cls(config, dtype, deterministic, name=f"{prefix}{i}")`
-    applied in turn, children of the calling module; `use_remat` recomputes each in the
-    backward pass (`models/remat.py`); with `read_positions` the last one is computed only
-    there (`layer(x, read_positions)`: [b, r, d])."""
+    applied in turn, children of the calling module, each called `layer(x, lengths,
+    query_positions)`; `use_remat` recomputes each in the backward pass (`models/remat.py`);
+    with `read_positions` the last one is computed only there ([b, r, d])."""
     layer = remat(layer_cls, dtype) if use_remat else layer_cls
+    # remat passes positional arguments only, and None is no array: lengths only when known.
+    known = () if lengths is None else (lengths,)
     for i in range(config.n_layer):
         if i == config.n_layer - 1 and read_positions is not None:
             # Recomputing the last layer would buy nothing: its backward follows at once.
-            x = layer_cls(config, dtype, deterministic, name=f"{prefix}{i}")(x, read_positions)
+            x = layer_cls(config, dtype, deterministic, name=f"{prefix}{i}")(
+                x, lengths, read_positions)
         else:
-            x = layer(config, dtype, deterministic, name=f"{prefix}{i}")(x)
+            x = layer(config, dtype, deterministic, name=f"{prefix}{i}")(x, *known)
     return x
 
 

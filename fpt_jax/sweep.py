@@ -203,7 +203,7 @@ def sweep_batches(task: Task, step: int, per_process: int, seeds: Sequence[int],
 def _same_shape(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Bucketed token batches of different runs (their own data orders) padded to the longest
     with zeros, the pad id: more right padding changes no real position (causal backbones
-    never see it, FNet masks it by length), and the runs stack into one batch."""
+    never see it, bidirectional ones mask it by length), and the runs stack into one batch."""
     if len({a.shape for a in arrays}) == 1:
         return arrays  # the common case: no copy before the stack
     shape = np.max([a.shape for a in arrays], axis=0)

@@ -8,7 +8,6 @@ config), the sweep's checkpoints, metrics.jsonl and summary.json (`fpt_jax.resul
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -158,15 +157,5 @@ def precheck(cfg: TrainConfig) -> None:
                              "only; pretrained weights fix the architecture")
         config = preset(cfg.model)
     freeze.check_named_groups(freeze.parse_selection(cfg.trainable, config.n_layer),
-                              _model_paths(config))
+                              freeze.fpt_paths(config))
 
-
-@functools.lru_cache(maxsize=None)
-def _model_paths(config) -> tuple[tuple[str, ...], ...]:
-    """FPT's parameter paths on the backbone `config` (shapes only; a plan checks many cells
-    of one architecture)."""
-    from flax import traverse_util
-
-    from fpt_jax.models import backbones
-    backbone = traverse_util.flatten_dict(backbones.family_of(config).param_shapes(config))
-    return (("input",), ("output",), *(("transformer", *p) for p in backbone))

@@ -16,9 +16,12 @@ stored transposed (`models.backbones`).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -322,16 +325,16 @@ def save_converted(directory: str | os.PathLike, config: Config, params: Params)
     return directory
 
 
-def _quiet_abandoned_reads() -> None:
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
     """When one read of a restore fails, orbax abandons tensorstore's other reads in flight:
     each then reports, as an unraisable exception, `RuntimeError: Event loop is closed` or
-    its own read error from a coroutine of orbax's that is closed unfinished. Those are
-    tracebacks around our clear error, at whatever moment the collector reaches them; those
-    (and only those) reports are dropped, everything else goes to the previous hook."""
-    import sys
+    its own read error from a coroutine of orbax's that is closed unfinished: tracebacks
+    around our clear error. Inside this block those (and only those) reports are dropped.
+    After a failed restore the hook stays (the reports come whenever the collector reaches
+    the abandoned reads, and the process is about to refuse its input); after a restore
+    that succeeded the previous hook is back."""
     previous = sys.unraisablehook
-    if getattr(previous, "_drops_abandoned_reads", False):
-        return
 
     def from_orbax_read(unraisable) -> bool:
         if unraisable.exc_type is RuntimeError and \
@@ -343,8 +346,13 @@ def _quiet_abandoned_reads() -> None:
     def hook(unraisable):
         if not from_orbax_read(unraisable):
             previous(unraisable)
-    hook._drops_abandoned_reads = True
     sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # most abandoned reads are reported now, under the hook
+        raise
+    sys.unraisablehook = previous
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
@@ -370,9 +378,9 @@ def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
                  jax.tree_util.tree_flatten_with_path(tree)[0]}
         flat = {p: np.empty(s, np.float32) for p, s in saved.items()}
         _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
-        _quiet_abandoned_reads()  # before: the reports can come while restore unwinds
         try:
-            params = ckptr.restore(params_dir, abstract)
+            with _quiet_abandoned_reads():  # the reports can come while restore unwinds
+                params = ckptr.restore(params_dir, abstract)
         except Exception as e:
             raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
     return config, jax.tree_util.tree_map(np.asarray, params)

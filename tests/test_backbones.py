@@ -281,6 +281,11 @@ def test_fpt_token_logits_do_not_depend_on_right_padding_in_any_family(name):
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
     # The lengths are what the head reads by: one more token reads a padding position.
     assert np.abs(np.asarray(forward(params, long, lengths + 1)) - logits[1]).max() > 1e-4
+    if name != "lstm":  # remat'd layers get the lengths too (the LSTM refuses remat)
+        rematted = FPT(config=config, input_dim=vocab, output_dim=3, input_kind="tokens",
+                       dropout=0.0, remat=True)
+        np.testing.assert_allclose(jax.jit(rematted.apply)(params, long, lengths), logits[1],
+                                   atol=1e-5)
     if not family.takes_lengths:
         return
     # The negative: the backbone without lengths mixes the padding into real positions.
@@ -293,3 +298,7 @@ def test_fpt_token_logits_do_not_depend_on_right_padding_in_any_family(name):
     masked = [np.asarray(apply(backbone, embed[x], lengths=jnp.asarray(lengths)))[:, :12][real]
               for x in (short, long)]
     np.testing.assert_allclose(masked[0], masked[1], atol=1e-5)
+    # The explicit softmax (taken when the weights are asked for) masks as the fused path.
+    explicit, _ = jax.jit(lambda p, x: family.module_cls(config).apply(
+        p, x, lengths=jnp.asarray(lengths), mutable=["intermediates"]))(backbone, embed[long])
+    np.testing.assert_allclose(np.asarray(explicit)[:, :12][real], masked[1], atol=1e-5)

@@ -318,6 +318,11 @@ def test_baselines_accept_lstm_and_fnet_presets_only():
         with pytest.raises(ValueError, match=r"unknown baseline '(gpt2|nonsense)'; accepted: "
                                              r"\['fnet', 'fnet-medium', 'fnet-orthonormal', 'lstm'\]"):
             dataclasses.replace(TINY, baselines=bad)
+    # A group named by hand that a baseline (FNet: no attention) lacks: refused before timing
+    with pytest.raises(ValueError, match=r"baselines=fnet: fnet: trainable='output,attn': "
+                                         r"this model has no attn parameters"):
+        dataclasses.replace(TINY, base=dataclasses.replace(TINY.base, trainable="output,attn"),
+                            baselines=["fnet"])
     # FNet's position table limits the shapes even when the base model (an LSTM) has none
     lstm_base = TrainConfig(model="lstm", init="random", n_layer=1, n_embd=16, dropout=0.0)
     long = bench.Shape("long", batch_size=4, seq_len=2048, features=3, classes=5)

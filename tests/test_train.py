@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 
 import flax
 import jax
@@ -166,8 +167,10 @@ def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32)
     backbone = init_params(config, jax.random.PRNGKey(7))
     weights.save_converted(tmp_path / "w", config, backbone)
+    hook = sys.unraisablehook
     s = train.setup(TrainConfig(task="bit_xor", init="pretrained", weights=str(tmp_path / "w"),
                                 model="auto", batch_size=4))
+    assert sys.unraisablehook is hook  # a load that worked leaves the process's hook alone
     assert s.config.n_layer == 2
     params = freeze.merge(s.state.trainable, s.frozen)
     for a, b in zip(jax.tree_util.tree_leaves(params["transformer"]),

@@ -169,11 +169,13 @@ class BenchConfig:
             except ValueError as e:
                 raise ValueError(f"dtypes={','.join(self.dtypes)}: {e}") from None
         n_layer = self.backbone().n_layer
-        freeze.parse_selection(self.base.trainable, n_layer)  # the 'frozen' mode's
+        freeze.check_named_groups(freeze.parse_selection(self.base.trainable, n_layer),
+                                  freeze.fpt_paths(self.backbone()))  # the 'frozen' mode's
         for mode in self.modes:
             if mode not in MODES:
                 try:
-                    freeze.parse_selection(mode, n_layer)
+                    freeze.check_named_groups(freeze.parse_selection(mode, n_layer),
+                                              freeze.fpt_paths(self.backbone()))
                 except ValueError as e:
                     raise ValueError(f"unknown mode {mode!r}: accepted {MODES} or a "
                                      f"trainable selection ({e})") from None
@@ -187,8 +189,9 @@ class BenchConfig:
                                  f"{name!r}; accepted: {baseline_presets()} (presets of the "
                                  f"{' and '.join(BASELINE_FAMILIES)} families)")
             try:  # the base's sizes must make a valid baseline too
-                freeze.parse_selection(self.baseline_config(name).trainable,
-                                       self.backbone(name).n_layer)
+                selection = freeze.parse_selection(self.baseline_config(name).trainable,
+                                                   self.backbone(name).n_layer)
+                freeze.check_named_groups(selection, freeze.fpt_paths(self.backbone(name)))
             except ValueError as e:
                 raise ValueError(f"baselines={','.join(self.baselines)}: {name}: {e}") from None
         return self

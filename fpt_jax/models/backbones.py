@@ -6,7 +6,8 @@ that brings, under the same names:
     (overrides by the generic names `n_layer`, `n_head`, `n_embd`), `with_dropout(rate)`
     and the generic sizes `n_layer`, `n_head`, `n_embd`, `n_positions`;
   * the flax module, `Module(config, dtype, remat)(inputs_embeds, deterministic,
-    read_positions)`, whose last block is computed only at `read_positions` when given;
+    read_positions[, lengths])`, whose last block is computed only at `read_positions` when
+    given;
   * its Hugging Face conversion: `torch_name_to_path(name)` (a state-dict key -> our path
     below the backbone, None to ignore, ('<unexpected>', name) otherwise), `needs_transpose`
     (torch `Linear` kernels are `[out, in]`), `fresh_paths(config)` (parameters that no

@@ -80,6 +80,8 @@ def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask = None  # None: no mask, or (causal) the plain causal one
     if causal and query_positions is not None:
         mask = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
+    if lengths is not None:
+        lengths = lengths.astype(jnp.int32)  # the fused path takes int32 only
     padding = None if lengths is None else jnp.arange(t) < lengths[:, None, None, None]
     if not isinstance(dropout, nn.Dropout):
         dropout = nn.Dropout(dropout)

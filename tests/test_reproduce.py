@@ -132,6 +132,9 @@ def test_tasks_without_data_and_unknown_rows(tmp_path):
      "a field the budget does not have"),
     ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--budget.rows.random.n_head=3"],
      "row random: GPT2Config.n_embd=16 must be divisible by n_head=3"),  # before any cell
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--budget.ablation.rows=('lstm',)",
+      "--budget.ablation.selections=('output,attn',)"],  # tuples: overridable
+     "row lstm, ablation output,attn: trainable='output,attn': this model has no attn"),
     ([f"--budget={REPO / 'experiments/configs/bit_xor.py'}", "--report_dir=/tmp/x"],
      "returned TrainConfig"),
 ])

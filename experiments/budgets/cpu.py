@@ -51,8 +51,8 @@ def get_config() -> ConfigDict:
         "fnet_orthonormal": dict(n_layer=6, n_embd=384), "minilm": {},
         "minilm_random": {},
     })
-    c.ablation = ConfigDict(dict(rows=["fpt", "minilm", "random"],
-                                 selections=["output", "output,ln", "output,ln,input", "fpt"],
-                                 tasks=["bit_xor", "fashion_mnist"]))
+    c.ablation = ConfigDict(dict(rows=("fpt", "minilm", "random"),
+                                 selections=("output", "output,ln", "output,ln,input", "fpt"),
+                                 tasks=("bit_xor", "fashion_mnist")))
     c.attention_map = True
     return c

@@ -26,7 +26,7 @@ def get_config() -> ConfigDict:
     c.rows = ConfigDict({row: {} for row in ("fpt", "full", "random", "scratch", "lstm",
                                              "lstm_matched", "fnet", "minilm",
                                              "minilm_random")})
-    c.ablation = ConfigDict(dict(rows=["fpt", "random"],
-                                 selections=["output", "output,ln", "output,ln,input", "fpt"]))
+    c.ablation = ConfigDict(dict(rows=("fpt", "random"),
+                                 selections=("output", "output,ln", "output,ln,input", "fpt")))
     c.attention_map = True
     return c

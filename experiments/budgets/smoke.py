@@ -26,7 +26,7 @@ def get_config() -> ConfigDict:
         "lstm": dict(n_layer=1, n_embd=16), "lstm_matched": dict(n_layer=1),
         "fnet": dict(n_layer=1, n_embd=16), "minilm_random": dict(TINY),
     })
-    c.ablation = ConfigDict(dict(rows=["fpt", "random"],
-                                 selections=["output", "fpt"]))
+    c.ablation = ConfigDict(dict(rows=("fpt", "random"),
+                                 selections=("output", "fpt")))
     c.attention_map = True
     return c

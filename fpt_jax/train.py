@@ -368,6 +368,10 @@ def _loop(s: Setup, workdir: str, devices, per_process: int, ckpts: Checkpoints,
             if (done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted
                     or tracker.stopped_early):
                 metrics.drain()  # a diverged run stops here, before its state is saved
+                # The best step this checkpoint records must be on disk before it is: a kill
+                # -9 after the checkpoint and before an in-flight best save finished left a
+                # run whose resume found no checkpoint of its best step.
+                best.wait()
                 save(done, ckpts)
                 metrics.last_checkpoint = done
                 if preempted:

@@ -88,3 +88,28 @@ def test_best_step_bookkeeping(accuracies, converge_at, best, converged, stops_a
     restored = BestStep.from_json(json.loads(json.dumps(tracker.to_json())))
     assert restored == tracker
     assert np.isneginf(BestStep.from_json(BestStep().to_json()).best_accuracy)
+
+
+def test_a_checkpoint_is_issued_only_once_the_best_step_it_records_is_on_disk(
+        tmp_path, monkeypatch):
+    # A run killed after a checkpoint commits must find the best step that checkpoint
+    # records: the best save issued just before it (same step) must be finished first.
+    from fpt_jax import checkpoint
+    managers, issued = [], []
+    real_init, real_save = checkpoint.Checkpoints.__init__, checkpoint.Checkpoints.save
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        managers.append(self)
+
+    def save(self, step, *args, **kwargs):
+        if self.manager.directory.name == "checkpoints":
+            issued.append((step, any(m.manager.directory.name == "best"
+                                     and m.manager.is_saving_in_progress() for m in managers)))
+        return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.Checkpoints, "__init__", init)
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    summary = train.train_and_evaluate(TrainConfig(**TINY), str(tmp_path))
+    assert "test/accuracy" in summary  # the first evaluation is a best, saved at step 4
+    assert [step for step, _ in issued] == [4, 8, 12]
+    assert not any(busy for _, busy in issued), issued

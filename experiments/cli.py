@@ -15,9 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from fpt_jax import parallel
 from fpt_jax.config import TrainConfig, describe_fields
 
 
@@ -137,3 +139,56 @@ def fail(message: str) -> NoReturn:
     message = message.replace("Error whilst parsing config file:\n\n", "")
     print(f"error: {message.strip()}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def stopped(e: BaseException) -> NoReturn:
+    """A group stopped by a signal or a preemption notice after writing its checkpoint
+    (`loop.Preempted`): what happened on stderr, exit code 128 + the signal's number."""
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(getattr(e, "exit_code", 1))
+
+
+# --- several processes ----------------------------------------------------------------------
+
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The multi-process flags of every entry point that trains (train, sweep, reproduce)."""
+    f = dict(flag_values=flag_values)
+    flags.DEFINE_enum(
+        "distributed", "auto", list(parallel.DISTRIBUTED_MODES),
+        "Multi-process run over jax.distributed. auto: when --coordinator_address, "
+        "--num_processes or --process_id (or JAX_COORDINATOR_ADDRESS) is set, or a cluster "
+        "of several processes is detected (TPU pod slice, SLURM job with several tasks, Open "
+        "MPI); otherwise one process. on: always (unset values auto-detected). off: never.", **f)
+    flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process "
+                        "0's coordinator, the same on every process. Default: auto-detected.",
+                        **f)
+    flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes. "
+                         "Default: auto-detected.", **f)
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's id in "
+                         "[0, --num_processes). Default: auto-detected.", **f)
+    flags.DEFINE_list("local_device_ids", None, "Multi-process: restrict this process to "
+                      "these local device ids. Default: all (JAX's default on SLURM/Open MPI "
+                      "GPUs: one device per process).", **f)
+    flags.DEFINE_string("cluster_detection_method", None, "Multi-process: force one of JAX's "
+                        "cluster detectors, e.g. mpi4py (opt-in only), slurm, ompi.", **f)
+    flags.DEFINE_integer("distributed_timeout", 100, "Multi-process: seconds after which a "
+                         "process that died or stopped responding makes every other process "
+                         "exit with an error (JAX's heartbeat timeout); also the longest a "
+                         "failing process waits for the others at exit.", **f)
+    flags.DEFINE_integer("distributed_init_timeout", 300, "Multi-process: seconds to wait at "
+                         "start for every process to connect.", **f)
+
+
+def initialize_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+    """Joins a multi-process run as the flags of `define_distributed_flags` say, before
+    anything touches a device; the processes other than 0 then log errors only."""
+    F = flag_values
+    ids = [int(i) for i in F.local_device_ids] if F.local_device_ids is not None else None
+    joined = parallel.initialize_distributed(
+        F.distributed, coordinator_address=F.coordinator_address,
+        num_processes=F.num_processes, process_id=F.process_id, local_device_ids=ids,
+        cluster_detection_method=F.cluster_detection_method,
+        timeout_seconds=F.distributed_timeout, init_timeout_seconds=F.distributed_init_timeout)
+    if joined and jax.process_index() != 0 and not F["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # process 0 logs; the others only errors
+    return joined

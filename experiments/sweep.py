@@ -15,9 +15,11 @@ None where the field allows it, true/false for booleans). The cells are the prod
 axes, in the order given; cell `c` is the base config with `c`'s values, trained in
 `WORKDIR/cells/<name>` (name: `field=value` joined by `__`, characters other than
 letters, digits and `._,=+-` replaced by `_`, plus a short hash when replaced) by
-`fpt_jax.sweep.train_and_evaluate_sweep`: its len(learning_rates) x len(seeds) runs in one
+`fpt_jax.loop.train_and_evaluate`: its len(learning_rates) x len(seeds) runs, one group in one
 compiled program. Cells run one after another; `--process_cells=i/n` runs only every n-th
 cell from cell i (one process per share on a cluster; then `--results_only` once all are done).
+With the multi-process flags (as experiments/train.py's, docs/multihost.md) every process
+trains every cell together, data-parallel over all their devices.
 
 Running the same command again skips finished cells (summary.json with every run, same
 config) and resumes an interrupted one from its checkpoint. After each cell, and at the end,
@@ -37,10 +39,11 @@ import re
 import typing
 from typing import Any, Sequence
 
+import jax
 from absl import app, flags
 
 from experiments import cli
-from fpt_jax import results
+from fpt_jax import loop, results
 from fpt_jax.sweep_cells import NOT_A_GRID_AXIS, GridCell, precheck, run_sweep
 from fpt_jax.config import TrainConfig
 from fpt_jax.weights import WeightsError
@@ -66,6 +69,7 @@ flags.DEFINE_list("seeds", list(DEFAULT_SEEDS), "Seeds of every cell's runs (ini
                   "--config.backbone_seed).")
 flags.DEFINE_string("process_cells", None, "i/n: run only the cells whose index is i modulo "
                     "n (0 <= i < n), to share a grid among n processes. Default: all cells.")
+cli.define_distributed_flags()
 flags.DEFINE_bool("results_only", False, "Train nothing: write results.csv, results.md and "
                   "the plots from the finished cells in --workdir.")
 
@@ -247,6 +251,7 @@ def parse_process_cells(spec: str | None) -> tuple[int, int]:
 def main(argv):
     cli.begin(argv)
     try:
+        cli.initialize_distributed()
         learning_rates = parse_learning_rates(F.learning_rates)
         seeds = parse_seeds(F.seeds)
         process_cells = parse_process_cells(F.process_cells)
@@ -254,7 +259,11 @@ def main(argv):
         workdir = cli.writable_dir(F.workdir, "--workdir")
         if not F.results_only:
             run_sweep(cells, workdir, learning_rates, seeds, process_cells)
+        if jax.process_index() != 0:
+            return  # process 0 writes and prints the results
         paths = results.write_results(workdir)
+    except loop.Preempted as e:
+        cli.stopped(e)
     except (ValueError, WeightsError, OSError) as e:
         # Bad flags, a cell that cannot train, bad files: named, no traceback.
         cli.fail(str(e))

@@ -5,166 +5,39 @@ The paper's figure is Bit XOR's: the tokens of the second string attend to the m
 bits of the first. Any attention backbone works (GPT-2, BERT, ViT); the baselines without
 attention (LSTM, FNet) are refused.
 
-    run, params = load_run(workdir)                      # a single run's best step
+    run, params = build.load_run(workdir)                # a run's best step
     x, length, labels = example(run.task, "test", 0, seed=run.cfg.seed)
     maps = attention(run.model, params, x, length)       # n_layer x [heads, query, key]
     plot(maps, "attention.png", title(run), labels)
     # or all of it: render(workdir, "attention.png")
 
-A run is rebuilt from the identity its checkpoint records (`backbone_init.run_config`, the
-same path as `init=<workdir>`): the frozen parameters from the weights or the seed, the
+A run is rebuilt from the identity its checkpoint records (`build.load_run`, the same
+reader as `init=<workdir>`): the frozen parameters from the weights or the seed, the
 trained ones from the checkpoint. It is rebuilt in float32 without dropout, so the maps of a
 bfloat16 run are its float32 forward (frozen weights not rounded to bfloat16). A finished
 run's directory is only read.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import textwrap
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpt_jax import backbone_init, freeze, sweep, train
-from fpt_jax.checkpoint import Checkpoints
-from fpt_jax.config import TrainConfig
+from fpt_jax import build
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import FPT
 from fpt_jax.models.layers import INTERMEDIATES
-from fpt_jax.protocol import read_summary
 from fpt_jax.tasks import Task
 
-WHICH = ("best", "last")
+WHICH = build.WHICH
 MAX_GENERATED_INDEX = 10_000
 MAX_TICKS = 32  # token labels on the axes up to this many tokens; beyond, they are unreadable
 # Bit values as tick labels: Bit XOR's {0, 1}; Bit Memory's {-1, +1} and the query's zeroed bits.
 _BIT_CHARS = {"bit_xor": {0: "0", 1: "1"}, "bit_memory": {-1: "-", 0: "0", 1: "+"}}
-
-
-@dataclasses.dataclass
-class Run:
-    """A finished run, rebuilt: its model and what names it (the figure's title)."""
-    workdir: str
-    cfg: TrainConfig  # backbone_init.run_config's: the run's model, float32, no dropout
-    task: Task
-    model: FPT
-    run: int | None  # the run's index in a sweep cell (summary.json's runs); None: single run
-    which: str  # 'best' or 'last'
-    step: int  # the step whose parameters were loaded
-    summary: dict | None  # summary.json (a cell's: this run's entry); None before the run ended
-    learning_rate: float | None = None  # a sweep cell's run (a single run does not record it)
-
-
-# --- loading a run ----------------------------------------------------------------------------
-
-def _not_a_run(workdir: str) -> ValueError:
-    accepted = ("accepted: the workdir of a run (experiments.train: checkpoints/, best/, "
-                "summary.json) or of a sweep cell (WORKDIR/cells/<name>)")
-    if not os.path.isdir(workdir):
-        return ValueError(f"workdir={workdir}: no such directory; {accepted}")
-    cells = os.path.join(workdir, "cells")
-    if os.path.isdir(cells):
-        names = sorted(os.listdir(cells))
-        return ValueError(f"workdir={workdir} is a sweep's workdir; pass one of its cells, "
-                          f"{os.path.join(workdir, 'cells', '<name>')} (cells: "
-                          f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
-    return ValueError(f"workdir={workdir} has no checkpoints/; {accepted}")
-
-
-def _valid_runs(identity: dict) -> str:
-    lrs, seeds = identity["learning_rates"], identity["seeds"]
-    return ", ".join(f"{k} (lr {lr:g}, seed {s})" for k, (lr, s) in enumerate(zip(lrs, seeds)))
-
-
-def load_run(workdir: str, run: int | None = None, which: str = "best") -> tuple[Run, dict]:
-    """The model of the run in `workdir` and its full parameter tree (trainable merged with
-    frozen, host numpy). `workdir` is a single run's (train.train_and_evaluate) or a sweep
-    cell's (K runs; `run` is the index of one, as in summary.json's runs). `which='best'`:
-    the parameters of the run's selected step (best validation accuracy: a single run's
-    best/, a cell's per-run best kept in its newest checkpoint); 'last': the newest
-    checkpoint's."""
-    if which not in WHICH:
-        raise ValueError(f"which={which!r}; accepted: {', '.join(WHICH)}")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise _not_a_run(workdir)
-    manager = Checkpoints(ckpt_dir, read_only=True)
-    try:
-        latest = manager.latest_step()
-        if latest is None:
-            raise ValueError(f"workdir={workdir}: the run has no checkpoint yet (checkpoints/ "
-                             "is empty); train it first")
-        saved = manager.meta(latest)
-        identity = saved.get("identity", {})
-        summary = read_summary(workdir)
-        is_cell = "learning_rates" in identity
-        if is_cell:
-            k = len(identity["learning_rates"])
-            if run is None or not isinstance(run, int) or not 0 <= run < k:
-                got = "run not given" if run is None else f"run={run!r} is out of range"
-                raise ValueError(f"workdir={workdir} is a sweep cell of {k} runs: {got}; "
-                                 f"accepted: run = one of {_valid_runs(identity)}")
-            identity = {**identity, "seed": identity["seeds"][run]}  # run k = seed k alone
-            runs = (summary or {}).get("runs") or []
-            summary = runs[run] if run < len(runs) else None
-        elif run is not None:
-            raise ValueError(f"run={run!r} selects a run of a sweep cell, but workdir={workdir} "
-                             "is a single run; leave run unset")
-        try:
-            cfg = backbone_init.run_config(identity, workdir)
-        except ValueError as e:
-            raise ValueError(f"workdir={workdir}: cannot rebuild its model: {e}") from None
-        s = train.setup(cfg)
-        template, frozen = s.state.trainable, s.frozen
-        s.state = s.frozen = None
-        if is_cell:
-            step, trainable = _cell_trainable(manager, latest, saved, run, which, template,
-                                              workdir)
-        else:
-            step, trainable = _single_trainable(manager, latest, which, template, workdir)
-    finally:
-        manager.close()
-    lr = identity["learning_rates"][run] if is_cell else None
-    return (Run(workdir, cfg, s.task, s.model, run, which, step, summary, lr),
-            freeze.merge(trainable, frozen))
-
-
-def _single_trainable(manager, latest: int, which: str, template, workdir: str
-                      ) -> tuple[int, Any]:
-    if which == "last":
-        return latest, manager.restore_trainable(latest, template)
-    best_dir = os.path.join(workdir, "best")
-    best = Checkpoints(best_dir, read_only=True) if os.path.isdir(best_dir) else None
-    try:
-        step = best.latest_step() if best is not None else None
-        if step is None:
-            raise ValueError(f"workdir={workdir}: the run has no best/ checkpoint (it has not "
-                             "evaluated yet); use which=last")
-        return step, best.restore_trainable(step, template)
-    finally:
-        if best is not None:
-            best.close()
-
-
-def _cell_trainable(manager, latest: int, saved: dict, run: int, which: str, template,
-                    workdir: str) -> tuple[int, Any]:
-    """Run `run`'s trainable parameters from a cell's newest checkpoint, which holds all K
-    runs' current ('now') and best-step ('best') parameters, `[K, ...]` each."""
-    k = len(saved["identity"]["learning_rates"])
-    step = latest
-    if which == "best":
-        step = (saved.get("protocol") or [{}] * k)[run].get("best_step")
-        if step is None:
-            raise ValueError(f"workdir={workdir}: run {run} has no selected step (no finite "
-                             "validation accuracy yet); use which=last")
-    key = "best" if which == "best" else "now"
-    stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((k, *np.shape(x)),
-                                                                    np.asarray(x).dtype),
-                                     template)
-    return step, sweep.unstack(manager.restore_trainable(latest, {key: stacked})[key], run)
 
 
 # --- one input and its maps -------------------------------------------------------------------
@@ -296,15 +169,15 @@ def plot(maps: Sequence[np.ndarray], path: str | os.PathLike, title: str,
     return path
 
 
-def title(r: Run) -> str:
+def title(r: build.LoadedRun) -> str:
     """Names the run: model, task, init and trainable selection, run, step, test accuracy."""
     cfg = r.cfg
-    init = cfg.init if not backbone_init.is_run_dir(cfg.init) else \
+    init = cfg.init if not build.is_run_dir(cfg.init) else \
         f"init from {os.path.basename(os.path.normpath(cfg.init))}"
     parts = [f"{cfg.model} on {cfg.task} ({init}, trainable={cfg.trainable})"]
-    if r.run is not None:
+    if r.num_runs > 1:
         cell = os.path.basename(os.path.normpath(r.workdir))
-        parts.append(f"run {r.run} of {cell} (lr {r.learning_rate:g}, seed {cfg.seed})")
+        parts.append(f"run {r.run} of {cell} (lr {cfg.learning_rate:g}, seed {cfg.seed})")
     parts.append(f"{r.which} step {r.step}")
     test = ((r.summary or {}).get("test") or {}).get("test", {}).get("test/accuracy")
     if test is not None and r.which == "best" and (r.summary or {}).get("best_step") == r.step:
@@ -316,7 +189,7 @@ def render(workdir: str, out_png: str | os.PathLike, run: int | None = None,
            which: str = "best", split: str = "test", index: int = 0) -> str:
     """The attention maps of the run in `workdir` (`run`: its index in a sweep cell) on the
     `index`-th example of `split`, as a PNG grid at `out_png`; returns the path."""
-    r, params = load_run(workdir, run, which)
+    r, params = build.load_run(workdir, run, which)
     x, length, labels = example(r.task, split, index, seed=r.cfg.seed)
     try:
         maps = attention(r.model, params, x, length, preset=r.cfg.model)

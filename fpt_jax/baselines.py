@@ -35,7 +35,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fpt_jax import freeze
 from fpt_jax.config import TrainConfig
+from fpt_jax.models import backbones
+from fpt_jax.models.fpt import make_model
 
 LSTM_LEARNING_RATE = 3e-4  # the paper's, for its LSTMs
 VARIANTS = ("fpt", "random", "full", "scratch", "lstm", "lstm_matched", "fnet")
@@ -101,7 +104,6 @@ def match(cfg: TrainConfig, task) -> Match:
 @functools.lru_cache(maxsize=32)
 def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
            in_layer_sizes: tuple, out_layer_sizes: tuple, task: "_TaskShape") -> Match:
-    from fpt_jax.models import backbones
     # Only what decides parameter shapes (layers, input and output layers) matters here.
     cfg = TrainConfig(model=model, match_model=match_model, match_count=match_count,
                       in_layer_sizes=in_layer_sizes, out_layer_sizes=out_layer_sizes)
@@ -125,7 +127,7 @@ def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
 
 
 @dataclasses.dataclass(frozen=True)
-class _TaskShape:  # what `train.make_model` and `init_params` read of a task
+class _TaskShape:  # what `make_model` and `build.init_params` read of a task
     name: str
     input_dim: int
     output_dim: int
@@ -136,8 +138,7 @@ class _TaskShape:  # what `train.make_model` and `init_params` read of a task
 def count(cfg: TrainConfig, task, config: Any, selection: str = "full") -> int:
     """Parameters of `cfg`'s FPT over the backbone `config` on `task` that `selection`
     trains ('full': all of them), from shapes only."""
-    from fpt_jax import freeze, train
-    model = train.make_model(cfg, task, config)
+    model = make_model(cfg, task, config)
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
     x = jnp.zeros((1, *task.example_shape), dtype)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x)["params"])

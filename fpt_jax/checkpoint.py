@@ -13,8 +13,9 @@ checkpoint stays the size of what was trained.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -26,6 +27,36 @@ class CheckpointError(ValueError):
     pass
 
 
+# Characters that orbax's paths do not carry literally: `[`, `]`, `*`, `?` are glob syntax to
+# the glob that finds the per-process OCDBT shards when a save is finalised (etils `epath`,
+# unescaped: a workdir `sel[fpt]` saved checkpoints without their manifest, which then did
+# not restore), and tensorstore's file driver reads `\` as a separator.
+_NOT_LITERAL = frozenset("[]*?\\")
+
+
+def literal_path(directory: str | os.PathLike) -> tuple[str, int | None]:
+    """`(path, fd)`: a path by which orbax and tensorstore reach the existing `directory`
+    whatever characters its name holds. Where it holds one they mishandle, on Linux, that is
+    `/proc/self/fd/<fd>` of a descriptor opened on it (close `fd` when done); otherwise
+    the absolute path itself (`fd` None)."""
+    path = os.path.abspath(os.fspath(directory))
+    if not _NOT_LITERAL.intersection(path) or not os.path.isdir("/proc/self/fd"):
+        return path, None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}", fd
+
+
+@contextlib.contextmanager
+def literal_dir(directory: str | os.PathLike) -> Iterator[str]:
+    """`literal_path` for the life of a block."""
+    path, fd = literal_path(directory)
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 class Checkpoints:
     """A CheckpointManager over `directory` for `(step, trainable params, opt_state)`."""
 
@@ -33,9 +64,13 @@ class Checkpoints:
                  read_only: bool = False):
         # read_only: another run's checkpoints, read and never written (nothing created;
         # orbax's own `read_only` option does the same with two warnings on every use)
+        self.directory = os.path.abspath(directory)  # as the user named it, for messages
+        if not read_only:
+            os.makedirs(self.directory, exist_ok=True)
+        path, self._fd = literal_path(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                create=not read_only)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(path, options=options)
 
     def latest_step(self) -> int | None:
         """The newest checkpoint's step. In a multi-process run every process must find the
@@ -51,7 +86,7 @@ class Checkpoints:
                                  for i, s in enumerate(steps))
                 raise CheckpointError(
                     f"the processes find different latest checkpoints in "
-                    f"{self.manager.directory} ({seen}); --workdir must be a directory that "
+                    f"{self.directory} ({seen}); --workdir must be a directory that "
                     "every process sees (a shared filesystem)")
         return step
 
@@ -78,7 +113,7 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract)))["state"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(
-                f"checkpoint {step} in {self.manager.directory} does not fit this run's model "
+                f"checkpoint {step} in {self.directory} does not fit this run's model "
                 f"and trainable selection ({str(e)[:300]}); use another workdir or the run's "
                 "own settings"
             ) from e
@@ -95,7 +130,7 @@ class Checkpoints:
                 state=ocp.args.PyTreeRestore(item={"trainable": abstract},
                                              partial_restore=True)))["state"]["trainable"]
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {step} in {self.manager.directory} does not fit "
+            raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit "
                                   f"the model its identity rebuilds ({str(e)[:300]})") from e
         return jax.tree_util.tree_map(np.asarray, restored)
 
@@ -125,16 +160,16 @@ class Checkpoints:
                 continue
             if damaged:
                 logging.warning("damaged checkpoints in %s, resuming from step %d instead: %s",
-                                self.manager.directory, step, "; ".join(damaged))
+                                self.directory, step, "; ".join(damaged))
                 self._move_aside([int(d.split(":")[0].split()[1]) for d in damaged])
             return step, trainable_r, opt_state_r
-        raise CheckpointError(f"no checkpoint in {self.manager.directory} can be read: "
+        raise CheckpointError(f"no checkpoint in {self.directory} can be read: "
                               + "; ".join(damaged) + ". Move them away to start afresh")
 
     def _move_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
             for step in steps:
-                path = os.path.join(os.fspath(self.manager.directory), str(step))
+                path = os.path.join(self.directory, str(step))
                 target, n = f"{path}.damaged", 1
                 while os.path.exists(target):
                     target, n = f"{path}.damaged{n}", n + 1
@@ -153,6 +188,9 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _short(e: BaseException) -> str:

@@ -76,6 +76,9 @@ class TrainConfig:
     n_layer: int | None = _setting(None, "Random init only: number of blocks.")
     n_head: int | None = _setting(None, "Random init only: attention heads.")
     n_embd: int | None = _setting(None, "Random init only: width.")
+    run: int | None = _setting(None, "With init=<workdir of a run group> (a sweep cell): which "
+                               "of its runs (summary.json's index) to take the backbone from; "
+                               "None: the group's only run.")
     match_model: str | None = _setting(None, "LSTM baseline (model=lstm): a transformer "
                                        "preset (e.g. gpt2) whose parameter count, as FPT on "
                                        "this task, the LSTM's width is chosen to match "
@@ -164,7 +167,7 @@ class TrainConfig:
         for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
-                         ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("patience", 1), ("n_layer", 1),
+                         ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("patience", 1), ("n_layer", 1), ("run", 0),
                          ("n_head", 1), ("n_embd", 1)):
             value = getattr(self, name)
             if value is None:  # optional: checked above

@@ -1,9 +1,9 @@
-"""The divergence guard: a non-finite loss or gradient norm stops the run (or, as the config
-says, its update is skipped), and a non-finite state is never checkpointed.
-
-The train step's metrics stay on the devices until they are logged or a checkpoint is due
-(`MetricsBuffer.drain`): the guard adds no host sync to the hot path, and it reads every
-step's loss and gradient norm, not only those of logged steps.
+"""The divergence guard of a run group: every step's loss and gradient norm reach the host
+with the metrics (no extra sync on the hot path), and a run whose non-finite steps in a row
+exceed `nonfinite_skips` (None: the first) is diverged. The step itself never applies a
+non-finite update (`steps.make_train_step`), so no state is ever non-finite; a group of
+one stops with an error naming the step, a group records the run (`diverged_step`) and
+the others go on.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ class DivergenceError(ValueError):
 
 
 class MetricsBuffer:
-    """Train metrics of the steps since the last log, checked for finiteness as they reach
-    the host. `skips=None`: the first non-finite step stops the run; `skips=N`: non-finite
-    updates are skipped by the optimizer (`optax.apply_if_finite`) and N of them in a row
-    stop it."""
+    """The train metrics (`{name: [K]}` per step) since the last log, checked as they reach
+    the host. `diverged[i]` is run i's first step beyond its skips (None: finite so far)."""
 
-    def __init__(self, first_step: int, skips: int | None, last_checkpoint: int | None):
+    def __init__(self, first_step: int, skips: int | None, diverged: list,
+                 last_checkpoint: int | None):
         self.next_step = first_step + 1  # the step number of the oldest pending metrics
-        self.skips, self.in_a_row = skips, 0
+        self.limit, self.skips = skips or 0, skips
+        self.diverged = diverged
         self.last_checkpoint = last_checkpoint
         self.on_device: list[dict] = []
         self.on_host: list[dict] = []
@@ -39,24 +39,30 @@ class MetricsBuffer:
         self.on_device.append(metrics)
 
     def drain(self) -> None:
-        """Brings pending metrics to the host; raises DivergenceError as the config says."""
+        """Brings pending metrics to the host; records diverged runs; in a group of one a
+        divergence is a DivergenceError."""
         if not self.on_device:
             return
         for m in parallel.unreplicate(self.on_device):
             step, self.next_step = self.next_step, self.next_step + 1
-            bad = {k: float(m[k]) for k in WATCHED if k in m and not math.isfinite(m[k])}
-            self.in_a_row = self.in_a_row + 1 if bad else 0
-            if bad and (self.skips is None or self.in_a_row > self.skips):
-                what = ", ".join(f"train/{k} {v}" for k, v in bad.items())
-                kept = (f"the last checkpoint (step {self.last_checkpoint}) is kept"
-                        if self.last_checkpoint is not None else "no checkpoint was written")
-                raise DivergenceError(
-                    f"non-finite {what} at step {step}"
-                    + (f" ({self.in_a_row} in a row)" if self.skips is not None else "")
-                    + f"; the run stopped and {kept}. Lower learning_rate, set grad_clip, "
-                    "or set nonfinite_skips to skip such updates")
+            for i, count in enumerate(np.asarray(m["nonfinite"]).reshape(-1)):
+                if count > self.limit and self.diverged[i] is None:
+                    self.diverged[i] = step
+                    if len(self.diverged) == 1:
+                        self.on_device = []
+                        raise DivergenceError(self._message(m, step, int(count)))
             self.on_host.append(m)
         self.on_device = []
+
+    def _message(self, m: dict, step: int, in_a_row: int) -> str:
+        bad = {k: float(np.asarray(m[k]).reshape(-1)[0]) for k in WATCHED if k in m}
+        what = ", ".join(f"train/{k} {v}" for k, v in bad.items() if not math.isfinite(v))
+        kept = (f"the last checkpoint (step {self.last_checkpoint}) is kept"
+                if self.last_checkpoint is not None else "no checkpoint was written")
+        return (f"non-finite {what or 'update'} at step {step}"
+                + (f" ({in_a_row} in a row)" if self.skips is not None else "")
+                + f"; the run stopped and {kept}. Lower learning_rate, set grad_clip, "
+                "or set nonfinite_skips to skip such updates")
 
     def take(self) -> list[dict]:
         """The drained host metrics since the last `take`."""

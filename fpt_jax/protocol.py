@@ -1,20 +1,19 @@
 """The evaluation protocol: select on validation, test once at the selected step.
 
 During training the run evaluates on the task's validation split; `BestStep` keeps the step
-with the best validation accuracy (its trainable parameters are saved to WORKDIR/best, one
-checkpoint that rotation never removes), counts evaluations without improvement for early
+with the best validation accuracy (the loop keeps its trainable parameters beside the
+current ones, in every checkpoint), counts evaluations without improvement for early
 stopping (`patience`), and notes the first evaluation step at which validation accuracy
 reached `converge_at` (the paper's "steps to converge"). At the end, each test split is
 evaluated once, with the selected step's parameters, and WORKDIR/summary.json records it.
-The tracker's state travels in every checkpoint's metadata, so a resumed run selects exactly
-as an uninterrupted one.
+The tracker's state travels in every checkpoint's metadata (one per run of a group), so a
+resumed run selects exactly as an uninterrupted one; the selected step's parameters travel
+in the same checkpoint (`fpt_jax.runs`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 
@@ -55,23 +54,3 @@ class BestStep:
         if data.get("best_accuracy") is None:
             data["best_accuracy"] = -math.inf
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
-
-def write_summary(workdir: str, summary: dict[str, Any]) -> str:
-    """WORKDIR/summary.json, written atomically."""
-    path = os.path.join(workdir, "summary.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_summary(workdir: str) -> dict[str, Any] | None:
-    path = os.path.join(workdir, "summary.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

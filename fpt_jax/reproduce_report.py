@@ -23,7 +23,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from fpt_jax import paper, results
+from fpt_jax import attention_maps, baselines, build, paper, results
+from fpt_jax.models import backbones
+from fpt_jax.tasks import get_task
 
 ROW_LABELS = {
     "fpt": "frozen pretrained GPT-2 (FPT)",
@@ -63,7 +65,6 @@ class Row:
 
 
 def _architecture(cfg) -> str:
-    from fpt_jax.models import backbones
     preset = backbones.family_of_preset(cfg.model).presets[cfg.model]
     layers = cfg.n_layer or preset.n_layer
     if cfg.match_model:
@@ -177,12 +178,10 @@ def convergence_table(rows: Sequence[Row], converge_at: float | None) -> list[st
 
 
 def count_table(rows: Sequence[Row]) -> list[str]:
-    from fpt_jax import baselines, train
-    from fpt_jax.tasks import get_task
     lines = ["| task | row | trainable | total |", "|---|---|---:|---:|"]
     for r in (r for r in rows if r.selection is None):
         task = get_task(r.cfg.task, **r.cfg.task_options())
-        config = train.backbone(r.cfg, task)[0]
+        config = build.backbone(r.cfg, task)[0]
         total = baselines.count(r.cfg, task, config, "full")
         trainable = (r.picked.trainable_params if r.picked and r.picked.trainable_params
                      else baselines.count(r.cfg, task, config, r.cfg.trainable))
@@ -287,7 +286,6 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
 def attention_map(rows: Sequence[Row], report_dir: Path) -> tuple[str, str] | None:
     """The Bit XOR attention of the best frozen attention run (best mean validation
     accuracy; its best seed), as attention_bit_xor.png."""
-    from fpt_jax import attention_maps
     frozen = [r for r in rows if r.task == "bit_xor" and r.selection is None
               and r.row in ATTENTION_ROWS and r.picked and r.picked.val_mean is not None]
     if not frozen:

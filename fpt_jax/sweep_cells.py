@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fpt_jax import results
+import jax
+
+from fpt_jax import freeze, loop, results
+from fpt_jax.models import backbones
+from fpt_jax.tasks import get_task
 from fpt_jax.config import TrainConfig
 from fpt_jax.weights import WeightsError
 
@@ -61,7 +65,7 @@ def _differing(recorded: dict, current: dict) -> list[str]:
 
 def cell_status(cell: GridCell, workdir: Path, lrs: Sequence[float], seeds: Sequence[int]
                 ) -> str:
-    """'new', 'finished' (skip it) or 'resume' (train_and_evaluate_sweep continues it).
+    """'new', 'finished' (skip it) or 'resume' (loop.train_and_evaluate continues it).
     A cell recorded with other runs or another config (beyond CONTINUABLE) is an error."""
     d = workdir / results.CELLS / cell.name
     meta = results._read_json(d / results.CELL_FILE)
@@ -105,17 +109,17 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
               ) -> dict[str, str]:
     """Trains this process's share of `cells` one after another (finished ones skipped), then
     writes the results. Every cell is checked against the workdir before the first trains.
-    `train_fn` defaults to `fpt_jax.sweep.train_and_evaluate_sweep`. Returns {cell: status}."""
+    `train_fn` defaults to `fpt_jax.loop.train_and_evaluate`. Returns {cell: status}."""
     workdir = Path(workdir)
     share, count = process_cells
     mine = [c for c in cells if c.index % count == share]
     statuses = {c.name: cell_status(c, workdir, learning_rates, seeds) for c in cells}
-    if train_fn is None:
-        from fpt_jax import sweep as sweep_lib
-        train_fn = sweep_lib.train_and_evaluate_sweep
+    train_fn = train_fn or loop.train_and_evaluate
     lrs, run_seeds = flatten(learning_rates, seeds)
+    main = jax.process_index() == 0  # several processes train each cell together
+    log = log if main else (lambda line: None)
     for cell in cells:  # every cell listed (pending) in results.md from the start
-        if not (workdir / results.CELLS / cell.name / results.CELL_FILE).exists():
+        if main and not (workdir / results.CELLS / cell.name / results.CELL_FILE).exists():
             _write_meta(cell, workdir)
     for n, cell in enumerate(mine, 1):
         where = f"cell {n}/{len(mine)} {cell.name}"
@@ -124,7 +128,8 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
             continue
         log(f"{where}: {statuses[cell.name]}, {len(lrs)} runs "
             f"({len(learning_rates)} learning rates x {len(seeds)} seeds)")
-        _write_meta(cell, workdir)
+        if main:
+            _write_meta(cell, workdir)
         start = time.time()
         try:
             train_fn(cell.cfg, str(workdir / results.CELLS / cell.name), lrs, run_seeds)
@@ -132,7 +137,7 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
             raise ValueError(f"{where}: {e}") from e
         statuses[cell.name] = "trained"
         log(f"{where}: done in {time.time() - start:.1f} s")
-        if write_results:  # tables and plots of every cell so far
+        if write_results and main:  # tables and plots of every cell so far
             results.write_results(workdir)
     return statuses
 
@@ -140,9 +145,6 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
 def precheck(cfg: TrainConfig) -> None:
     """What can be checked of a cell without reading weights or data: the task and its
     settings, the backbone's architecture settings, the trainable selection."""
-    from fpt_jax import freeze
-    from fpt_jax.models import backbones
-    from fpt_jax.tasks import get_task
     get_task(cfg.task, **cfg.task_options())
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd")
                  if getattr(cfg, k) is not None}

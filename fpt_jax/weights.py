@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from fpt_jax.checkpoint import literal_dir
 from fpt_jax.models import backbones
 
 Params = dict[str, Any]
@@ -318,8 +319,8 @@ def save_converted(directory: str | os.PathLike, config: Config, params: Params)
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params, force=True)
+    with literal_dir(directory) as path, ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "params"), params, force=True)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     (directory / CONVERTED_MARKER).write_text(json.dumps({"format": "orbax", "version": 1}))
     return directory
@@ -368,9 +369,10 @@ def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
     if not params_dir.is_dir():
         raise WeightsError(f"{directory}: a converted checkpoint ({CONVERTED_MARKER}) without "
                            f"its params/ directory; convert the model again")
-    with ocp.StandardCheckpointer() as ckptr:
+    with literal_dir(directory) as path, ocp.StandardCheckpointer() as ckptr:
+        orbax_dir = os.path.join(path, "params")
         try:
-            metadata = ckptr.metadata(params_dir)
+            metadata = ckptr.metadata(orbax_dir)
         except Exception as e:  # orbax and tensorstore raise many types on damaged files
             raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
         tree = getattr(metadata, "item_metadata", metadata)
@@ -380,7 +382,7 @@ def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
         _check_and_nest(flat, config, str(directory), [])  # names and shapes, before reading
         try:
             with _quiet_abandoned_reads():  # the reports can come while restore unwinds
-                params = ckptr.restore(params_dir, abstract)
+                params = ckptr.restore(orbax_dir, abstract)
         except Exception as e:
             raise _damaged(params_dir, "orbax checkpoint", e, "convert the model again") from e
     return config, jax.tree_util.tree_map(np.asarray, params)

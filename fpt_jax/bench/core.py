@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fpt_jax import baselines, freeze, train
+from fpt_jax import baselines, build, freeze
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.tasks import Task, get_task
@@ -224,7 +224,7 @@ class BenchConfig:
         or the baseline `model`'s (`baseline_config`)."""
         cfg = (self.baseline_config(model) if model
                else dataclasses.replace(self.base, init="random"))
-        return train.backbone(cfg)[0]
+        return build.backbone(cfg)[0]
 
     def baseline_config(self, model: str) -> TrainConfig:
         """The base config as the baseline `model` (a preset of the lstm or fnet family) runs

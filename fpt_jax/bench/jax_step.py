@@ -1,14 +1,11 @@
 """The timed JAX step, built exactly as training builds it, and what XLA says of it.
 
-`train.setup` builds the task, model, optimizer and state; `train.make_train_step` +
-`train.pmapped_train_step` give the pmapped step over the local devices, which donates the
-state and reads the frozen parameters in place; both are replicated with
-`parallel.replicate` and batches sharded with `parallel.shard_batch`. Forward-only cases
-time the pmapped eval step. A case of K > 1 runs times the sweep step of `fpt_jax.sweep`, as
-a sweep trains: `sweep.init_runs` (K runs around one backbone), `make_sweep_step` +
-`pmapped_sweep_step` (vmap over the runs inside pmap, the states donated, the backbone
-read once for all runs), `sweep_batches` and `run_rngs`; K = 1 stays the single-run step
-above. From the compiled step: FLOPs and bytes accessed (XLA's cost
+`build.build_group` builds the task, model, optimizer and the K runs' states around one
+backbone (K = 1: a single run), exactly as training does; `steps.make_train_step` +
+`steps.pmapped_train_step` give the pmapped step over the local devices (vmap over the
+runs inside), which donates the states and reads the frozen parameters in place; both are
+replicated with `parallel.replicate` and batches laid out with `steps.group_batches`.
+Forward-only cases time the pmapped eval step. From the compiled step: FLOPs and bytes accessed (XLA's cost
 analysis), the latter against the minimum a step must touch (`core.minimum_step_bytes`, from
 the trees the runner holds, in their stored dtypes), memory (XLA's memory analysis), and dot
 and all-reduce counts in its HLO.
@@ -24,7 +21,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from fpt_jax import freeze, parallel, sweep, train
+import jax.numpy as jnp
+
+from fpt_jax import build, parallel
+from fpt_jax.steps import (BACKBONE, group_batches, make_eval_step, make_train_step,
+                           pmapped_eval_step, pmapped_train_step, run_rngs)
 from fpt_jax.bench.core import BenchConfig, Case, Runner, Shape, minimum_step_bytes, timed
 
 
@@ -59,74 +60,48 @@ class JaxRunner(Runner):
         self.runs = case.runs
         if case.runs > 1 and case.trainable is None:
             raise ValueError(f"case {case.label}: forward-only cases have no sweep")
-        if case.runs > 1:
-            self._init_sweep(cfg, case, n_local, accum)
-        else:
-            self._init_single(cfg, case, n_local, accum)
+        self._init_group(cfg, case, n_local, accum)
         self.i = 0
         self.donated: bool | None = None
         self.compile_s: float | None = None
         self.cost = self.memory = self.hlo = None
 
-    def _init_single(self, cfg, case: Case, n_local: int, accum: int) -> None:
-        """The single-run training step (or eval step), as `train` builds it."""
-        s = train.setup(cfg, case.shape.task())
-        self.model, self.task, self.seed = s.model, s.task, cfg.seed
-        self.batches = [parallel.shard_batch(self.host_batch("train", i), n_local, accum)
-                        for i in range(2)]
-        self.rng = jax.random.PRNGKey(cfg.seed + 1)
-        self.trainable_params = _size(s.state.trainable) if case.trainable else 0
-        self.total_params = _size(s.state.trainable) + _size(s.frozen)
-        self.minimum_bytes = minimum_step_bytes(_nbytes(s.frozen), _nbytes(s.state.trainable),
-                                                training=case.trainable is not None)
-        self.state = self.frozen = self.params = None
-        if case.trainable is None:
-            self.fn = train.pmapped_eval_step(train.make_eval_step(s.model, s.task), self.mapped)
-            self.params = parallel.replicate(freeze.merge(s.state.trainable, s.frozen),
-                                             self.devices)
-        else:
-            step = train.make_train_step(s.model, s.task, s.tx, cfg.grad_accum)
-            self.fn = train.pmapped_train_step(step, self.mapped)
-            self.state = parallel.replicate(s.state, self.devices)
-            self.frozen = parallel.replicate(s.frozen, self.devices)
-        s.state = s.frozen = None  # the devices hold them now: no host copy stays alive
-        # per device (the replicated trees carry a device axis)
-        self.backbone_bytes = (_nbytes(self.frozen[sweep.BACKBONE]) // n_local if
-                               self.frozen is not None and sweep.BACKBONE in self.frozen
-                               else None)
-        # the run's state and its own frozen parts (all but the backbone)
-        self.run_state_bytes = (_nbytes((self.state, {k: v for k, v in self.frozen.items()
-                                                       if k != sweep.BACKBONE})) // n_local
-                                if self.state is not None else None)
-
-    def _init_sweep(self, cfg, case: Case, n_local: int, accum: int) -> None:
-        """K runs in one vmapped sweep step, as `fpt_jax.sweep` trains them: learning rates
-        and seeds do not change the time (every run gets the config's learning rate, seeds
-        0..K-1)."""
-        seeds = list(range(case.runs))
-        sw = sweep.init_runs(cfg, learning_rates=[cfg.learning_rate] * case.runs, seeds=seeds,
-                             task=case.shape.task())
-        self.model, self.task, self.seed = sw.model, sw.task, cfg.seed
+    def _init_group(self, cfg, case: Case, n_local: int, accum: int) -> None:
+        """K runs (K = 1: a single run) built and stepped exactly as training does: learning
+        rates and seeds do not change the time (every run gets the config's learning rate,
+        seeds seed..seed+K-1). Forward-only cases time the group's eval step."""
+        k = case.runs
+        seeds = [cfg.seed + i for i in range(k)]
+        g = build.build_group(cfg, [cfg.learning_rate] * k, seeds, task=case.shape.task())
+        self.model, self.task, self.seed, self.seeds = g.model, g.task, cfg.seed, seeds
         per_process = case.shape.batch_size // jax.process_count()
-        self.batches = [sweep.sweep_batches(sw.task, i, per_process, seeds, n_local, accum)
-                        for i in range(2)]
-        self.rng = sweep.run_rngs(seeds)
-        self.trainable_params = _size(sw.states.trainable)  # all K runs'
-        self.total_params = _size(sw.states.trainable) + _size(sw.frozen)
+        if case.trainable is None:
+            self.batches = [parallel.shard_batch(self.host_batch("train", i), n_local)
+                            for i in range(2)]
+        else:
+            self.batches = [group_batches(g.task, i, per_process, seeds, n_local, accum)
+                            for i in range(2)]
+        self.rng = run_rngs(seeds)
+        trainable = g.states.trainable
+        self.trainable_params = _size(trainable) if case.trainable else 0  # all K runs'
+        self.total_params = _size(trainable) + _size(g.frozen)
         # the backbone once (the runs' own frozen parts are stacked: K times), K runs' trainable
-        self.minimum_bytes = minimum_step_bytes(
-            _nbytes(sw.frozen), _nbytes(sw.states.trainable) // case.runs, case.runs)
-        backbone = sw.frozen.get(sweep.BACKBONE)
+        self.minimum_bytes = minimum_step_bytes(_nbytes(g.frozen), _nbytes(trainable) // k,
+                                                k, training=case.trainable is not None)
+        backbone = g.frozen.get(BACKBONE)
         self.backbone_bytes = _nbytes(backbone) if backbone is not None else None
         # one run's state plus its own frozen parts (not the shared backbone)
-        per_run = (sw.states, {k: v for k, v in sw.frozen.items() if k != sweep.BACKBONE})
-        self.run_state_bytes = _nbytes(per_run) // case.runs
-        step = sweep.make_sweep_step(sw.model, sw.task, sw.tx, cfg.grad_accum)
-        self.fn = sweep.pmapped_sweep_step(step, self.mapped)
-        self.params = None
-        self.state = parallel.replicate(sw.states, self.devices)
-        self.frozen = parallel.replicate(sw.frozen, self.devices)
-        sw.states = sw.frozen = None  # the devices hold them now
+        own = {n: v for n, v in g.frozen.items() if n != BACKBONE}
+        self.run_state_bytes = (_nbytes((g.states, own)) // k if case.trainable else None)
+        self.frozen = parallel.replicate(g.frozen, self.devices)
+        if case.trainable is None:
+            self.fn = pmapped_eval_step(make_eval_step(g.model, g.task), self.mapped)
+            self.state = parallel.replicate(trainable, self.devices)
+        else:
+            step = make_train_step(g.model, g.task, g.tx, cfg.grad_accum, cfg.nonfinite_skips)
+            self.fn = pmapped_train_step(step, self.mapped)
+            self.state = parallel.replicate(g.states, self.devices)
+        g.states = g.frozen = None  # the devices hold them now: no host copy stays alive
 
     def host_batch(self, split: str, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the `step`-th global batch of the case's shape."""
@@ -137,7 +112,7 @@ class JaxRunner(Runner):
     def _args(self):
         batch = self.batches[self.i % len(self.batches)]
         if self.case.trainable is None:
-            return self.params, batch
+            return self.state, self.frozen, batch
         return self.state, self.frozen, batch, self.rng
 
     def compile(self) -> None:
@@ -165,7 +140,7 @@ class JaxRunner(Runner):
 
     def release(self) -> None:
         """Frees the device buffers (a case that is not run)."""
-        self.state = self.frozen = self.params = self.batches = None
+        self.state = self.frozen = self.batches = None
 
     def result(self) -> dict[str, Any]:
         out = super().result()
@@ -279,11 +254,11 @@ def dtype_loss_check(bc: BenchConfig, shape: Shape, batches: int = 4,
             for i in range(batches)]
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        model = r.model.clone(dtype=train.COMPUTE_DTYPES[dtype])
-        p_eval = train.pmapped_eval_step(train.make_eval_step(model, r.task), r.mapped)
-        sums = [p_eval(r.params, b) for b in data]
-        losses[dtype] = float(sum(np.asarray(x["loss_sum"])[0] for x in sums)
-                              / sum(np.asarray(x["count"])[0] for x in sums))
+        model = r.model.clone(dtype=jnp.dtype(dtype))
+        p_eval = pmapped_eval_step(make_eval_step(model, r.task), r.mapped)
+        sums = [p_eval(r.state, r.frozen, b) for b in data]
+        losses[dtype] = float(sum(np.asarray(x["loss_sum"])[0, 0] for x in sums)
+                              / sum(np.asarray(x["count"])[0, 0] for x in sums))
     rel = abs(losses["bfloat16"] - losses["float32"]) / max(abs(losses["float32"]), 1e-12)
     return {"shape": shape.name, "loss_float32": losses["float32"],
             "loss_bfloat16": losses["bfloat16"], "rel_diff": rel, "rtol": BF16_LOSS_RTOL,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpt_jax import parallel, train
+from fpt_jax import parallel
 from fpt_jax.bench.core import BenchConfig, timed
 
 # Published dense peak TFLOP/s per JAX device (substring of `device_kind`, lower case) for
@@ -69,7 +69,7 @@ def accumulation_dtype(dtype: str) -> str:
 def matmul(dtype: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """`(a, b) -> a @ b` as the step computes it under `dtype`: operands of `dtype`,
     accumulated in and returned as `accumulation_dtype(dtype)`."""
-    acc = train.COMPUTE_DTYPES[accumulation_dtype(dtype)]
+    acc = jnp.dtype(accumulation_dtype(dtype))
     return lambda a, b: jnp.dot(a, b, preferred_element_type=acc)
 
 
@@ -79,7 +79,7 @@ def measure_matmul_peak(devices: Sequence[jax.Device], dtype: str, repeats: int 
     """Best FLOP/s of `[m, k] @ [k, n]` matmuls of `dtype` operands (`matmul`: bfloat16
     accumulates in float32), one per device at once (pmap over `devices`, as the step runs),
     in total over the devices."""
-    jdtype = train.COMPUTE_DTYPES[dtype]
+    jdtype = jnp.dtype(dtype)
     mm = jax.pmap(matmul(dtype), devices=devices)
     rng = np.random.default_rng(0)
     per_size = []

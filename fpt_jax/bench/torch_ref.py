@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fpt_jax import freeze, train
+from fpt_jax import build, freeze
 from fpt_jax.bench.core import BenchConfig, Case, Runner, timed
 from fpt_jax.models import backbones
 from fpt_jax.tasks.base import Batch
@@ -83,7 +83,7 @@ class TorchRunner(Runner):
         if bc.torch_threads:
             torch.set_num_threads(bc.torch_threads)
         torch.manual_seed(cfg.seed)
-        gcfg, _ = train.backbone(cfg)
+        gcfg, _ = build.backbone(cfg)
         hf = transformers.GPT2Config(
             n_layer=gcfg.n_layer, n_head=gcfg.n_head, n_embd=gcfg.n_embd,
             n_positions=gcfg.n_positions, vocab_size=gcfg.vocab_size,

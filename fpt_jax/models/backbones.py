@@ -28,13 +28,14 @@ import functools
 import importlib
 from typing import Any, Callable, Mapping
 
-# family name (= Hugging Face model_type) -> module, config class, module class, presets
-_FAMILIES = {"gpt2": ("fpt_jax.models.gpt2", "GPT2Config", "GPT2", "GPT2_PRESETS"),
-             "bert": ("fpt_jax.models.bert", "BertConfig", "Bert", "BERT_PRESETS"),
-             "vit": ("fpt_jax.models.vit", "ViTConfig", "ViT", "VIT_PRESETS"),
+# family name (= Hugging Face model_type) -> module, config class, module class, presets,
+# the name in messages
+_FAMILIES = {"gpt2": ("fpt_jax.models.gpt2", "GPT2Config", "GPT2", "GPT2_PRESETS", "GPT-2"),
+             "bert": ("fpt_jax.models.bert", "BertConfig", "Bert", "BERT_PRESETS", "BERT"),
+             "vit": ("fpt_jax.models.vit", "ViTConfig", "ViT", "VIT_PRESETS", "ViT"),
              # the baselines: a fixed Fourier-mixing transformer and an LSTM (no checkpoints)
-             "fnet": ("fpt_jax.models.fnet", "FNetConfig", "FNet", "FNET_PRESETS"),
-             "lstm": ("fpt_jax.models.lstm", "LSTMConfig", "LSTM", "LSTM_PRESETS")}
+             "fnet": ("fpt_jax.models.fnet", "FNetConfig", "FNet", "FNET_PRESETS", "FNet"),
+             "lstm": ("fpt_jax.models.lstm", "LSTMConfig", "LSTM", "LSTM_PRESETS", "LSTM")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Family:
     # FNet); the causal ones (GPT-2, LSTM) need not, padding comes after every real position.
     takes_lengths: bool = False
     has_checkpoints: bool = True  # False: random init only (the baselines)
+    display_name: str = ""  # the family's name in messages (GPT-2, BERT, ...)
 
 
 @functools.cache
@@ -62,14 +64,14 @@ def family(name: str) -> Family:
     """The family named `name` (gpt2, bert, vit)."""
     if name not in _FAMILIES:
         raise ValueError(f"unknown backbone family {name!r}; accepted: {sorted(_FAMILIES)}")
-    module_name, config_name, module_cls, presets = _FAMILIES[name]
+    module_name, config_name, module_cls, presets, display = _FAMILIES[name]
     m = importlib.import_module(module_name)
     return Family(name, getattr(m, config_name), getattr(m, module_cls), getattr(m, presets),
                   getattr(m, "HUB_REPOS", {}), m.torch_name_to_path,
                   getattr(m, "needs_transpose", lambda path: False),
                   getattr(m, "fresh_paths", lambda config: set()), m.param_group,
                   m.param_shapes, m.attention_weights, getattr(m, "TAKES_LENGTHS", False),
-                  getattr(m, "HAS_CHECKPOINTS", True))
+                  getattr(m, "HAS_CHECKPOINTS", True), display)
 
 
 def families() -> list[Family]:

@@ -151,3 +151,13 @@ class FPT(nn.Module):
         if self.return_last_only:
             logits = rearrange(logits, "b r o -> b (r o)")
         return logits
+
+
+def make_model(settings: Any, task: Any, config: Any) -> FPT:
+    """FPT for `task` (its input kind and sizes) over the backbone `config`, with the FPT
+    settings of `settings` (a `TrainConfig`: layer sizes, dropout, gain, dtype, remat)."""
+    return FPT(config, input_dim=task.input_dim, output_dim=task.output_dim,
+               input_kind=task.input_kind, in_layer_sizes=tuple(settings.in_layer_sizes),
+               out_layer_sizes=tuple(settings.out_layer_sizes), dropout=settings.dropout,
+               orth_gain=settings.orth_gain, dtype=jnp.dtype(settings.dtype),
+               remat=settings.remat)

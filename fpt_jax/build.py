@@ -1,0 +1,321 @@
+"""The build layer: everything a run group is made of before its first step, and the one
+reader that rebuilds a finished run. Nothing here imports the loop.
+
+  task      `prepare_task`: the task with every split the group reads opened and checked
+  backbone  `backbone`: a preset at random init, pretrained weights, or the backbone a
+            finished run ended with (`init=<workdir>`, `run=k` for a group's run k)
+  model     `models.fpt.make_model`; `init_params` (the random backbone never computed when
+            a pretrained one replaces it)
+  group     `build_group`: K runs (learning rates x seeds) around one backbone, partitioned
+            into trainable (per run, `[K, ...]`) and frozen (the backbone once, in the
+            compute dtype; other frozen parts per run), with their optimizer states
+  reader    `load_run(workdir, run, which)`: a finished run's model and parameters, for
+            `init=<workdir>`, attention maps and the report
+
+Seeds: run k's seed sets its initialisation of everything outside the backbone, its dropout
+keys and its data order; the backbone is the same for every run of a group: the pretrained
+checkpoint, or for `init='random'` one drawn from `backbone_seed` (its trainable parts, layer
+norms and positions, start from it too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from fpt_jax import baselines, checkpoint, fast_rng, freeze, optim, runs, weights
+from fpt_jax.config import TrainConfig
+from fpt_jax.models import backbones
+from fpt_jax.models.fpt import FPT, make_model
+from fpt_jax.steps import BACKBONE, TrainState, stack, unstack
+from fpt_jax.tasks import Task, get_task
+
+_ARCH = ("n_layer", "n_head", "n_embd")
+# The preset whose pretrained weights ship as a named source (weights.NAMED_SOURCES).
+_PRESET_SOURCES = {"minilm-l6": "minilm"}
+WHICH = ("best", "last")
+
+
+def is_run_dir(init: str) -> bool:
+    """Whether `init` names a run's workdir rather than 'random' / 'pretrained'."""
+    return init not in ("random", "pretrained")
+
+
+# --- task and backbone ----------------------------------------------------------------------
+
+def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
+    """The group's task, with every split it reads opened and checked (files present,
+    well-formed) and the evaluation settings checked: a bad input stops it before step 1."""
+    cfg.validate()
+    fast_rng.use_unrolled_threefry_on_cpu()  # same dropout bits, fused on CPU
+    task = task or get_task(cfg.task, **cfg.task_options())
+    eval_split = cfg.eval_split or task.eval_split
+    task.check_split(eval_split)
+    if cfg.eval_batches is None and not task.is_dataset:
+        raise ValueError(f"eval_batches=None: task {task.name} is generated and evaluates on "
+                         "a number of batches; set eval_batches")
+    for split in dict.fromkeys(("train", eval_split, *task.test_splits)):
+        task.prepare(split)
+    return task
+
+
+def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | None]:
+    """The backbone's config (with the run's dropout) and, unless `init='random'`, its
+    parameters (host numpy, float32). A parameter-matched LSTM (`match_model`) takes its
+    width from `task` (built from `cfg` when not given)."""
+    overrides = {k: getattr(cfg, k) for k in _ARCH if getattr(cfg, k) is not None}
+    if cfg.model != "auto" and not backbones.family_of_preset(cfg.model).has_checkpoints \
+            and cfg.init == "pretrained":
+        raise ValueError(f"model={cfg.model} is a baseline with no pretrained weights; "
+                         "accepted: init=random (or the workdir of a finished run)")
+    if cfg.run is not None and not is_run_dir(cfg.init):
+        raise ValueError(f"run={cfg.run} picks a run of the group in init=<workdir>; "
+                         f"init={cfg.init!r} is not a workdir (leave run unset)")
+    if cfg.match_model is not None and not is_run_dir(cfg.init):
+        overrides["n_embd"] = baselines.match(
+            cfg, task or get_task(cfg.task, **cfg.task_options())).width
+    if is_run_dir(cfg.init):
+        if overrides or cfg.weights:
+            raise ValueError(f"init={cfg.init} takes the backbone of that run; architecture "
+                             f"overrides and weights do not apply (got "
+                             f"{ {**overrides, 'weights': cfg.weights} })")
+        source, params = load_run(cfg.init, cfg.run, "last", what="init")
+        if cfg.model not in ("auto", source.cfg.model):
+            raise ValueError(f"init={cfg.init} is a run of model={source.cfg.model}, but "
+                             f"model={cfg.model}; set model={source.cfg.model} or model=auto")
+        config, params = source.model.config, params[BACKBONE]
+    elif cfg.init == "random":
+        if cfg.model == "auto":
+            raise ValueError("model='auto' takes the architecture from pretrained weights; "
+                             "with init='random' pass a preset name as model")
+        config = backbones.family_of_preset(cfg.model).config_cls.preset(cfg.model, **overrides)
+        params = None
+    else:
+        if overrides:
+            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
+                             "only; pretrained weights fix the architecture")
+        if cfg.model == "auto":  # the architecture is whatever the weights hold
+            if not cfg.weights:
+                raise ValueError("model='auto' takes the architecture from weights; set "
+                                 "weights, or a preset name as model")
+            config, params = weights.load(cfg.weights)
+        else:
+            fam = backbones.family_of_preset(cfg.model)  # an unknown preset is an error first
+            expected = fam.presets[cfg.model]
+            config, params = weights.load(cfg.weights or _PRESET_SOURCES.get(cfg.model,
+                                                                             cfg.model))
+            got_fam = backbones.family_of(config)
+            if got_fam.name != fam.name or any(getattr(config, a) != getattr(expected, a)
+                                               for a in _ARCH):
+                got = {a: getattr(config, a) for a in _ARCH}
+                want = {a: getattr(expected, a) for a in _ARCH}
+                raise ValueError(f"weights={cfg.weights} holds a {got_fam.display_name} with "
+                                 f"{got}, but model={cfg.model} is a {fam.display_name} with "
+                                 f"{want}; set the matching model (or model='auto' to take "
+                                 "the architecture from the weights)")
+    return config.with_dropout(cfg.dropout), params
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+def init_params(model: FPT, task: Task, rng: jax.Array, pretrained: dict | None = None
+                ) -> dict:
+    """FPT parameters (host numpy): random, with the pretrained backbone in place when given.
+    The random backbone is then never computed (only the other parts are returned from
+    the jitted init, so XLA drops its initialisers); flax derives each parameter's key
+    from its path, so the other parts equal those of a full random init. Backbone
+    parameters that no checkpoint holds (the family's `fresh_paths`, e.g. ViT's new
+    position table) come from this initialisation too."""
+    dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
+    x = jnp.zeros((1, *task.example_shape), dtype)
+    init = lambda r: model.init(r, x)["params"]  # noqa: E731
+    if pretrained is None:
+        return jax.tree_util.tree_map(np.asarray, jax.jit(init)(rng))
+    expected = traverse_util.flatten_dict(jax.eval_shape(init, rng)[BACKBONE])
+    got = traverse_util.flatten_dict(pretrained)
+    fresh = backbones.family_of(model.config).fresh_paths(model.config)
+    fresh = {p for p in fresh if p not in got}  # a run's own backbone has them already
+    if set(got) != set(expected) - fresh or any(np.shape(got[p]) != expected[p].shape
+                                                 for p in got):
+        raise ValueError("the pretrained backbone's parameters do not match the model's "
+                         "architecture")
+
+    def rest(r):
+        params = init(r)
+        new = traverse_util.flatten_dict(params[BACKBONE])
+        return ({k: v for k, v in params.items() if k != BACKBONE},
+                {p: new[p] for p in fresh})
+    others, new = jax.tree_util.tree_map(np.asarray, jax.jit(rest)(rng))
+    return {**others, BACKBONE: traverse_util.unflatten_dict({**got, **new})}
+
+
+# --- a group of K runs ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Group:
+    """What a group builds before its first step. `states` and `frozen` are host copies:
+    drop them once they are on the devices. `states` leaves are `[K, ...]`; `frozen` holds
+    the backbone once (no run axis) and any other frozen part per run (`[K, ...]`)."""
+    cfg: TrainConfig
+    task: Task
+    model: FPT
+    config: Any  # the backbone family's config
+    selection: freeze.Selection
+    tx: optax.GradientTransformation
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    states: TrainState | None
+    frozen: dict | None
+    table: str
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.seeds)
+
+    def identity(self) -> dict:
+        return runs.identity(self.cfg, self.learning_rates, self.seeds,
+                             backbones.family_of(self.config).name, self.config)
+
+
+def check_runs(learning_rates: Sequence[float], seeds: Sequence[int]) -> None:
+    if not seeds or len(seeds) != len(learning_rates):
+        raise ValueError(f"a group needs one learning rate per seed, at least one run; got "
+                         f"{len(learning_rates)} learning rates and {len(seeds)} seeds")
+    bad = [x for x in learning_rates if not (np.isfinite(x) and x > 0)]
+    if bad or any(s < 0 for s in seeds):
+        raise ValueError(f"learning rates must be finite and > 0, seeds >= 0; got "
+                         f"learning_rates={tuple(learning_rates)}, seeds={tuple(seeds)}")
+
+
+def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
+                seeds: Sequence[int] | None = None, task: Task | None = None) -> Group:
+    """K runs of `cfg` (default: one, `cfg.learning_rate` and `cfg.seed`): run k initialised
+    from `seeds[k]` around the backbone, with `learning_rates[k]` in its optimizer state.
+    Every split the group reads is opened and checked first."""
+    learning_rates = tuple(float(x) for x in (learning_rates or (cfg.learning_rate,)))
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else (cfg.seed,)))
+    check_runs(learning_rates, seeds)
+    task = prepare_task(cfg, task)
+    config, pretrained = backbone(cfg, task)
+    selection = freeze.parse_selection(cfg.trainable, config.n_layer)
+    model = make_model(cfg, task, config)
+    if pretrained is None:  # init='random': one backbone for every run, from its own seed
+        pretrained = init_params(model, task, jax.random.PRNGKey(cfg.backbone_seed))[BACKBONE]
+    tx = optim.make_optimizer(cfg)
+    trainables, others, table, shared = [], [], "", None
+    for seed in seeds:
+        params = init_params(model, task, jax.random.PRNGKey(seed), pretrained)
+        if not table:
+            table, _ = freeze.count_table(params, selection)
+            if cfg.match_model is not None:
+                table += "\n" + baselines.match(cfg, task).lines()
+        trainable, frozen = freeze.partition(params, selection)
+        shared = frozen.pop(BACKBONE, None) if shared is None else shared
+        frozen.pop(BACKBONE, None)
+        trainables.append(trainable)
+        others.append(frozen)
+    opt_states = [optim.with_learning_rate(tx.init(t), lr)
+                  for t, lr in zip(trainables, learning_rates)]
+    k = len(seeds)
+    states = TrainState(np.zeros(k, np.int32), stack(trainables), stack(opt_states),
+                        np.zeros(k, np.int32))
+    frozen = stack(others) if others[0] else {}
+    if shared is not None:
+        frozen[BACKBONE] = shared
+    frozen = freeze.cast_frozen(frozen, jnp.dtype(cfg.dtype))
+    return Group(cfg, task, model, config, selection, tx, learning_rates, seeds, states,
+                 frozen, table)
+
+
+# --- the finished-run reader ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedRun:
+    """Run `run` of the group in `workdir`, rebuilt: its model and what names it."""
+    workdir: str
+    cfg: TrainConfig  # runs.config_of's: the run's settings, float32, no dropout
+    task: Task
+    model: FPT
+    run: int
+    num_runs: int
+    which: str  # 'best' or 'last'
+    step: int  # the step whose parameters were loaded
+    summary: dict | None  # this run's entry of summary.json; None before the group ended
+
+
+def _not_a_run(workdir: str, what: str) -> ValueError:
+    accepted = (f"accepted: the workdir of a run or run group (experiments.train or a sweep "
+                f"cell, WORKDIR/cells/<name>), holding {runs.CHECKPOINTS}/")
+    if not os.path.isdir(workdir):
+        return ValueError(f"{what}={workdir}: no such directory; {accepted}")
+    cells = os.path.join(workdir, "cells")
+    if os.path.isdir(cells):
+        names = sorted(os.listdir(cells))
+        return ValueError(f"{what}={workdir} is a sweep's workdir; pass one of its cells, "
+                          f"{os.path.join(workdir, 'cells', '<name>')} (cells: "
+                          f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+    return ValueError(f"{what}={workdir} has no {runs.CHECKPOINTS}/; {accepted}")
+
+
+def load_run(workdir: str, run: int | None = None, which: str = "best", what: str = "workdir"
+             ) -> tuple[LoadedRun, dict]:
+    """Run `run` of the group in `workdir` (None: its only run) and its full parameter tree
+    (trainable merged with frozen, host numpy): `which='best'` the parameters of its
+    selected step (best validation accuracy), 'last' the newest checkpoint's. The frozen
+    parameters are rebuilt from the recorded identity (weights or seed), in float32. `what`
+    names the setting in errors ('workdir', 'init'). The workdir is only read."""
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; accepted: {', '.join(WHICH)}")
+    ckpt_dir = os.path.join(workdir, runs.CHECKPOINTS)
+    if not os.path.isdir(ckpt_dir):
+        raise _not_a_run(workdir, what)
+    manager = checkpoint.Checkpoints(ckpt_dir, read_only=True)
+    try:
+        latest = manager.latest_step()
+        if latest is None:
+            raise ValueError(f"{what}={workdir}: the run has no checkpoint yet "
+                             f"({runs.CHECKPOINTS}/ is empty); train it first")
+        meta = manager.meta(latest)
+        saved = meta.get("identity", {})
+        if runs.is_legacy_single_run(saved):
+            raise runs.OldLayoutError(str(runs._old_single_run(workdir)))
+        k = runs.num_runs(saved)
+        if run is None and k == 1:
+            run = 0
+        if run is None or not isinstance(run, int) or isinstance(run, bool) or not 0 <= run < k:
+            got = "run not given" if run is None else f"run={run!r} is out of range"
+            raise ValueError(f"{what}={workdir} is a group of {k} runs: {got}; accepted: "
+                             f"run = one of {runs.describe_runs(saved)}")
+        try:
+            cfg = runs.config_of(saved, run, workdir)
+            g = build_group(cfg)
+        except ValueError as e:
+            raise ValueError(f"{what}={workdir}: cannot rebuild its model: {e}") from None
+        step = latest
+        if which == "best":
+            step = (meta.get("protocol") or [{}] * k)[run].get("best_step")
+            if step is None:
+                raise ValueError(f"{what}={workdir}: run {run} has no selected step (no finite "
+                                 "validation accuracy yet); use which=last")
+        key = "best" if which == "best" else "now"
+        template = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((k, *np.shape(x)[1:]), np.asarray(x).dtype),
+            g.states.trainable)
+        stacked = manager.restore_trainable(latest, {key: template})[key]
+    finally:
+        manager.close()
+    summaries = runs.summary_runs(workdir)
+    loaded = LoadedRun(workdir, cfg, g.task, g.model, run, k, which, step,
+                       summaries[run] if run < len(summaries) else None)
+    return loaded, freeze.merge(unstack(stacked, run), _run_frozen(g.frozen))
+
+
+def _run_frozen(frozen: dict) -> dict:
+    """A group of one's frozen tree without its run axis (the backbone has none)."""
+    return {k: v if k == BACKBONE else unstack(v, 0) for k, v in frozen.items()}

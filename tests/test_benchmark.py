@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import bench, freeze, tasks, train
+from fpt_jax import bench, build, freeze, steps, tasks
+from fpt_jax.models.fpt import make_model
 from fpt_jax.bench import core, jax_step, peaks, report as report_lib, torch_ref
 from fpt_jax.config import TrainConfig
 
@@ -227,7 +228,7 @@ def test_train_config_of_an_lstm_case_is_a_random_fully_trained_lstm_at_the_base
     assert (cfg.model, cfg.init, cfg.trainable, cfg.n_head, cfg.match_model, cfg.remat) == (
         "lstm", "random", "full", None, None, False)
     assert (cfg.task, cfg.batch_size) == ("synthetic", SHAPE.batch_size)
-    config, params = train.backbone(cfg)
+    config, params = build.backbone(cfg)
     assert params is None and type(config).__name__ == "LSTMConfig"
     assert (config.n_layer, config.n_embd) == (BASE.n_layer, BASE.n_embd)  # stays small
     # without size overrides the preset's: the paper's 3 x 768 LSTM
@@ -337,11 +338,12 @@ def test_remat_gives_the_same_loss_and_gradients():
     rng = jax.random.PRNGKey(3)
     # Two blocks: the last one, computed only where the head reads, is never rematted.
     cfg = dataclasses.replace(BASE, n_layer=2, trainable="full", dropout=0.1)
-    s = train.setup(cfg, task)
-    params = freeze.merge(s.state.trainable, s.frozen)
+    g = build.build_group(cfg, task=task)
+    frozen = {k: v if k == steps.BACKBONE else steps.unstack(v, 0) for k, v in g.frozen.items()}
+    params = freeze.merge(steps.unstack(g.states.trainable, 0), frozen)
     out = {}
     for remat in (False, True):
-        model = train.make_model(dataclasses.replace(cfg, remat=remat), task, s.config)
+        model = make_model(dataclasses.replace(cfg, remat=remat), task, g.config)
         assert model.remat is remat
 
         def loss(params, model=model):

@@ -10,8 +10,9 @@ import pytest
 from absl import flags
 
 from experiments import cli
-from fpt_jax import train
+from fpt_jax import build
 from fpt_jax.config import TASK_FIELDS, TrainConfig
+from fpt_jax.models.fpt import make_model
 from fpt_jax.tasks import get_task, task_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +87,8 @@ def test_every_task_config_builds_its_task_and_model(path, tmp_path):
     if "data_dir" in task_settings(cfg.task):
         options["data_dir"] = str(tmp_path)  # dataset tasks read their files lazily
     task = get_task(cfg.task, **options)
-    config, _ = train.backbone(dataclasses.replace(cfg, init="random"))
-    model = train.make_model(cfg, task, config)
+    config, _ = build.backbone(dataclasses.replace(cfg, init="random"))
+    model = make_model(cfg, task, config)
     dtype = np.int32 if task.input_kind == "tokens" else np.float32
     x = jax.ShapeDtypeStruct((2, *task.example_shape), dtype)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros(x.shape, dtype)))

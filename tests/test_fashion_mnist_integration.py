@@ -1,7 +1,7 @@
 """Integration on REAL data: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 
 Prepares the four IDX files with the documented command's library function, checks the
-dataset, then trains a small random-init FPT through `fpt_jax.train` and requires a test
+dataset, then trains a small random-init FPT through `fpt_jax.loop` and requires a test
 accuracy far above chance (10%).
 
 The model is an FPT in the paper's sense: random-init GPT-2 blocks (2 layers, width 128)
@@ -28,7 +28,7 @@ MIN_ACCURACY = 0.55
 
 
 def test_prepare_and_train_fashion_mnist(tmp_path):
-    from fpt_jax import train
+    from fpt_jax import loop
     from fpt_jax.config import TrainConfig
     from fpt_jax.tasks import get_task, tfds_builders
 
@@ -48,6 +48,6 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
         learning_rate=3e-3, batch_size=32, steps=STEPS, eval_every=STEPS,
         eval_batch_size=1_000, log_every=100, checkpoint_every=10 * STEPS, seed=0,
         num_devices=1)
-    final = train.train_and_evaluate(cfg, os.fspath(tmp_path / "workdir"))
-    assert final["eval/accuracy"] >= MIN_ACCURACY, final  # validation
-    assert final["test/accuracy"] >= MIN_ACCURACY, final  # the real test split, once
+    (run,) = loop.train_and_evaluate(cfg, os.fspath(tmp_path / "workdir"))
+    assert run["final"]["eval/accuracy"] >= MIN_ACCURACY, run  # validation
+    assert run["test"]["test"]["test/accuracy"] >= MIN_ACCURACY, run  # the real test split, once

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import freeze, parallel, train
+from fpt_jax import build, freeze, loop, parallel, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones, fnet, gpt2
 
@@ -90,26 +90,30 @@ def test_fnet_trains_in_the_pipeline_with_its_frozen_mlp_bit_identical(tmp_path)
     cfg = TrainConfig(task="bit_xor", n=3, num_patterns=2, patch_size=1, model="fnet",
                       init="random", n_layer=2, n_embd=32, steps=6, eval_every=3,
                       eval_batches=1, checkpoint_every=3, batch_size=4, num_devices=1)
-    final = train.train_and_evaluate(cfg, str(tmp_path))
-    assert np.isfinite(final["eval/accuracy"])
+    (run,) = loop.train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(run["final"]["eval/accuracy"])
 
     # The same run's first steps, by hand: the frozen tree (the MLPs) comes back unchanged.
-    s = train.setup(cfg)
-    _, counts = freeze.count_table(freeze.merge(s.state.trainable, s.frozen), s.selection)
+    g = build.build_group(cfg)
+    frozen_one = {k: v if k == steps.BACKBONE else steps.unstack(v, 0)
+                  for k, v in g.frozen.items()}
+    _, counts = freeze.count_table(freeze.merge(steps.unstack(g.states.trainable, 0),
+                                                frozen_one), g.selection)
     assert counts["mlp"]["frozen"] > 0 and counts["mlp"]["trainable"] == 0
     assert counts["attn"]["frozen"] + counts["attn"]["trainable"] == 0
     devices = parallel.local_devices(1)
-    step = train.pmapped_train_step(train.make_train_step(s.model, s.task, s.tx), devices)
-    state, frozen = parallel.replicate(s.state, devices), parallel.replicate(s.frozen, devices)
+    step = steps.pmapped_train_step(steps.make_train_step(g.model, g.task, g.tx), devices)
+    state, frozen = parallel.replicate(g.states, devices), parallel.replicate(g.frozen, devices)
+    rngs = steps.run_rngs(g.seeds)
     for i in range(2):
-        batch = s.task.batch("train", i, cfg.batch_size, seed=0)
-        state, _ = step(state, frozen, parallel.shard_batch(batch, 1), jax.random.PRNGKey(0))
+        batch = g.task.batch("train", i, cfg.batch_size, seed=0)
+        state, _ = step(state, frozen, steps.stack_runs([parallel.shard_batch(batch, 1)]), rngs)
     after_f = flax.traverse_util.flatten_dict(parallel.unreplicate(frozen))
-    for k, v in flax.traverse_util.flatten_dict(s.frozen).items():
+    for k, v in flax.traverse_util.flatten_dict(g.frozen).items():
         assert np.array_equal(v, after_f[k]), k
     after_t = flax.traverse_util.flatten_dict(parallel.unreplicate(state).trainable)
     assert any(not np.array_equal(v, after_t[k])
-               for k, v in flax.traverse_util.flatten_dict(s.state.trainable).items())
+               for k, v in flax.traverse_util.flatten_dict(g.states.trainable).items())
 
 
 @pytest.mark.parametrize("normalized", [False, True])

@@ -130,7 +130,7 @@ def test_count_table_sums_to_the_parameter_count(params):
 def test_a_named_group_the_model_lacks_is_refused_before_training(model, spec, missing):
     import dataclasses
 
-    from fpt_jax import sweep_cells, train
+    from fpt_jax import build, sweep_cells
     from fpt_jax.config import TrainConfig
     cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, model=model,
                       init="random", n_layer=1, n_embd=16, batch_size=2,
@@ -139,7 +139,7 @@ def test_a_named_group_the_model_lacks_is_refused_before_training(model, spec, m
                                          rf"{missing} parameters; its groups: input, "):
         sweep_cells.precheck(cfg)
     with pytest.raises(ValueError, match=rf"this model has no {missing} parameters"):
-        train.setup(cfg)
+        build.build_group(cfg)
     # Presets name no group themselves: 'full' and 'fpt' train what the model has.
     for preset in ("full", "fpt"):
         sweep_cells.precheck(dataclasses.replace(cfg, trainable=preset))

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import baselines, train
+from fpt_jax import baselines, build, loop, steps
+from fpt_jax.models.fpt import make_model
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import lstm
 from fpt_jax.tasks import get_task
@@ -84,8 +85,8 @@ def test_the_lstm_learns_a_tiny_task(tmp_path):
         batch_size=16, steps=300, eval_every=300, eval_batches=4, log_every=100,
         checkpoint_every=1000, dropout=0.0), "lstm")
     cfg = dataclasses.replace(cfg, learning_rate=3e-3)
-    metrics = train.train_and_evaluate(cfg, str(tmp_path))
-    assert metrics["test/accuracy"] == 1.0, metrics
+    (run,) = loop.train_and_evaluate(cfg, str(tmp_path))
+    assert run["test"]["test"]["test/accuracy"] == 1.0, run
 
 
 def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both():
@@ -94,24 +95,24 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
     task = get_task("bit_xor", n=5, num_patterns=2, patch_size=1)
     total = baselines.match(TrainConfig(**base, match_count="total"), task)
     assert abs(total.difference) < 0.01 and 1800 < total.width < 2000
-    s = train.setup(TrainConfig(**base, match_count="trainable"))
+    s = build.build_group(TrainConfig(**base, match_count="trainable"))
     matched = baselines.match(s.cfg, task)
     assert s.config.n_embd == matched.width and s.config.n_layer == 3
     assert abs(matched.difference) < 0.01
     # the count is the built model's, the target gpt2's trainable part as FPT on this task
-    built = sum(x.size for x in jax.tree_util.tree_leaves(s.state.trainable))
+    built = sum(x.size for x in jax.tree_util.tree_leaves(steps.unstack(s.states.trainable, 0)))
     assert built == matched.count
     d, blocks, positions = 768, 12, 1024  # gpt2 as FPT on 1-feature tokens, 2 classes
     fpt_trainable = (1 * d + d) + positions * d + (2 * blocks + 1) * 2 * d + (d * 2 + 2)
     assert matched.target == fpt_trainable
     assert f"{matched.target:,}" in s.table and f"{matched.count:,}" in s.table
     one = baselines.match(TrainConfig(**base, n_layer=1), task)  # its own layers matched
-    model = train.make_model(s.cfg, task, lstm.LSTMConfig(n_layer=1, n_embd=one.width))
+    model = make_model(s.cfg, task, lstm.LSTMConfig(n_layer=1, n_embd=one.width))
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == one.count
     assert abs(one.difference) < 0.01 and one.width > matched.width
     for width in (matched.width - 1, matched.width + 1):  # the nearest integer width
-        model = train.make_model(s.cfg, task, dataclasses.replace(s.config, n_embd=width))
+        model = make_model(s.cfg, task, dataclasses.replace(s.config, n_embd=width))
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))
         count = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
         assert abs(count - matched.target) >= abs(matched.count - matched.target)
@@ -130,7 +131,7 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
 def test_bad_lstm_settings_are_clear_errors(change, message):
     with pytest.raises(ValueError, match=message):
         cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, **change)
-        s = train.setup(cfg)
+        s = build.build_group(cfg)
         s.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 1)))
 
 

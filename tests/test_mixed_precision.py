@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fpt_jax import freeze, optim, train
+from fpt_jax import build, freeze, optim, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import mixed
 
@@ -80,27 +80,48 @@ def test_dense_is_flax_dense_in_float32_and_accumulates_in_float32_in_bfloat16()
     np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=2**-8, atol=1e-6)
 
 
-def _weight_dots(hlo: str) -> list[tuple[list[str], str]]:
+def _weight_dots(hlo: str, n_embd: int) -> list[tuple[list[str], str]]:
     """(operand dtypes, result dtype) of every dot of the backbone's weight layers (c_attn,
     c_proj, c_fc: forward and backward) in an optimized HLO module's text, inside fusions
-    too. Instruction names are unique in a module; operands are printed by name only."""
-    dtype_of = dict(re.findall(r"%(\S+) = \(?(\w+)\[", hlo))
+    too. Instruction names are unique in a module; operands are printed by name only.
+
+    A dot is recognised by its shapes: no batch dimensions, and every dimension of its
+    operands and result one of the layers' widths (n_embd, 3 n_embd, 4 n_embd) but the
+    token count, present twice (forward: [T, in] x [in, out]; input gradient: [T, out] x
+    [in, out]; weight gradient: [in, T] x [T, out]). Not by its op_name: the group step
+    vmaps the run axis, and with trainable weights ([K=1, in, out]) XLA drops the size-1
+    batch dimension of their products and their metadata with it. Where XLA keeps the
+    op_name it must agree."""
+    widths = {n_embd, 3 * n_embd, 4 * n_embd}
+    shape_of = {m.group(1): (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+                for m in re.finditer(r"%(\S+) = \(?(\w+)\[([\d,]*)\]", hlo)}
     out = []
     for line in hlo.splitlines():
-        m = re.search(r"%\S+ = (\w+)\[[^\]]*\]\S* dot\(%(\S+), %(\S+?)\).*op_name=\"([^\"]+)\"",
-                      line)
-        if m and re.search(r"/(c_attn|c_proj|c_fc)/", m.group(4)):
-            out.append(([dtype_of[m.group(2)], dtype_of[m.group(3)]], m.group(1)))
+        m = re.search(r"%\S+ = (\w+)\[([\d,]*)\]\S* dot\(%(\S+), %(\S+?)\)", line)
+        if not m:
+            continue
+        (a_dtype, a), (b_dtype, b) = shape_of[m.group(3)], shape_of[m.group(4)]
+        result = tuple(int(d) for d in m.group(2).split(",") if d)
+        dims = [*a, *b, *result]
+        tokens = [d for d in dims if d not in widths]
+        by_shape = ("batch_dims" not in line and len(a) == len(b) == len(result) == 2
+                    and len(tokens) == 2 and tokens[0] == tokens[1])
+        name = re.search(r"op_name=\"([^\"]+)\"", line)
+        if name and re.search(r"/(c_attn|c_proj|c_fc)/", name.group(1)):
+            assert by_shape, line  # the shape rule finds every dot the metadata names
+        if by_shape:
+            out.append(([a_dtype, b_dtype], m.group(1)))
     return out
 
 
 @pytest.mark.parametrize("trainable", ["fpt", "full"])
 def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
     cfg = TrainConfig(**TINY, trainable=trainable, dtype="bfloat16")
-    s = train.setup(cfg)
-    step = train.make_train_step(s.model, s.task, s.tx, axis_name=None)
-    batch = s.task.batch("train", 0, cfg.batch_size, seed=0)
-    lowered = jax.jit(step).lower(s.state, s.frozen, batch, jax.random.PRNGKey(0))
+    g = build.build_group(cfg)
+    step = steps.make_train_step(g.model, g.task, g.tx, axis_name=None)
+    # A group of one: every leaf of the batch with the run axis [K=1, ...].
+    batch = {k: v[None] for k, v in g.task.batch("train", 0, cfg.batch_size, seed=0).items()}
+    lowered = jax.jit(step).lower(g.states, g.frozen, batch, steps.run_rngs([0]))
     # What the step asks for: every product of the forward and backward pass.
     emitted = re.findall(r"stablehlo.dot_general.*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)"
                          r" -> tensor<[^>]*x(\w+)>", lowered.as_text())
@@ -109,20 +130,20 @@ def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
     # What XLA runs: the weight layers' products (forward, input gradients and, in full
     # fine-tuning, weight gradients) keep bfloat16 operands. (XLA:CPU itself runs the small
     # batched attention products in float32; on GPU/TPU they stay bfloat16.)
-    dots = _weight_dots(lowered.compile().as_text())
+    dots = _weight_dots(lowered.compile().as_text(), cfg.n_embd)
     per_layer = 3 * 4 if trainable == "full" else 2 * 4
     assert len(dots) >= per_layer * cfg.n_layer - 1, dots  # the last layer is trimmed
     assert all(ops == ["bf16", "bf16"] and out == "f32" for ops, out in dots), dots
 
 
 def test_frozen_part_is_the_float32_init_cast_once():
-    f32 = train.setup(TrainConfig(**TINY, trainable="output", dtype="float32"))
-    bf16 = train.setup(TrainConfig(**TINY, trainable="output", dtype="bfloat16"))
+    f32 = build.build_group(TrainConfig(**TINY, trainable="output", dtype="float32"))
+    bf16 = build.build_group(TrainConfig(**TINY, trainable="output", dtype="bfloat16"))
     for a, b in zip(jax.tree_util.tree_leaves(f32.frozen), jax.tree_util.tree_leaves(bf16.frozen)):
         assert b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(jnp.bfloat16))
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-        np.array_equal, f32.state.trainable, bf16.state.trainable))
+        np.array_equal, f32.states.trainable, bf16.states.trainable))
     assert freeze.cast_frozen({"n": np.arange(3)}, jnp.bfloat16)["n"].dtype == np.arange(3).dtype
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fpt_jax import parallel, train
+from fpt_jax import loop, parallel
 from fpt_jax.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,8 @@ class Cluster:
     """`NUM_PROCESSES` local processes of one multi-process run, output in files."""
 
     def __init__(self, logdir: Path, flags: list[str], cache_dir: Path, timeout: int,
-                 per_process: list[list[str]] | None = None):
+                 per_process: list[list[str]] | None = None,
+                 module: str = "tests.multihost_worker"):
         env = dict(os.environ)
         env.update({
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
@@ -72,7 +73,7 @@ class Cluster:
         self.procs = []
         for i, (out, err) in enumerate(self.logs):
             own = per_process[i] if per_process else []
-            cmd = [sys.executable, "-m", "tests.multihost_worker", *flags, *own,
+            cmd = [sys.executable, "-m", module, *flags, *own,
                    f"--coordinator_address=127.0.0.1:{port}",
                    f"--num_processes={NUM_PROCESSES}", f"--process_id={i}",
                    f"--distributed_timeout={timeout}", "--distributed_init_timeout=120"]
@@ -109,7 +110,8 @@ class Cluster:
                 p.wait()
 
 
-def _metrics(workdir: Path) -> dict[int, dict[str, float]]:
+def _metrics(workdir: Path, run: int = 0) -> dict[int, dict[str, float]]:
+    """Run `run`'s rows of a group's metrics.jsonl, by step."""
     by_step: dict[int, dict[str, float]] = {}
     path = workdir / "metrics.jsonl"
     if path.exists():
@@ -117,7 +119,8 @@ def _metrics(workdir: Path) -> dict[int, dict[str, float]]:
         for line in lines:
             if line.strip():
                 record = json.loads(line)
-                by_step.setdefault(record.pop("step"), {}).update(record)
+                if record.get("run", 0) == run:
+                    by_step.setdefault(record.pop("step"), {}).update(record)
     return by_step
 
 
@@ -144,7 +147,7 @@ def runs(tmp_path_factory):
                                             f"--restored_to={root}/restored_{{process}}.npz"],
                       root / "jax_cache", timeout=120)
     try:
-        train.train_and_evaluate(REF_CONFIG, str(ref))
+        loop.train_and_evaluate(REF_CONFIG, str(ref))
         cluster.wait(timeout=300)
     finally:
         cluster.kill()
@@ -319,3 +322,36 @@ def test_processes_that_disagree_on_the_config_fail_naming_the_difference(tmp_pa
         assert "the processes disagree on the config: n_embd" in err, cluster.report()
     assert "n_embd=64" in cluster.output(1)[1]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step
+
+
+def test_a_group_of_runs_over_two_processes_matches_one_process(tmp_path):
+    """experiments.sweep with the multi-process flags: one cell, a group of 2 learning rates
+    x 1 seed trained by both processes together (4 devices), equals the same group trained
+    by one process over 4 devices, run by run: losses, evaluations, selection and test."""
+    import jax
+    if jax.local_device_count() != NUM_PROCESSES * DEVICES_PER_PROCESS:
+        pytest.skip("the reference needs 4 devices (XLA_FLAGS from conftest.py)")
+    lrs, seeds, steps = (1e-3, 3e-2), (3,), 4
+    flags = [*RUN_FLAGS, f"--config.steps={steps}", "--learning_rates=" + ",".join(map(str, lrs)),
+             "--seeds=" + ",".join(map(str, seeds)), f"--workdir={tmp_path / 'multi'}"]
+    cluster = Cluster(tmp_path / "logs", flags, tmp_path / "jax_cache", timeout=120,
+                      module="experiments.sweep")
+    try:
+        import dataclasses
+        ref = loop.train_and_evaluate(dataclasses.replace(REF_CONFIG, steps=steps),
+                                      str(tmp_path / "ref"), lrs, seeds * len(lrs))
+        cluster.wait(timeout=300)
+    finally:
+        cluster.kill()
+    cell = tmp_path / "multi" / "cells" / "base"
+    for k in range(len(lrs)):
+        got, want = _metrics(cell, k), _metrics(tmp_path / "ref", k)
+        assert max(got) == steps and got[steps]["learning_rate"] == lrs[k]
+        _assert_metrics_match(got, want, range(1, steps + 1))
+    summary = json.loads((cell / "summary.json").read_text())["runs"]
+    for got, want in zip(summary, ref):
+        assert got["best_step"] == want["best_step"]
+        np.testing.assert_allclose(got["test"]["test"]["test/accuracy"],
+                                   want["test"]["test"]["test/accuracy"], rtol=RTOL)
+    out0, out1 = cluster.output(0)[0], cluster.output(1)[0]
+    assert "results.md" in out0 and "# Sweep results" not in out1  # process 0 reports

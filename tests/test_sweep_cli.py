@@ -261,7 +261,7 @@ def test_flags_parsers():
 # --- the loop over cells, with a fake training loop -----------------------------------------
 
 class FakeTrain:
-    """train_and_evaluate_sweep's contract: summary.json with K runs and metrics.jsonl rows;
+    """loop.train_and_evaluate's contract (a group of K runs): summary.json with K runs and metrics.jsonl rows;
     a known validation accuracy per (trainable, lr, seed)."""
 
     def __init__(self):
@@ -395,12 +395,6 @@ def test_bad_command_lines(tmp_path):
     assert not (tmp_path / "wd" / "cells").exists()  # nothing started
 
 
-def _has_loop() -> bool:
-    from fpt_jax import sweep
-    return hasattr(sweep, "train_and_evaluate_sweep")
-
-
-@pytest.mark.skipif(not _has_loop(), reason="fpt_jax.sweep.train_and_evaluate_sweep not there")
 def test_end_to_end_tiny_sweep(tmp_path):
     wd = tmp_path / "sweep"
     args = [*TINY, "--config.dropout=0", "--grid=trainable=output|fpt",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
+import os
 import pkgutil
 from typing import Callable, Iterator
 
@@ -124,9 +125,9 @@ def task_settings(name: str) -> list[str]:
 
 def _import_all() -> None:
     """Imports every module of this package: task modules register themselves on import."""
-    import fpt_jax.tasks as package
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+    package = __name__.rpartition(".")[0]  # fpt_jax.tasks, by name: no import of itself
+    for module in pkgutil.iter_modules([os.path.dirname(__file__)]):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 def check_process(process_index: int, process_count: int) -> None:

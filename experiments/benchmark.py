@@ -12,7 +12,7 @@ r"""Measures the speed of fpt-jax's training step, against the original PyTorch 
   python -m experiments.benchmark --config.model=gpt2-large --seq_lens=1024 --batch_size=1 \
       --modes=frozen --remats=false,true --notorch_reference --name=remat
 
-  # K = 1, 4, 16 runs trained by one vmapped sweep step (fpt_jax.sweep): per-run time
+  # K = 1, 4, 16 runs trained by one vmapped group step (fpt_jax.steps): per-run time
   # against one run and against the PyTorch recipe's one run, utilisation vs the matmul peak
   python -m experiments.benchmark --config.model=gpt2 --shapes=bit_xor --modes=frozen \
       --sweeps=1,4,16 --name=sweep
@@ -91,7 +91,7 @@ flags.DEFINE_list("dtypes", None, "Compute dtypes to sweep: float32, bfloat16 (t
                   "parameters stay float32, frozen ones are stored in the compute dtype). Default: --config.dtype. With bfloat16 the eval loss is "
                   "checked against float32.")
 flags.DEFINE_list("sweeps", ["1"], "K values: every training case is timed with K runs "
-                  "trained by one vmapped sweep step (fpt_jax.sweep: the backbone shared, "
+                  "trained by one vmapped sweep step (fpt_jax.steps, as a run group trains: the backbone shared, "
                   "states donated), reported per run (step time / K) and against K=1. K=1 is "
                   "the single-run training step. Integers >= 1.")
 flags.DEFINE_list("baselines", [], "Baseline backbones timed next to the config's model "

@@ -20,7 +20,7 @@ paper's LSTM and a parameter-matched one, the FNet reservoir) plus frozen MiniLM
 architecture at random init, each with its own overrides (e.g. a smaller model on a CPU).
 Also the paper's ablation: parameter groups added one at a time.
 
-Every (task, row) is a sweep cell (`fpt_jax.sweep`: its learning rates x seeds trained
+Every (task, row) is a sweep cell (a run group of `fpt_jax.loop`: its learning rates x seeds trained
 together, selection on validation, test once at each run's best step) in
 REPORT_DIR/cells/<task>__<row>~<hash>/, the hash over its exact settings: an interrupted
 reproduction resumes, and a second one with another budget reuses every cell whose settings
@@ -49,7 +49,7 @@ from ml_collections import ConfigDict, config_flags
 
 from experiments import cli
 from fpt_jax import sweep_cells
-from fpt_jax import baselines, build, reproduce_report, results
+from fpt_jax import baselines, build, loop, reproduce_report, results
 from fpt_jax.config import TrainConfig
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -327,6 +327,8 @@ def main(argv):
         return
     try:
         run(p, report_dir)
+    except loop.Preempted as e:  # the cell in training checkpointed; the command resumes
+        cli.stopped(e)
     except ValueError as e:
         cli.fail(str(e))
     path = reproduce_report.write(report_dir, budget, whole.cells, whole.skipped,

@@ -3,7 +3,7 @@
 A sweep workdir holds one directory per grid cell, `WORKDIR/cells/<name>/`, with
 `cell.json` (the cell's grid settings and config, written by experiments/sweep.py),
 `summary.json` (`{"runs": [...]}`, one entry per learning rate x seed run, written by
-`fpt_jax.sweep.train_and_evaluate_sweep`) and `metrics.jsonl` (rows with `run`, `step` and
+`fpt_jax.loop.train_and_evaluate`) and `metrics.jsonl` (rows with `run`, `step` and
 `eval/accuracy` on validation). From these:
 
 - `WORKDIR/results.csv`: one row per run (the cell, its grid settings, learning rate, seed,

@@ -1,7 +1,7 @@
 """Step time, FLOPs, utilisation and memory of the training step, against the PyTorch recipe.
 
 What is timed is the step training runs, built from a `TrainConfig` (the benchmark's
-`BenchConfig.base`) by `train.setup`: pmapped over the local devices, the state donated,
+`BenchConfig.base`) by `build.build_group`: pmapped over the local devices, the state donated,
 the frozen parameters read in place. Per case: compile time, median and p10-p90 of the step
 time after warm-up, tokens/s; FLOPs and bytes accessed from XLA's cost analysis of the
 compiled step; utilisation against the device's peak for the case's dtype (bfloat16: bfloat16
@@ -10,11 +10,11 @@ a step must touch (`core.minimum_step_bytes`); memory from XLA's memory analysis
 all-reduce counts in the optimised HLO.
 
 Sweeps (`BenchConfig.sweeps`, `--sweeps=1,4,16`): every training case is also timed as K runs
-trained by one vmapped sweep step (`fpt_jax.sweep`: `init_runs`, `make_sweep_step` inside
-`pmapped_sweep_step`, states donated, the backbone shared), reported per run (step time / K),
-against K=1 and against the PyTorch recipe's one run, with the compiled step's argument
-bytes (backbone once + K x the run's state). K=1 is the single-run training step, unchanged,
-so results without sweeps stay comparable.
+trained by one vmapped group step (`build.build_group`, `steps.make_train_step` inside
+`steps.pmapped_train_step`, states donated, the backbone shared), reported per run (step
+time / K), against K=1 and against the PyTorch recipe's one run, with the compiled step's
+argument bytes (backbone once + K x the run's state). K=1 is a single run's training step:
+the same program with a group of one, as training runs it.
 
 Baselines (`BenchConfig.baselines`, `--baselines=lstm,fnet`): baseline backbones timed in the
 same run as the config's model, for every shape, dtype and K, each trained as the paper's

@@ -2,8 +2,9 @@
 
 A case is (shape, trainable selection, dtype, remat, runs) over a base training config: the
 shape (batch x tokens x features -> classes) is a `synthetic` task, the selection is what the
-step trains (None: forward only), `runs` the K runs trained together by one vmapped sweep step
-(`fpt_jax.sweep`; 1: the single-run training step, exactly as before sweeps existed). Modes name selections: `frozen` is the base config's
+step trains (None: forward only), `runs` the K runs trained together by one vmapped group step
+(`fpt_jax.steps`; 1: a single run, the group of one that training runs). Modes name
+selections: `frozen` is the base config's
 `trainable` (the paper's `fpt` by default), `full` fine-tunes everything, `forward` times the
 eval step; any other selection string is a mode of its own.
 
@@ -89,7 +90,7 @@ class Case:
     trainable: str | None = "fpt"  # the trainable selection; None: forward only
     dtype: str = "float32"
     remat: bool = False
-    runs: int = 1  # K > 1: K runs in one vmapped sweep step (fpt_jax.sweep)
+    runs: int = 1  # K > 1: K runs in one vmapped group step (fpt_jax.steps)
     model: str | None = None  # a baseline preset; None: the base config's model
 
     @property
@@ -115,7 +116,7 @@ class BenchConfig:
     modes: tuple[str, ...] = MODES  # and/or trainable selections
     dtypes: tuple[str, ...] | None = None  # None: (base.dtype,)
     remats: tuple[bool, ...] | None = None  # None: (base.remat,)
-    # K values: training cases of K runs in one vmapped sweep step (fpt_jax.sweep), timed
+    # K values: training cases of K runs in one vmapped group step (fpt_jax.steps), timed
     # per K; K=1 is the single-run training step (forward-only cases are never swept).
     sweeps: tuple[int, ...] = (1,)
     # Baseline presets (lstm, fnet families) timed for every shape, dtype and K next to the

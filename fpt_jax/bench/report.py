@@ -167,7 +167,7 @@ def _sweep_table(report: dict[str, Any]) -> list[str]:
     if not any(r.get("runs", 1) != 1 for r in rows):
         return []
     comp = {c["case"]: c for c in report["comparisons"]}
-    lines = ["", "Sweeps: K runs trained by one vmapped step (fpt_jax.sweep; the backbone read "
+    lines = ["", "Sweeps: K runs trained by one vmapped step (fpt_jax.steps; the backbone read "
              "once for all K runs). K=1 is the single-run training step. Per-run time = step "
              "time / K; PyTorch's time is the original recipe's, one run per step (as the "
              "original code trains). Arguments: the compiled step's per device (backbone + "

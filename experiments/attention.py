@@ -33,7 +33,7 @@ F = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished run's workdir (experiments.train), or a sweep "
                     "cell's (WORKDIR/cells/<name>; then --run).", required=True)
 flags.DEFINE_integer("run", None, "A sweep cell's run: its index in the cell's summary.json "
-                     "runs. Required for a cell, not accepted for a single run.")
+                     "runs. Required for a cell of several runs; a single run is run 0.")
 flags.DEFINE_enum("which", "best", ["best", "last"], "best: the parameters of the run's "
                   "selected step (best validation accuracy); last: its newest checkpoint's.")
 flags.DEFINE_string("split", "test", "The split the example comes from.")

@@ -106,7 +106,7 @@ class TrainConfig:
     steps: int = _setting(1000, "Total optimizer steps.")
     nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm: None "
                                            "stops the run (the last good checkpoint is kept); "
-                                           "N skips such updates (optax.apply_if_finite) and "
+                                           "N skips such updates (the step keeps the state) and "
                                            "stops after N in a row.")
     # --- evaluation, logging, checkpoints
     eval_every: int = _setting(100, "Evaluate every this many steps.")

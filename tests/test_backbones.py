@@ -244,7 +244,7 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
 
 def test_a_run_of_a_group_is_the_init_of_the_next_when_named_by_run(tmp_path):
     group_dir = tmp_path / "group"
-    source = TrainConfig(**{**TINY, "eval_every": 2}, trainable="full", steps=2)
+    source = TrainConfig(**{**TINY, "n_layer": 1, "eval_every": 1}, trainable="full", steps=1)
     loop.train_and_evaluate(source, str(group_dir), [1e-3, 1e-2], [0, 1])
     loaded, last1 = build.load_run(str(group_dir), 1, "last")
     assert (loaded.run, loaded.num_runs, loaded.cfg.seed) == (1, 2, 1)

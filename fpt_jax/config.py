@@ -104,10 +104,12 @@ class TrainConfig:
     batch_size: int = _setting(4, "Global batch size (all devices of all processes).")
     grad_accum: int = _setting(1, "Gradient accumulation steps per update.")
     steps: int = _setting(1000, "Total optimizer steps.")
-    nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm: None "
-                                           "stops the run (the last good checkpoint is kept); "
-                                           "N skips such updates (the step keeps the state) and "
-                                           "stops after N in a row.")
+    nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm (never "
+                                           "applied: the step keeps the state): None stops the "
+                                           "run at the first, N after N+1 in a row. A single "
+                                           "run then ends with an error (its last checkpoint "
+                                           "kept); in a group the run is recorded as diverged "
+                                           "and the others go on.")
     # --- evaluation, logging, checkpoints
     eval_every: int = _setting(100, "Evaluate every this many steps.")
     eval_batches: int | None = _setting(10, "Generated tasks: batches per evaluation; None: "

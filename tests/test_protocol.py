@@ -2,11 +2,14 @@
 at the selected step, summary.json, early stopping, steps to converge."""
 import dataclasses
 import json
+import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import train
+from fpt_jax import build, checkpoint, freeze, loop, parallel, runs, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.protocol import BestStep
 from fpt_jax.tasks import get_task
@@ -33,42 +36,44 @@ class CountingTask:
 
 def test_test_split_is_read_once_at_the_selected_step(tmp_path):
     task = CountingTask()
-    final = train.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=task)
+    (final,) = loop.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=task)
     assert task.reads == {"validation": 3, "test": 1}
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    (summary,) = runs.summary_runs(str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
     best = max(val, key=lambda step: (val[step], -step))  # the first of the best
     assert summary["best_step"] == best and summary["best_val_accuracy"] == val[best]
-    assert summary["test"]["test"]["test/accuracy"] == final["test/accuracy"]
+    assert summary["test"]["test"]["test/accuracy"] == final["test"]["test"]["test/accuracy"]
     assert summary["last_step"] == 12 and summary["trainable_params"] > 0
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [str(best)]
-    # the best step's parameters, evaluated on test, are what the summary holds
+    # the best step travels in the checkpoint (no best/ directory): the newest one records it
+    assert not (tmp_path / "best").exists()
+    assert _checkpoint_protocol(tmp_path)[0]["best_step"] == best
+    # the best step's parameters, evaluated on test, are what the summary holds (below:
+    # test_the_newest_checkpoint_holds_the_best_step_that_summary_json_reports)
     again = CountingTask()
-    train.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=again)
+    loop.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=again)
     assert again.reads == {}  # finished: nothing trained, nothing read, summary kept
 
 
 def test_resumed_run_selects_and_tests_as_an_uninterrupted_one(tmp_path):
     cfg = TrainConfig(**{**TINY, "dropout": 0.1})
-    train.train_and_evaluate(cfg, str(tmp_path / "straight"))
-    train.train_and_evaluate(dataclasses.replace(cfg, steps=8), str(tmp_path / "resumed"))
-    train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text())
-            for d in ("straight", "resumed"))
+    loop.train_and_evaluate(cfg, str(tmp_path / "straight"))
+    loop.train_and_evaluate(dataclasses.replace(cfg, steps=8), str(tmp_path / "resumed"))
+    loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    (a,), (b,) = (runs.summary_runs(str(tmp_path / d)) for d in ("straight", "resumed"))
     for key in ("best_step", "best_val_accuracy", "test", "last_step", "steps_to_converge"):
         assert a[key] == b[key], key
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
     cfg = TrainConfig(**{**TINY, "learning_rate": 1e-12, "patience": 2, "steps": 40})
-    train.train_and_evaluate(cfg, str(tmp_path))
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    loop.train_and_evaluate(cfg, str(tmp_path))
+    (summary,) = runs.summary_runs(str(tmp_path))
     # nothing learns at lr 1e-12: the first evaluation stays the best, two more end the run
     assert summary["stopped_early"] and summary["best_step"] == 4
     assert summary["last_step"] == 12
     lines = (tmp_path / "metrics.jsonl").read_text()
-    train.train_and_evaluate(cfg, str(tmp_path))  # a rerun does not train on
+    loop.train_and_evaluate(cfg, str(tmp_path))  # a rerun does not train on
     assert (tmp_path / "metrics.jsonl").read_text() == lines
 
 
@@ -90,26 +95,62 @@ def test_best_step_bookkeeping(accuracies, converge_at, best, converged, stops_a
     assert np.isneginf(BestStep.from_json(BestStep().to_json()).best_accuracy)
 
 
-def test_a_checkpoint_is_issued_only_once_the_best_step_it_records_is_on_disk(
-        tmp_path, monkeypatch):
-    # A run killed after a checkpoint commits must find the best step that checkpoint
-    # records: the best save issued just before it (same step) must be finished first.
-    from fpt_jax import checkpoint
-    managers, issued = [], []
-    real_init, real_save = checkpoint.Checkpoints.__init__, checkpoint.Checkpoints.save
+def _checkpoint_protocol(workdir) -> list[dict]:
+    """The selection (one BestStep per run) that the newest checkpoint records."""
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, runs.CHECKPOINTS), read_only=True)
+    try:
+        return ckpts.meta(ckpts.latest_step())["protocol"]
+    finally:
+        ckpts.close()
 
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        managers.append(self)
 
-    def save(self, step, *args, **kwargs):
-        if self.manager.directory.name == "checkpoints":
-            issued.append((step, any(m.manager.directory.name == "best"
-                                     and m.manager.is_saving_in_progress() for m in managers)))
-        return real_save(self, step, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.Checkpoints, "__init__", init)
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
-    summary = train.train_and_evaluate(TrainConfig(**TINY), str(tmp_path))
-    assert "test/accuracy" in summary  # the first evaluation is a best, saved at step 4
-    assert [step for step, _ in issued] == [4, 8, 12]
-    assert not any(busy for _, busy in issued), issued
+def _test_metrics(workdir, cfg: TrainConfig, which: str = "best") -> dict[str, float]:
+    """The run's test metrics from its checkpoint's parameters (`build.load_run`), evaluated
+    as the loop evaluates a group of one on a generated task: the run's seeded test batches
+    with the run axis (`batch_axis=0`), per device, summed in float32, divided in float64."""
+    loaded, params = build.load_run(str(workdir), which=which)
+    selection = freeze.parse_selection(loaded.cfg.trainable, loaded.model.config.n_layer)
+    trainable, frozen = freeze.partition(params, selection)
+    trainable = steps.stack([trainable])  # the run axis: a group of one
+    frozen = {k: v if k == steps.BACKBONE else steps.stack([v]) for k, v in frozen.items()}
+    devices = parallel.local_devices(cfg.num_devices)
+    p_eval = steps.pmapped_eval_step(
+        steps.make_eval_step(loaded.model, loaded.task, batch_axis=0), devices)
+    trainable, frozen = parallel.replicate(trainable, devices), parallel.replicate(frozen, devices)
+    totals = None
+    for batch in loaded.task.eval_batches("test", cfg.eval_batch_size or cfg.batch_size,
+                                          seed=loaded.cfg.seed, num_batches=cfg.eval_batches):
+        out = p_eval(trainable, frozen,
+                     steps.stack_runs([parallel.shard_batch(batch, len(devices))]))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    totals = parallel.unreplicate(totals)
+    count = np.maximum(np.asarray(totals.pop("count"), np.float64), 1.0)
+    return {f"test/{n[:-len('_sum')]}": float(np.asarray(v)[0] / count[0])
+            for n, v in totals.items()}
+
+
+def test_the_newest_checkpoint_holds_the_best_step_that_summary_json_reports(tmp_path):
+    # The best step's parameters travel inside every checkpoint, with the selection that
+    # names them (one atomic write): a run killed after any checkpoint finds its best step.
+    # (This replaces the ordering of best/ saves before checkpoints; there is no best/.)
+    cfg = TrainConfig(**TINY)
+    (run,) = loop.train_and_evaluate(cfg, str(tmp_path))
+    (summary,) = runs.summary_runs(str(tmp_path))
+    assert not (tmp_path / "best").exists()
+    ckpts = checkpoint.Checkpoints(tmp_path / runs.CHECKPOINTS, read_only=True)
+    try:
+        assert ckpts.manager.all_steps() == [4, 8, 12]
+    finally:
+        ckpts.close()
+    best = summary["best_step"]
+    assert _checkpoint_protocol(tmp_path)[0]["best_step"] == best == run["best_step"]
+    # at this seed the first evaluation stays the best: the best parameters are not the last
+    assert best < summary["last_step"]
+    loaded, _ = build.load_run(str(tmp_path), which="best")
+    assert loaded.step == best and loaded.summary == summary
+    # the checkpoint's best parameters give exactly the test metrics the summary records
+    # (and the last ones do not)
+    tested = _test_metrics(tmp_path, cfg, "best")
+    assert tested["test/accuracy"] == summary["test"]["test"]["test/accuracy"]
+    assert tested == summary["test"]["test"]
+    assert _test_metrics(tmp_path, cfg, "last") != summary["test"]["test"]

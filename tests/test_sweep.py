@@ -1,5 +1,6 @@
-"""K runs in one program (fpt_jax.sweep): run k of a vmapped sweep is the run trained alone,
-the backbone exists once, the learning rate lives in the optimizer state."""
+"""K runs in one program (fpt_jax.build, fpt_jax.steps): run k of a vmapped group is the run
+trained alone (a group of one), the backbone exists once, the learning rate lives in the
+optimizer state."""
 import dataclasses
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fpt_jax import freeze, optim, parallel, sweep, train
+from fpt_jax import build, optim, parallel, steps
 from fpt_jax.config import TrainConfig
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=32, batch_size=8,
@@ -20,59 +21,59 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
-    """The run trained alone with train's single-run pieces: train.setup with this seed and
-    learning rate, its backbone replaced by the random backbone drawn from BACKBONE_SEED."""
-    cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
-    s = train.setup(cfg)
-    backbone = train.init_params(s.model, s.task, jax.random.PRNGKey(BACKBONE_SEED))["transformer"]
-    params = train.init_params(s.model, s.task, jax.random.PRNGKey(seed), backbone)
-    trainable, frozen = freeze.partition(params, s.selection)
-    state = train.TrainState(np.int32(0), trainable, s.tx.init(trainable))
-    step = train.pmapped_train_step(
-        train.make_train_step(s.model, s.task, s.tx, cfg.grad_accum), devices)
-    state, frozen = parallel.replicate(state, devices), parallel.replicate(frozen, devices)
-    losses = []
+    """The run trained alone: built as a group of one (build.build_group of the config with
+    this seed and learning rate, the random backbone drawn from BACKBONE_SEED) and trained
+    with the same group step, its batches drawn on their own."""
+    cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr, backbone_seed=BACKBONE_SEED)
+    g = build.build_group(cfg)
+    assert g.num_runs == 1 and g.learning_rates == (lr,) and g.seeds == (seed,)
+    step = steps.pmapped_train_step(
+        steps.make_train_step(g.model, g.task, g.tx, cfg.grad_accum), devices)
+    state, frozen = parallel.replicate(g.states, devices), parallel.replicate(g.frozen, devices)
+    rngs, losses = steps.run_rngs([seed]), []
     for i in range(STEPS):
-        batch = s.task.batch("train", i, cfg.batch_size, seed=seed)
-        state, m = step(state, frozen, parallel.shard_batch(batch, len(devices), cfg.grad_accum),
-                        jax.random.PRNGKey(seed + 1))
-        losses.append(np.asarray(m["loss"])[0])
-    p_eval = train.pmapped_eval_step(train.make_eval_step(s.model, s.task), devices)
-    sums = parallel.unreplicate(p_eval(freeze.merge(state.trainable, frozen), eval_batch))
-    return np.array(losses), parallel.unreplicate(state).trainable, sums
+        batch = g.task.batch("train", i, cfg.batch_size, seed=seed)
+        state, m = step(state, frozen, steps.stack_runs(
+            [parallel.shard_batch(batch, len(devices), cfg.grad_accum)]), rngs)
+        losses.append(np.asarray(m["loss"])[0, 0])
+    p_eval = steps.pmapped_eval_step(steps.make_eval_step(g.model, g.task), devices)
+    sums = parallel.unreplicate(p_eval(state.trainable, frozen, eval_batch))
+    return (np.array(losses), steps.unstack(parallel.unreplicate(state).trainable, 0),
+            {name: v[0] for name, v in sums.items()})
 
 
 @pytest.mark.parametrize("trainable,grad_accum", [("fpt", 1), ("output", 2)])
-def test_run_k_of_a_sweep_equals_the_run_trained_alone(trainable, grad_accum):
+def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
     """Loss curve, final trainable parameters and evaluation of each of K=3 runs (different
-    learning rates and seeds, dropout on) equal the single run's; with trainable='output'
-    the frozen input layer is per run (from its seed), the backbone shared."""
+    learning rates and seeds, dropout on) equal those of the run built and trained as a
+    group of one; with trainable='output' the frozen input layer is per run (from its
+    seed), the backbone shared."""
     cfg = TrainConfig(**TINY, trainable=trainable, grad_accum=grad_accum)
     devices = parallel.local_devices(DEVICES)
-    sw = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=BACKBONE_SEED)
+    sw = build.build_group(dataclasses.replace(cfg, backbone_seed=BACKBONE_SEED), LRS, SEEDS)
     assert ("input" in sw.frozen) == (trainable == "output")
-    step = sweep.pmapped_sweep_step(
-        sweep.make_sweep_step(sw.model, sw.task, sw.tx, grad_accum), devices)
+    step = steps.pmapped_train_step(
+        steps.make_train_step(sw.model, sw.task, sw.tx, grad_accum), devices)
     states, frozen = parallel.replicate(sw.states, devices), parallel.replicate(sw.frozen, devices)
-    rngs, losses = sweep.run_rngs(SEEDS), []
+    rngs, losses = steps.run_rngs(SEEDS), []
     for i in range(STEPS):
-        states, m = step(states, frozen, sweep.sweep_batches(
+        states, m = step(states, frozen, steps.group_batches(
             sw.task, i, cfg.batch_size, SEEDS, DEVICES, grad_accum), rngs)
         assert m["loss"].shape == (DEVICES, len(SEEDS))
         losses.append(np.asarray(m["loss"])[0])
     losses = np.stack(losses, axis=1)  # [K, steps]
     eval_batch = parallel.shard_batch(sw.task.batch("validation", 0, 16, seed=99), DEVICES)
-    p_eval = train.pmapped_eval_step(sweep.make_sweep_eval_step(sw.model, sw.task), devices)
+    p_eval = steps.pmapped_eval_step(steps.make_eval_step(sw.model, sw.task), devices)
     sums = parallel.unreplicate(p_eval(states.trainable, frozen, eval_batch))  # [K] each
     final = parallel.unreplicate(states)
     np.testing.assert_array_equal(final.step, STEPS)
-    np.testing.assert_array_equal(sweep.learning_rate(final.opt_state), np.float32(LRS))
+    np.testing.assert_array_equal(optim.learning_rate(final.opt_state), np.float32(LRS))
     for k, (seed, lr) in enumerate(zip(SEEDS, LRS)):
         alone_losses, alone_trainable, alone_sums = _alone(cfg, seed, lr, devices, eval_batch)
         np.testing.assert_allclose(losses[k], alone_losses, rtol=RTOL, atol=ATOL)
         for name, v in alone_sums.items():
             np.testing.assert_allclose(sums[name][k], v, rtol=RTOL, atol=ATOL, err_msg=name)
-        got = sweep.unstack(final.trainable, k)
+        got = steps.unstack(final.trainable, k)
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(alone_trainable)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(alone_trainable)):
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
@@ -88,10 +89,10 @@ def test_the_backbone_exists_once_whatever_the_number_of_runs():
     nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(t))  # noqa: E731
     args, backbone = {}, None
     for k in (1, 4):
-        sw = sweep.init_runs(cfg, [1e-3] * k, range(k))
-        step = sweep.pmapped_sweep_step(sweep.make_sweep_step(sw.model, sw.task, sw.tx), devices)
-        batches = sweep.sweep_batches(sw.task, 0, cfg.batch_size, sw.seeds, DEVICES)
-        rngs = sweep.run_rngs(sw.seeds)
+        sw = build.build_group(cfg, [1e-3] * k, range(k))
+        step = steps.pmapped_train_step(steps.make_train_step(sw.model, sw.task, sw.tx), devices)
+        batches = steps.group_batches(sw.task, 0, cfg.batch_size, sw.seeds, DEVICES)
+        rngs = steps.run_rngs(sw.seeds)
         compiled = step.lower(parallel.replicate(sw.states, devices),
                               parallel.replicate(sw.frozen, devices), batches, rngs).compile()
         args[k] = compiled.memory_analysis().argument_size_in_bytes
@@ -108,24 +109,24 @@ def test_learning_rate_is_in_the_optimizer_state_not_the_program():
     first Adam update scales with each run's learning rate."""
     cfg = TrainConfig(**TINY)
     devices = parallel.local_devices(DEVICES)
-    sw = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=BACKBONE_SEED)
+    sw = build.build_group(dataclasses.replace(cfg, backbone_seed=BACKBONE_SEED), LRS, SEEDS)
     traces = []
-    inner = sweep.make_sweep_step(sw.model, sw.task, sw.tx)
+    inner = steps.make_train_step(sw.model, sw.task, sw.tx)
 
     def counted(*a):
         traces.append(1)
         return inner(*a)
-    step = sweep.pmapped_sweep_step(counted, devices)
+    step = steps.pmapped_train_step(counted, devices)
     frozen = parallel.replicate(sw.frozen, devices)
-    batches = sweep.sweep_batches(sw.task, 0, cfg.batch_size, SEEDS, DEVICES)
-    rngs = sweep.run_rngs(SEEDS)
+    batches = steps.group_batches(sw.task, 0, cfg.batch_size, SEEDS, DEVICES)
+    rngs = steps.run_rngs(SEEDS)
     deltas = {}
     for lrs in (LRS, tuple(10 * x for x in LRS)):
         states = dataclasses.replace(
-            sw.states, opt_state=sweep.with_learning_rate(sw.states.opt_state, lrs))
+            sw.states, opt_state=optim.with_learning_rate(sw.states.opt_state, lrs))
         out, _ = step(parallel.replicate(states, devices), frozen, batches, rngs)
         out = parallel.unreplicate(out)
-        np.testing.assert_array_equal(sweep.learning_rate(out.opt_state), np.float32(lrs))
+        np.testing.assert_array_equal(optim.learning_rate(out.opt_state), np.float32(lrs))
         deltas[lrs] = jax.tree_util.tree_map(np.subtract, out.trainable, sw.states.trainable)
     assert len(traces) == 1, "a new learning rate recompiled the step"
     # Adam's first step is -lr * g / (|g| + eps): 10x the learning rate, 10x the update
@@ -136,21 +137,33 @@ def test_learning_rate_is_in_the_optimizer_state_not_the_program():
         np.testing.assert_allclose(b[big], 10 * a[big], rtol=1e-4)
 
 
+def _plain_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer with `cfg.learning_rate` in the program rather than the state: the
+    one-pass clip (when grad_clip) then optax's adam or adamw on the schedule."""
+    schedule = optim.learning_rate_schedule(cfg)
+    opt = (optax.adam(schedule) if cfg.optimizer == "adam"
+           else optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    clip = [optim.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip is not None else []
+    return optax.chain(*clip, opt)
+
+
 @pytest.mark.parametrize("schedule,optimizer,nonfinite_skips",
                          [("constant", "adam", None), ("warmup", "adamw", None),
                           ("cosine", "adam", 3)])
-def test_injected_optimizer_matches_train_make_optimizer(schedule, optimizer, nonfinite_skips):
-    """sweep.make_optimizer with the learning rate set in its state updates as
-    train.make_optimizer with that learning rate: bit-identical for the constant schedule,
-    within float32 rounding of the schedule (peak x unit schedule) otherwise."""
+def test_injected_optimizer_matches_the_plain_optimizer(schedule, optimizer, nonfinite_skips):
+    """optim.make_optimizer (the only builder; its learning rate injected in the state) with
+    the learning rate set in its state updates as the plain optax optimizer with that
+    learning rate in the program: bit-identical for the constant schedule, within float32
+    rounding of the schedule (peak x unit schedule) otherwise. nonfinite_skips no longer
+    wraps the optimizer (the step refuses non-finite updates): the same either way."""
     cfg = TrainConfig(**TINY, schedule=schedule, optimizer=optimizer, warmup_steps=3,
                       steps=8, weight_decay=0.01, nonfinite_skips=nonfinite_skips)
     lr = 3e-3
-    ref = optim.make_optimizer(dataclasses.replace(cfg, learning_rate=lr))
-    tx = sweep.make_optimizer(cfg)
+    ref = _plain_optimizer(dataclasses.replace(cfg, learning_rate=lr))
+    tx = optim.make_optimizer(cfg)
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": np.ones(3, np.float32)}
-    s_ref, s = ref.init(params), sweep.with_learning_rate(tx.init(params), lr)
+    s_ref, s = ref.init(params), optim.with_learning_rate(tx.init(params), lr)
     p_ref, p = params, params
     update_ref, update = jax.jit(ref.update), jax.jit(tx.update)
     for i in range(8):
@@ -164,25 +177,27 @@ def test_injected_optimizer_matches_train_make_optimizer(schedule, optimizer, no
                 np.testing.assert_array_equal(a, b)
             else:
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-    assert float(sweep.learning_rate(s)) == np.float32(lr)
+    assert float(optim.learning_rate(s)) == np.float32(lr)
 
 
-def test_init_runs_shares_the_backbone_and_rejects_mismatched_axes():
+def test_build_group_shares_the_backbone_and_rejects_mismatched_axes():
     cfg = TrainConfig(**TINY)
-    a = sweep.init_runs(cfg, LRS, SEEDS, backbone_seed=0)
-    b = sweep.init_runs(cfg, LRS[:1], SEEDS[:1], backbone_seed=0)
-    c = sweep.init_runs(cfg, LRS[:1], SEEDS[:1], backbone_seed=1)
+    group = lambda lrs, seeds, b: build.build_group(  # noqa: E731
+        dataclasses.replace(cfg, backbone_seed=b), lrs, seeds)
+    a = group(LRS, SEEDS, 0)
+    b = group(LRS[:1], SEEDS[:1], 0)
+    c = group(LRS[:1], SEEDS[:1], 1)
     same = lambda x, y: all(np.array_equal(p, q) for p, q in zip(  # noqa: E731
         jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
     assert same(a.frozen["transformer"], b.frozen["transformer"])  # seeds don't change it
     assert not same(a.frozen["transformer"], c.frozen["transformer"])  # backbone_seed does
-    assert not same(sweep.unstack(a.states.trainable, 0)["output"],
-                    sweep.unstack(a.states.trainable, 1)["output"])  # seeds set the rest
-    assert same(sweep.unstack(a.states, 0), sweep.unstack(b.states, 0))  # run = its seed
+    assert not same(steps.unstack(a.states.trainable, 0)["output"],
+                    steps.unstack(a.states.trainable, 1)["output"])  # seeds set the rest
+    assert same(steps.unstack(a.states, 0), steps.unstack(b.states, 0))  # run = its seed
     with pytest.raises(ValueError, match="one learning rate per seed"):
-        sweep.init_runs(cfg, LRS, SEEDS[:2])
+        build.build_group(cfg, LRS, SEEDS[:2])
     with pytest.raises(ValueError, match="learning rates must be finite"):
-        sweep.init_runs(cfg, (1e-3, -1.0, 1e-3), SEEDS)
+        build.build_group(cfg, (1e-3, -1.0, 1e-3), SEEDS)
 
 
 def test_bucketed_token_batches_of_the_runs_are_padded_to_one_shape(tmp_path):
@@ -193,7 +208,7 @@ def test_bucketed_token_batches_of_the_runs_are_padded_to_one_shape(tmp_path):
     seeds = [0, 1, 2, 3, 4, 5]
     alone = [task.batch("train", 0, 4, seed=s) for s in seeds]
     assert len({b["x"].shape for b in alone}) > 1  # the runs' buckets differ
-    stacked = sweep.sweep_batches(task, 0, 4, seeds, num_devices=1)
+    stacked = steps.group_batches(task, 0, 4, seeds, num_devices=1)
     for k, b in enumerate(alone):
         x = stacked["x"][0, k]
         np.testing.assert_array_equal(x[:, :b["x"].shape[1]], b["x"])

@@ -1,10 +1,11 @@
-"""The loop of K runs: per-run selection and test, metrics rows per run, exact resume."""
+"""The loop of K runs: per-run selection and test, metrics rows per run, exact resume; run k
+of a group is the run trained alone."""
 import dataclasses
 import json
 
 import numpy as np
 
-from fpt_jax import sweep, train
+from fpt_jax import loop, runs
 from fpt_jax.config import TrainConfig
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16, batch_size=8,
@@ -19,10 +20,11 @@ def _rows(workdir):
 
 def test_a_sweep_selects_and_tests_each_run_and_resumes_exactly(tmp_path):
     cfg = TrainConfig(**TINY)
-    runs = sweep.train_and_evaluate_sweep(cfg, str(tmp_path / "straight"), LRS, SEEDS)
-    assert [(r["learning_rate"], r["seed"]) for r in runs] == list(zip(LRS, SEEDS))
+    group = loop.train_and_evaluate(cfg, str(tmp_path / "straight"), LRS, SEEDS)
+    assert [(r["learning_rate"], r["seed"]) for r in group] == list(zip(LRS, SEEDS))
+    assert runs.summary_runs(str(tmp_path / "straight")) == group
     rows = _rows(tmp_path / "straight")
-    for r in runs:
+    for r in group:
         val = {row["step"]: row["eval/accuracy"] for row in rows
                if row["run"] == r["run"] and "eval/accuracy" in row}
         assert sorted(val) == [4, 8, 12]
@@ -30,37 +32,56 @@ def test_a_sweep_selects_and_tests_each_run_and_resumes_exactly(tmp_path):
         assert r["best_step"] == best and r["best_val_accuracy"] == val[best]
         assert set(r["test"]["test"]) == {"test/loss", "test/accuracy"}
     assert {row["run"] for row in rows} == {0, 1, 2}
-    assert runs[0]["test"] != runs[1]["test"] or runs[0]["best_step"] != runs[1]["best_step"]
+    assert group[0]["test"] != group[1]["test"] or group[0]["best_step"] != group[1]["best_step"]
 
     # killed after step 8's checkpoint, then resumed: the same metrics and summary
-    sweep.train_and_evaluate_sweep(dataclasses.replace(cfg, steps=8), str(tmp_path / "resumed"),
-                                   LRS, SEEDS)
-    again = sweep.train_and_evaluate_sweep(cfg, str(tmp_path / "resumed"), LRS, SEEDS)
+    loop.train_and_evaluate(dataclasses.replace(cfg, steps=8), str(tmp_path / "resumed"),
+                            LRS, SEEDS)
+    again = loop.train_and_evaluate(cfg, str(tmp_path / "resumed"), LRS, SEEDS)
     assert _rows(tmp_path / "resumed") == rows
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
-    assert strip(again) == strip(runs)
+    assert strip(again) == strip(group)
 
 
 def test_run_k_of_a_sweep_loop_equals_the_run_trained_alone(tmp_path):
+    """Every run k of the group (its learning rate and seed; runs 0 and 2 share a learning
+    rate, 0 and 1 a seed) against the same run trained alone, a group of one, by the same
+    loop: its training losses in metrics.jsonl, its validation accuracies and selected
+    step, its test metrics, at float32 tolerance (the vmapped program may reassociate)."""
     cfg = TrainConfig(**{**TINY, "steps": 8})
-    runs = sweep.train_and_evaluate_sweep(cfg, str(tmp_path / "sweep"), LRS, SEEDS)
-    alone = dataclasses.replace(cfg, learning_rate=LRS[2], seed=SEEDS[2])
-    train.train_and_evaluate(alone, str(tmp_path / "alone"))
-    single = json.loads((tmp_path / "alone" / "summary.json").read_text())
-    assert runs[2]["best_step"] == single["best_step"]
-    np.testing.assert_allclose(runs[2]["best_val_accuracy"], single["best_val_accuracy"],
-                               atol=1e-6)
-    np.testing.assert_allclose(runs[2]["test"]["test"]["test/loss"],
-                               single["test"]["test"]["test/loss"], rtol=1e-5)
+    group = loop.train_and_evaluate(cfg, str(tmp_path / "sweep"), LRS, SEEDS)
+    rows = _rows(tmp_path / "sweep")
+    for k, (lr, seed) in enumerate(zip(LRS, SEEDS)):
+        alone = dataclasses.replace(cfg, learning_rate=lr, seed=seed)
+        (single,) = loop.train_and_evaluate(alone, str(tmp_path / f"alone{k}"))
+        assert single == runs.summary_runs(str(tmp_path / f"alone{k}"))[0]
+        assert (single["learning_rate"], single["seed"]) == (lr, seed)
+        single_rows = _rows(tmp_path / f"alone{k}")
+        for metric in ("train/loss", "eval/accuracy"):
+            got = {r["step"]: r[metric] for r in rows if r["run"] == k and metric in r}
+            want = {r["step"]: r[metric] for r in single_rows if metric in r}
+            assert sorted(got) == sorted(want) and want, (k, metric)
+            np.testing.assert_allclose([got[s] for s in sorted(got)],
+                                       [want[s] for s in sorted(want)],
+                                       rtol=1e-5, atol=1e-6, err_msg=f"run {k} {metric}")
+        assert group[k]["best_step"] == single["best_step"], k
+        np.testing.assert_allclose(group[k]["best_val_accuracy"], single["best_val_accuracy"],
+                                   atol=1e-6, err_msg=f"run {k}")
+        np.testing.assert_allclose(group[k]["test"]["test"]["test/accuracy"],
+                                   single["test"]["test"]["test/accuracy"], atol=1e-6,
+                                   err_msg=f"run {k}")
+        np.testing.assert_allclose(group[k]["test"]["test"]["test/loss"],
+                                   single["test"]["test"]["test/loss"], rtol=1e-5,
+                                   err_msg=f"run {k}")
 
 
 def test_a_sweep_reads_the_test_split_once_at_the_end(tmp_path):
     from tests.test_protocol import CountingTask
     task = CountingTask()
     cfg = TrainConfig(**{**TINY, "steps": 8})
-    sweep.train_and_evaluate_sweep(cfg, str(tmp_path), LRS, SEEDS, task=task)
+    loop.train_and_evaluate(cfg, str(tmp_path), LRS, SEEDS, task=task)
     # validation at steps 4 and 8, each run its own seeded batches; test once, all runs
     assert task.reads == {"validation": 2 * len(SEEDS), "test": len(SEEDS)}
     again = CountingTask()
-    sweep.train_and_evaluate_sweep(cfg, str(tmp_path), LRS, SEEDS, task=again)
+    loop.train_and_evaluate(cfg, str(tmp_path), LRS, SEEDS, task=again)
     assert again.reads == {}

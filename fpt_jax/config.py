@@ -106,7 +106,7 @@ class TrainConfig:
     steps: int = _setting(1000, "Total optimizer steps.")
     nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm (never "
                                            "applied: the step keeps the state): None stops the "
-                                           "run at the first, N after N+1 in a row. A single "
+                                           "run at the first; N skips N in a row, the next stops it. A single "
                                            "run then ends with an error (its last checkpoint "
                                            "kept); in a group the run is recorded as diverged "
                                            "and the others go on.")

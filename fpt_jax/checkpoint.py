@@ -14,6 +14,7 @@ checkpoint stays the size of what was trained.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any, Callable, Iterator
 
@@ -95,6 +96,9 @@ class Checkpoints:
         if not force and not self.manager.should_save(step):
             return False
         state = {"trainable": trainable, "opt_state": opt_state}
+        # orbax serialises the JSON later, in a thread: a copy taken now, never what the
+        # caller changes after this call (a divergence found at the next step, say)
+        meta = json.loads(json.dumps(meta))
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 

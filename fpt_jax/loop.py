@@ -240,7 +240,9 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
                     writer.write(done, ev, tags[i], tb_prefix=tb[i])
                     final[i].update(ev)
                     acc = ev["eval/accuracy"]
-                    if not trackers[i].stopped_early and np.isfinite(acc):
+                    # a diverged run keeps the selection of its finite steps
+                    if (not trackers[i].stopped_early and diverged[i] is None
+                            and np.isfinite(acc) and np.isfinite(ev["eval/loss"])):
                         improved[i] = trackers[i].update(done, acc, ev["eval/loss"],
                                                          cfg.converge_at)
                         trackers[i].stopped_early = trackers[i].patience_ran_out(cfg.patience)

@@ -88,7 +88,8 @@ class Progress:
         self.last_t, self.last_step = now, step
         eta = (self.total - step) / max(rate, 1e-9)
         parts = [f"step {step}/{self.total}"]
-        parts += [f"{k} {v:.4f}" for k, v in metrics.items()]
+        parts += [f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
+                  for k, v in metrics.items()]
         parts += [f"{rate:.2f} steps/s", f"ETA {_hms(eta)}"]
         text = " | ".join(parts)
         if jax.process_index() == 0:

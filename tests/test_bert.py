@@ -210,7 +210,9 @@ def test_minilm_directory_converts_and_equals_transformers(monkeypatch):
     # Measured over 8 seeds of [2, 10, 384] inputs (outputs up to |y| ~ 6): ours is within
     # 5.3e-6 of the reference run in float64, but the reference's own float32 run is off its
     # float64 run by up to 2.5e-5 (seed 2), so two float32 runs can differ by more than 1e-5.
-    # Bounds: 1e-5 against float64 (the exact answer), 3e-5 against the float32 reference.
+    # On an AMD Zen 3 (AVX2 only; XLA's float32 kernels sum in another order) ours was 1.7e-5
+    # off float64 at one element of 7,680. Bounds: 2e-5 against float64 (the exact answer),
+    # 3e-5 against the float32 reference.
     for seed in (0, 2):
         x = np.random.default_rng(seed).standard_normal((2, 10, 384), np.float32)
         hidden = hf_forward(model, x).last_hidden_state.numpy().astype(np.float64)
@@ -218,7 +220,7 @@ def test_minilm_directory_converts_and_equals_transformers(monkeypatch):
             exact = model64(inputs_embeds=torch.from_numpy(x.astype(np.float64)))
         y = np.asarray(forward(params, x, config=config), np.float64)
         assert np.abs(hidden).max() > 1
-        np.testing.assert_allclose(y, exact.last_hidden_state.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(y, exact.last_hidden_state.numpy(), rtol=0, atol=2e-5)
         np.testing.assert_allclose(y, hidden, rtol=0, atol=3e-5)
 
 

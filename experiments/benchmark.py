@@ -49,9 +49,9 @@ lengths), with the device, library versions and this command.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
-    from fpt_jax import hugepages
-    hugepages.reexec_with_huge_pages()
+if __name__ == "__main__":  # first, before JAX loads
+    from experiments import prologue
+    prologue.start()
 
 import dataclasses
 import os

@@ -2,8 +2,12 @@
 
 `--config` is a `fpt_jax.config.TrainConfig`: by default the library's defaults, or
 `--config=experiments/configs/<task>.py` (a python file whose `get_config()` returns one;
-`--config=file.py:arg` passes `arg` to it, as big_vision does). Any field is overridden with
-`--config.<field>=<value>`, after `--config`; `none` sets an optional field to None.
+`--config=file.py:arg` passes `arg` to it, as big_vision does: the task configs take a
+comparison row of fpt_jax/rows.py). Any field is overridden with `--config.<field>=<value>`
+and a task option with `--config.task_options.<option>=<value>`, after `--config`; `none`
+sets an optional field to None. A row that computes a setting from the others (the
+parameter-matched LSTM's width) computes it again after the overrides, unless
+`--config.n_embd` is given.
 """
 from __future__ import annotations
 
@@ -13,14 +17,15 @@ import runpy
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
-from fpt_jax import parallel
-from fpt_jax.config import TrainConfig, describe_fields
+from fpt_jax import parallel, rows
+from fpt_jax.config import TrainConfig, describe, describe_fields
 
 
 class _NoneOr(flags.ArgumentParser):
@@ -69,7 +74,8 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
                          (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
         config_flags.register_flag_parser_for_type(kind, _NoneOr(parser))
     help_text = ("The run's settings: a python file whose get_config() returns a "
-                 "fpt_jax.config.TrainConfig (experiments/configs/<task>.py), or by default "
+                 "fpt_jax.config.TrainConfig (experiments/configs/<task>.py[:<row>], rows: "
+                 f"{', '.join(rows.ROWS)}), or by default "
                  "the library's defaults. Override any field after it with "
                  "--config.<field>=<value> ('none' for None). The fields:\n" + describe_fields())
     return config_flags.DEFINE_config_dataclass(
@@ -78,21 +84,76 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """`app.run`'s flags parser: defines `--config` and parses `argv`. A bad flag, an unknown
-    or badly typed field, a missing config file: `error: ...` and exit code 2."""
-    try:
-        define_config_flag(flag_values, argv)
-        rest = flag_values(argv)
-        config = flag_values["config"].value
-        config.validate()
-        return rest
-    except KeyError as e:  # config_flags: a field the dataclass does not have
-        names = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        fail(f"{e.args[0] if e.args else e}; accepted: --config.<field> for the fields "
-              f"{names}")
-    except (flags.Error, ValueError, TypeError) as e:
-        fail(str(e))
-    return []
+    """`app.run`'s flags parser of an entry point whose settings are `--config` alone."""
+    return settings_parser()(argv, flag_values)
+
+
+def settings_parser(*configs: tuple[str, Any, str]) -> Callable[..., list[str]]:
+    """`app.run`'s flags parser: `--config` (a TrainConfig) and the entry point's own configs,
+    each `(name, default dataclass instance with validate(), help)`, e.g. the sweep's
+    `--sweep`; every field `--<name>.<field>=<value>`. Everything is checked before the entry
+    point runs: a bad flag, an unknown or badly typed field, a bad value, a missing config
+    file are `error: ...` naming it and what is accepted, exit code 2."""
+    def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+        try:
+            define_config_flag(flag_values, argv)
+            for name, default, help_text in configs:
+                config_flags.DEFINE_config_dataclass(
+                    name, default, f"{help_text} The fields:\n{describe(type(default), name)}",
+                    flag_values=flag_values, sys_argv=list(argv))
+            rest = flag_values(argv)
+            config = resolve_row(flag_values["config"], argv)
+            config.check()
+            for name, _, _ in configs:
+                try:
+                    flag_values[name].value.validate()
+                except ValueError as e:
+                    raise ValueError(f"--{name}.{e}") from None
+            return rest
+        except (KeyError, AttributeError, flags.Error, ValueError, TypeError) as e:
+            # config_flags: a field the config has not (under several exception types)
+            kinds = {"config": TrainConfig, **{n: type(d) for n, d, _ in configs}}
+            fail(unknown_field(argv, flag_values, kinds) or str(e))
+        return []
+    return parse
+
+
+def unknown_field(argv: Sequence[str], flag_values: flags.FlagValues,
+                  kinds: dict[str, type]) -> str | None:
+    """The message for the first `--<config>.<name>` naming a field or task option that does
+    not exist (which argument, what that config accepts); None when every one exists."""
+    for arg in argv[1:]:
+        name, dot, path = arg.lstrip("-").partition("=")[0].partition(".")
+        if not dot or name not in kinds:
+            continue
+        config = flag_values[name].value if name in flag_values else None
+        if not isinstance(config, kinds[name]):  # not defined or parsed: its own default
+            config = kinds[name]()
+        try:
+            config_path.get_value(path, config)
+            continue
+        except (KeyError, AttributeError, IndexError, ValueError):
+            pass
+        accepted = f"--{name}.<field> for the fields " + ", ".join(
+            f.name for f in dataclasses.fields(kinds[name]))
+        if isinstance(config, TrainConfig) and config.task_options is not None:
+            accepted += (f"; --config.task_options.<option> for the options of task "
+                         f"{config.task}: {', '.join(config.task_options.keys())}")
+        return f"--{name}.{path}: not a setting; accepted: {accepted}"
+    return None
+
+
+def resolve_row(flag: flags.Flag, argv: Sequence[str]) -> TrainConfig:
+    """The config, with what its row (`--config=file.py:<row>`) computes from the other
+    settings computed again after the command line's overrides (unless n_embd is given)."""
+    config = flag.value
+    spec = getattr(flag, "config_filename", None)
+    _, _, row = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if row in rows.ROWS and not any(a.startswith("--config.n_embd") for a in argv):
+        resolved = rows.get(row).resolve(config)
+        for f in dataclasses.fields(config):  # in place: the flag's value is this object
+            setattr(config, f.name, getattr(resolved, f.name))
+    return config
 
 
 def parse_plain_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS

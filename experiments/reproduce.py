@@ -30,9 +30,9 @@ plots (fpt_jax/reproduce_report.py).
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
-    from fpt_jax import hugepages
-    hugepages.reexec_with_huge_pages()
+if __name__ == "__main__":  # first, before JAX loads
+    from experiments import prologue
+    prologue.start()
 
 import dataclasses
 import hashlib

@@ -24,9 +24,9 @@ that every process sees.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before JAX loads (fpt_jax/hugepages.py)
-    from fpt_jax import hugepages
-    hugepages.reexec_with_huge_pages()
+if __name__ == "__main__":  # first, before JAX loads
+    from experiments import prologue
+    prologue.start()
 
 import jax
 from absl import app, flags, logging

@@ -1,29 +1,12 @@
-"""The paper's comparisons as settings: baseline variants of a task's config, and the
-parameter-matched LSTM's width.
+"""The parameter-matched LSTM's width, and parameter counts from shapes only.
 
-`variant(cfg, name)` turns a task's config (the paper's FPT) into one of the rows the paper
-and its reviewers compare it with. Every task config takes the name after a colon:
-`--config=experiments/configs/cifar10.py:lstm`.
-
-  fpt            frozen pretrained GPT-2 (the task config as it is)
-  random         the same, frozen at random init (the paper's random-init ablation)
-  full           every parameter fine-tuned from the pretrained weights
-  scratch        the paper's "Full transformer": GPT-2 at random init, every parameter
-                 trained; `scratch_layers` blocks where the paper used fewer (3 for
-                 CIFAR-10, ListOps, CIFAR-10 LRA)
-  lstm           the paper's "Full LSTM": 3 layer-normalised LSTM layers of width 768,
-                 every parameter trained, learning rate 3e-4
-  lstm_matched   the same LSTM, its width chosen so that its parameter count matches the
-                 task config's transformer as FPT (`match_model`, `match_count`)
-  fnet           fixed Fourier mixing in place of attention, frozen at random init: a
-                 reservoir beside `random`
-
-`match(cfg, task)`: the LSTM width whose whole parameter count (input layer, LSTM, head: all
-trained) is nearest the named transformer's count on the same task, as FPT, counted as the
-count table counts it: 'trainable' under trainable='fpt' (the whole position table included,
-although a task reads only its first rows), or 'total'. Integer widths step the count by
-about 2 / width of itself, so small targets (width below ~200) can miss by more than 1%;
-the count table prints both counts and the difference.
+`match(cfg, task, model, kind)`: the LSTM width whose whole parameter count (input layer,
+LSTM, head: all trained) is nearest the transformer `model`'s count on the same task, as
+FPT, counted as the count table counts it: 'trainable' under trainable='fpt' (the whole
+position table included, although a task reads only its first rows), or 'total'. Integer
+widths step the count by about 2 / width of itself, so small targets (width below ~200) can
+miss by more than 1%; `Match.lines()` prints both counts and the difference. The row that
+uses it is `lstm_matched` (fpt_jax/rows.py).
 """
 from __future__ import annotations
 
@@ -40,27 +23,7 @@ from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import make_model
 
-LSTM_LEARNING_RATE = 3e-4  # the paper's, for its LSTMs
-VARIANTS = ("fpt", "random", "full", "scratch", "lstm", "lstm_matched", "fnet")
-
-
-def variant(cfg: TrainConfig, name: str = "fpt", scratch_layers: int | None = None
-            ) -> TrainConfig:
-    """`cfg` (a task's FPT config) as the baseline `name` (see the module doc)."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown baseline variant {name!r}; accepted: {list(VARIANTS)}")
-    changes: dict[str, Any] = {
-        "fpt": {},
-        "random": {"init": "random"},
-        "full": {"trainable": "full"},
-        "scratch": {"init": "random", "trainable": "full", "n_layer": scratch_layers},
-        "lstm": {"model": "lstm", "init": "random", "trainable": "full",
-                 "learning_rate": LSTM_LEARNING_RATE},
-        "lstm_matched": {"model": "lstm", "init": "random", "trainable": "full",
-                         "learning_rate": LSTM_LEARNING_RATE, "match_model": cfg.model},
-        "fnet": {"model": "fnet", "init": "random"},
-    }[name]
-    return dataclasses.replace(cfg, **changes)
+MATCH_COUNTS = ("trainable", "total")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +54,19 @@ class Match:
         return text
 
 
-def match(cfg: TrainConfig, task) -> Match:
-    """The width of `cfg`'s LSTM (model=lstm) that matches `cfg.match_model` on `task`."""
-    if cfg.match_model is None:
-        raise ValueError("match() needs match_model set")
-    return _match(cfg.model, cfg.n_layer, cfg.match_model, cfg.match_count,
-                  tuple(cfg.in_layer_sizes), tuple(cfg.out_layer_sizes), _TaskShape(
+def match(cfg: TrainConfig, task, model: str, kind: str = "trainable") -> Match:
+    """The width of `cfg`'s LSTM (model=lstm) that matches the transformer preset `model`
+    on `task`, by its `kind` of count ('trainable' as FPT, or 'total')."""
+    if kind not in MATCH_COUNTS:
+        raise ValueError(f"match count {kind!r}; accepted: {list(MATCH_COUNTS)}")
+    families = {p: backbones.family_of_preset(p).name for p in backbones.preset_names()}
+    if families.get(model, "lstm") == "lstm":
+        raise ValueError(f"match model {model!r}; accepted: a transformer preset "
+                         f"{[p for p, f in families.items() if f != 'lstm']}")
+    if cfg.model == "auto" or families.get(cfg.model) != "lstm":
+        raise ValueError(f"a parameter-matched width is an LSTM's; model={cfg.model!r}")
+    return _match(cfg.model, cfg.n_layer, model, kind, tuple(cfg.in_layer_sizes),
+                  tuple(cfg.out_layer_sizes), _TaskShape(
                       task.name, task.input_dim, task.output_dim, task.input_kind,
                       tuple(task.example_shape)))
 
@@ -105,9 +75,9 @@ def match(cfg: TrainConfig, task) -> Match:
 def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
            in_layer_sizes: tuple, out_layer_sizes: tuple, task: "_TaskShape") -> Match:
     # Only what decides parameter shapes (layers, input and output layers) matters here.
-    cfg = TrainConfig(model=model, match_model=match_model, match_count=match_count,
-                      in_layer_sizes=in_layer_sizes, out_layer_sizes=out_layer_sizes)
-    transformer = backbones.family_of_preset(cfg.match_model).config_cls.preset(cfg.match_model)
+    cfg = TrainConfig(model=model, in_layer_sizes=in_layer_sizes,
+                      out_layer_sizes=out_layer_sizes)
+    transformer = backbones.family_of_preset(match_model).config_cls.preset(match_model)
     target = count(cfg, task, transformer, "fpt" if match_count == "trainable" else "full")
     other = count(cfg, task, transformer, "full" if match_count == "trainable" else "fpt")
     lstm_cls = backbones.family_of_preset(cfg.model).config_cls
@@ -123,7 +93,7 @@ def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
     w = (-b + math.sqrt(max(b * b - 4 * a * (c0 - target), 0.0))) / (2 * a)
     candidates = {max(1, math.floor(w)), max(1, math.ceil(w))}
     best = min(candidates, key=lambda x: abs(at(x) - target))
-    return Match(best, at(best), target, cfg.match_model, cfg.match_count, other)
+    return Match(best, at(best), target, match_model, match_count, other)
 
 
 @dataclasses.dataclass(frozen=True)

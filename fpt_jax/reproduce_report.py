@@ -180,7 +180,7 @@ def convergence_table(rows: Sequence[Row], converge_at: float | None) -> list[st
 def count_table(rows: Sequence[Row]) -> list[str]:
     lines = ["| task | row | trainable | total |", "|---|---|---:|---:|"]
     for r in (r for r in rows if r.selection is None):
-        task = get_task(r.cfg.task, **r.cfg.task_options())
+        task = r.cfg.make_task()
         config = build.backbone(r.cfg, task)[0]
         total = baselines.count(r.cfg, task, config, "full")
         trainable = (r.picked.trainable_params if r.picked and r.picked.trainable_params

@@ -12,8 +12,9 @@ A workdir holds one group of K >= 1 runs (a single run is a group of one):
 The identity is a serialised subset of `TrainConfig` (what defines the model and its
 initial parameters: `IDENTITY_FIELDS`) plus the runs' learning rates and seeds and the
 backbone's resolved architecture: what must not change between a group and its
-resumption, and what rebuilds run k (`config_of`). Workdirs of f28d936 and older: a sweep
-cell's identity is read (`_upgrade`); a single run's layout (a bare trainable tree and
+resumption, and what rebuilds run k (`config_of`). Older identities are read (`_upgrade`):
+format 2 (task options as top-level fields, before they were `task_options`) and a sweep
+cell of f28d936 and older; a single run of f28d936's layout (a bare trainable tree and
 best/) is refused with what to do.
 """
 from __future__ import annotations
@@ -23,16 +24,21 @@ import json
 import os
 from typing import Any, Sequence
 
-from fpt_jax.config import TASK_FIELDS, TrainConfig
+from fpt_jax import tasks
+from fpt_jax.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
-FORMAT = 2
+FORMAT = 3
 # What defines a run's model and its initial parameters (the data's location does not).
-IDENTITY_FIELDS = ("task", *(f for f in TASK_FIELDS if f != "data_dir"), "model", "init",
-                   "weights", "n_layer", "n_head", "n_embd", "match_model", "match_count",
-                   "orth_gain", "in_layer_sizes", "out_layer_sizes", "trainable",
+IDENTITY_FIELDS = ("task", "task_options", "model", "init", "weights", "n_layer", "n_head",
+                   "n_embd", "orth_gain", "in_layer_sizes", "out_layer_sizes", "trainable",
                    "backbone_seed")
+# Format 2 kept the task's options as top-level fields, and the matched LSTM's settings.
+_FORMAT2_TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_size", "augment",
+                        "source", "validation_fraction", "task_name", "max_length",
+                        "overlength", "bucket_size", "num_classes")
+_FORMAT2_DROPPED = ("match_model", "match_count")  # the width is in the backbone's record
 _LEGACY_KEYS = ("task", "task_options", "model", "init", "weights", "family", "backbone",
                 "trainable", "backbone_seed", "in_layer_sizes", "out_layer_sizes",
                 "learning_rates", "seeds")
@@ -50,8 +56,10 @@ def identity(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence[
              family: str, backbone: Any) -> dict:
     """The group's identity: `cfg`'s IDENTITY_FIELDS, the runs, the backbone's family and
     architecture (a dataclass)."""
+    config = cfg.to_dict()
     return _json({"format": FORMAT,
-                  "config": {f: getattr(cfg, f) for f in IDENTITY_FIELDS},
+                  "config": {f: config[f] for f in IDENTITY_FIELDS} | {
+                      "task_options": _options(cfg.task, config["task_options"])},
                   "learning_rates": [float(x) for x in learning_rates],
                   "seeds": [int(s) for s in seeds],
                   "family": family, "backbone": dataclasses.asdict(backbone)})
@@ -69,15 +77,39 @@ def _old_single_run(workdir: str) -> OldLayoutError:
         "checkout f28d936); to train again, use a new workdir")
 
 
+def _options(task: str, given: dict) -> dict:
+    """A task's full option set (its defaults filled in), without the data's location."""
+    full = tasks.task_options(task, {k: v for k, v in given.items() if v is not None})
+    return {k: v for k, v in full.to_dict().items() if k != "data_dir"}
+
+
+def nested_task_options(config: dict) -> dict:
+    """A recorded config (cell.json's) with the task's options nested as today: those of
+    format 2 were top-level fields, with the matched LSTM's settings beside them."""
+    if "task_options" in config or "task" not in config:
+        return config
+    out = {k: v for k, v in config.items()
+           if k not in _FORMAT2_TASK_FIELDS + _FORMAT2_DROPPED}
+    given = {k: v for k, v in config.items() if k in _FORMAT2_TASK_FIELDS and v is not None}
+    out["task_options"] = tasks.task_options(config["task"], given).to_dict()
+    return out
+
+
 def _upgrade(saved: dict, workdir: str) -> dict:
     """An identity of any version as FORMAT (a sweep cell of f28d936 or older: its fields)."""
     if saved.get("format") == FORMAT:
         return saved
     if is_legacy_single_run(saved):
         raise _old_single_run(workdir)
+    if saved.get("format") == 2:
+        config = {k: v for k, v in saved["config"].items()
+                  if k not in _FORMAT2_TASK_FIELDS + _FORMAT2_DROPPED}
+        config["task_options"] = _options(config["task"], {
+            k: v for k, v in saved["config"].items() if k in _FORMAT2_TASK_FIELDS})
+        return {**saved, "format": FORMAT, "config": config}
     try:
-        options = {k: v for k, v in saved["task_options"].items() if k != "data_dir"}
-        config = {"task": saved["task"], **options,
+        options = _options(saved["task"], saved["task_options"])
+        config = {"task": saved["task"], "task_options": options,
                   **{k: saved[k] for k in ("model", "init", "weights", "trainable",
                                            "backbone_seed", "in_layer_sizes",
                                            "out_layer_sizes")}}
@@ -97,14 +129,14 @@ def check_identity(saved: dict, current: dict, workdir: str) -> None:
     if is_legacy_single_run(saved):
         raise _old_single_run(workdir)
     saved = _json(saved)
+    if saved.get("format") == 2:
+        saved = _upgrade(saved, workdir)
     if saved.get("format") != FORMAT:  # a sweep cell of f28d936: compare its own fields
         cfg = current["config"]
-        options = {k: cfg[k] for k in TASK_FIELDS if k in cfg and cfg[k] is not None}
         now = {**{k: cfg.get(k) for k in _LEGACY_KEYS}, **{k: current[k] for k in (
-            "family", "backbone", "learning_rates", "seeds")}, "task_options": options}
+            "family", "backbone", "learning_rates", "seeds")}}
         saved = {"family": "gpt2", **saved}
-        saved["task_options"] = {k: v for k, v in saved.get("task_options", {}).items()
-                                 if k != "data_dir"}
+        saved["task_options"] = _options(saved["task"], saved.get("task_options", {}))
         diff = {k: (saved.get(k), now[k]) for k in _LEGACY_KEYS if saved.get(k) != now[k]}
     else:
         flat = lambda i: {**i["config"], **{k: v for k, v in i.items()  # noqa: E731

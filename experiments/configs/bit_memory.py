@@ -6,14 +6,14 @@ tokens. Everything not set here is the paper's default of `TrainConfig`.
 Paper: FPT 100% test accuracy, ~1e4 steps to converge; random-init frozen gpt2 75.8%
 (~4e4 steps).
 """
-from fpt_jax import baselines
+from fpt_jax import rows
 from fpt_jax.config import TrainConfig
 
 
-def get_config(variant: str = "fpt") -> TrainConfig:
-    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
-    return baselines.variant(TrainConfig(
-        task="bit_memory", n=1000, num_patterns=5, patch_size=50,
+def get_config(row: str = "fpt") -> TrainConfig:
+    """`row`: a comparison of fpt_jax/rows.py (`--config=<this file>:lstm`)."""
+    return rows.apply(TrainConfig(
+        task="bit_memory", task_options=dict(n=1000, num_patterns=5, patch_size=50),
         batch_size=4, steps=50_000,
         eval_every=1000, eval_batches=25, log_every=100, checkpoint_every=2000,
-    ), variant)
+    ), row)

@@ -6,14 +6,14 @@ here is the paper's default of `TrainConfig` (pretrained gpt2, trainable 'fpt', 
 Paper: FPT (pretrained gpt2, frozen) 100% test accuracy, ~5e2 steps to converge; random-init
 frozen gpt2 100% in ~2e4 steps.
 """
-from fpt_jax import baselines
+from fpt_jax import rows
 from fpt_jax.config import TrainConfig
 
 
-def get_config(variant: str = "fpt") -> TrainConfig:
-    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
-    return baselines.variant(TrainConfig(
-        task="bit_xor", n=5, num_patterns=2, patch_size=1,
+def get_config(row: str = "fpt") -> TrainConfig:
+    """`row`: a comparison of fpt_jax/rows.py (`--config=<this file>:lstm`)."""
+    return rows.apply(TrainConfig(
+        task="bit_xor", task_options=dict(n=5, num_patterns=2, patch_size=1),
         batch_size=4, steps=20_000,
         eval_every=500, eval_batches=25, log_every=50, checkpoint_every=1000,
-    ), variant)
+    ), row)

@@ -3,18 +3,18 @@
 cifar10 (as the original code).
 
 Data: the cifar10 dataset (python -m experiments.prepare_data --dataset=cifar10 ...), then
---config.data_dir=DIR. Long sequences: consider --config.remat=true on small accelerators.
+--config.task_options.data_dir=DIR. Long sequences: consider --config.remat=true on small accelerators.
 Paper: FPT 38.6% test accuracy; random-init frozen gpt2 36.1%; ~3e5 steps to converge.
 """
-from fpt_jax import baselines
+from fpt_jax import rows
 from fpt_jax.config import TrainConfig
 
 
-def get_config(variant: str = "fpt") -> TrainConfig:
-    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
-    return baselines.variant(TrainConfig(
-        task="cifar10_lra", patch_size=1, augment=True,
+def get_config(row: str = "fpt") -> TrainConfig:
+    """`row`: a comparison of fpt_jax/rows.py (`--config=<this file>:lstm`)."""
+    return rows.apply(TrainConfig(
+        task="cifar10_lra", task_options=dict(patch_size=1, augment=True),
         batch_size=16, steps=300_000,
         eval_every=5000, eval_batches=None, eval_batch_size=100, log_every=100,
         checkpoint_every=5000,
-    ), variant, scratch_layers=3)
+    ), row)

@@ -12,19 +12,19 @@ bucket_size=128 pads each batch to a multiple of 128 instead of 1024 (fewer wast
 positions; one compilation per distinct length).
 Data: the LRA TSVs (basic_train/val/test.tsv) in DIR, or generate them offline with
   python -m experiments.prepare_data --dataset=listops --data_dir=DIR
-then --config.data_dir=DIR.
+then --config.task_options.data_dir=DIR.
 Paper (truncated at 512, brackets dropped): FPT 38.4% test accuracy, random-init frozen
 34.3%, ~2e3 steps to converge; Rothermel et al. (lr swept): 46.1% / 38.9%.
 """
-from fpt_jax import baselines
+from fpt_jax import rows
 from fpt_jax.config import TrainConfig
 
 
-def get_config(variant: str = "fpt") -> TrainConfig:
-    """`variant`: a baseline of fpt_jax/baselines.py (`--config=<this file>:lstm`)."""
-    return baselines.variant(TrainConfig(
-        task="listops", max_length=1024, overlength="drop", bucket_size=128,
+def get_config(row: str = "fpt") -> TrainConfig:
+    """`row`: a comparison of fpt_jax/rows.py (`--config=<this file>:lstm`)."""
+    return rows.apply(TrainConfig(
+        task="listops", task_options=dict(max_length=1024, overlength="drop", bucket_size=128),
         batch_size=4, steps=20_000,
         eval_every=1000, eval_batches=None, eval_batch_size=32, log_every=100,
         checkpoint_every=2000,
-    ), variant, scratch_layers=3)
+    ), row)

@@ -22,12 +22,14 @@ import importlib
 import inspect
 import os
 import pkgutil
-from typing import Callable, Iterator
+import typing
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import ConfigDict, config_dict
 
 Batch = dict[str, np.ndarray]
 
@@ -104,23 +106,56 @@ def task_names() -> list[str]:
 
 def get_task(name: str, **options) -> Task:
     """Builds a task by name; options the task does not take are an error."""
-    _import_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; accepted: {sorted(_REGISTRY)}")
-    factory = _REGISTRY[name]
-    accepted = task_settings(name)
+    accepted = task_settings(name)  # imports the tasks; an unknown name is an error
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"task {name} takes no setting {', '.join(unknown)}; its settings: "
                          f"{', '.join(accepted) or 'none'}")
-    return factory(**options)
+    return _REGISTRY[name](**options)
 
 
 def task_settings(name: str) -> list[str]:
     """The keyword options that task `name` takes."""
+    return list(_signature(name))
+
+
+def _signature(name: str) -> dict[str, inspect.Parameter]:
     _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; accepted: {sorted(_REGISTRY)}")
     params = inspect.signature(_REGISTRY[name]).parameters.values()
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def task_options(name: str, given: Mapping[str, Any] | None = None) -> ConfigDict:
+    """Every option of task `name` as a locked ConfigDict: its own default, or `given`.
+    The types come from the task's signature, so `--config.task_options.<option>=<value>`
+    is parsed to the option's type, and an option the task does not take is an error."""
+    params = _signature(name)
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise ValueError(f"task_options {', '.join(unknown)}: not options of task {name}; "
+                         f"its options: {', '.join(params) or 'none'}")
+    hints = typing.get_type_hints(_REGISTRY[name].__init__)
+    options = ConfigDict()
+    for key, p in params.items():
+        default = None if p.default is inspect.Parameter.empty else p.default
+        if default is None:  # typed placeholder: None until set, then of the option's type
+            kind = _base_type(hints.get(key, str))
+            options[key] = config_dict.placeholder(kind)
+        else:
+            options[key] = default
+        if key in given:
+            options[key] = given[key]
+    options.lock()
+    return options
+
+
+def _base_type(hint: Any) -> type:
+    """`int | None` -> int (the non-None member of an optional type)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def _import_all() -> None:

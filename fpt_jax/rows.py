@@ -1,0 +1,107 @@
+"""The comparison rows, each defined once: what it changes in a task's FPT config, its label,
+the published rows it stands beside, whether its attention is drawn.
+
+A row turns a task's config (the paper's FPT: `experiments/configs/<task>.py`) into one of
+the comparisons the paper and its reviewers make. Everything that names a row reads it
+here: the task configs' `:row` suffix (`--config=experiments/configs/cifar10.py:lstm`), the
+sweep (through `--config`), reproduce and its budgets (`rows:`), the report's tables and
+plots, and the benchmark's baselines.
+
+Adding a row is one entry in `ROWS`: its name, its `changes` (TrainConfig fields), and
+where the row needs them, `per_task` changes (the paper's "Full transformer" has 3 blocks on
+CIFAR-10, ListOps and CIFAR-10 LRA) or `match` (an LSTM whose width is chosen so that its
+parameter count matches a transformer's, `fpt_jax.baselines.match`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from absl import logging
+
+from fpt_jax.config import TrainConfig
+
+LSTM_LEARNING_RATE = 3e-4  # the paper's, for its LSTMs
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The LSTM's width chosen so that its parameters (all trained) match `model`'s count on
+    the same task as FPT: 'trainable' (under trainable='fpt') or 'total'."""
+    model: str = "gpt2"
+    count: str = "trainable"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    label: str  # in tables and plots
+    changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    per_task: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    match: Match | None = None
+    paper_row: str | None = None  # fpt_jax.paper.MAIN's row it stands beside
+    rothermel_row: str | None = None  # fpt_jax.paper.ROTHERMEL's row
+    draws_attention: bool = False  # a frozen attention backbone: its attention map is drawn
+
+    def apply(self, cfg: TrainConfig, overrides: Mapping[str, Any] | None = None
+              ) -> TrainConfig:
+        """`cfg` (a task's FPT config) as this row, then `overrides` (a budget's, say), then
+        the row's matched width unless the overrides set `n_embd`."""
+        overrides = dict(overrides or {})
+        changes = {**self.changes, **self.per_task.get(cfg.task, {})}
+        options = {**cfg.task_options.to_dict(), **dict(overrides.pop("task_options", {}))}
+        try:
+            out = dataclasses.replace(cfg, **changes, **overrides, task_options=options)
+        except TypeError as e:  # a field TrainConfig does not have
+            raise ValueError(f"row {self.name}: {e}") from None
+        return out if "n_embd" in overrides else self.resolve(out)
+
+    def resolve(self, cfg: TrainConfig) -> TrainConfig:
+        """The settings the row computes from the others (the matched LSTM's width)."""
+        if self.match is None:
+            return cfg
+        from fpt_jax import baselines  # builds models: not needed to read a row
+        m = baselines.match(cfg, cfg.make_task(), self.match.model, self.match.count)
+        logging.info("row %s: %s", self.name, m.lines())
+        return dataclasses.replace(cfg, n_embd=m.width)
+
+
+_SCRATCH_LAYERS = {"n_layer": 3}  # the paper's "Full transformer" where it used 3 blocks
+
+ROWS: dict[str, Row] = {r.name: r for r in (
+    Row("fpt", "frozen pretrained GPT-2 (FPT)", paper_row="fpt", rothermel_row="fpt",
+        draws_attention=True),
+    Row("random", "frozen random GPT-2", {"init": "random"}, paper_row="random",
+        rothermel_row="random", draws_attention=True),
+    Row("full", "pretrained GPT-2, fully fine-tuned", {"trainable": "full"},
+        rothermel_row="full"),
+    Row("scratch", "transformer from scratch (random GPT-2, all trained)",
+        {"init": "random", "trainable": "full"},
+        per_task={t: _SCRATCH_LAYERS for t in ("cifar10", "listops", "cifar10_lra")},
+        paper_row="scratch", rothermel_row="scratch"),
+    Row("lstm", "LSTM (the paper's, all trained)",
+        {"model": "lstm", "init": "random", "trainable": "full",
+         "learning_rate": LSTM_LEARNING_RATE}, paper_row="lstm"),
+    Row("lstm_matched", "LSTM, parameter-matched to FPT",
+        {"model": "lstm", "init": "random", "trainable": "full",
+         "learning_rate": LSTM_LEARNING_RATE}, match=Match("gpt2", "trainable")),
+    Row("fnet", "FNet reservoir (frozen Fourier mixing)", {"model": "fnet", "init": "random"}),
+    Row("fnet_orthonormal", "FNet reservoir, orthonormal mixing",
+        {"model": "fnet-orthonormal", "init": "random"}),
+    Row("minilm", "frozen pretrained MiniLM", {"model": "minilm-l6", "weights": "minilm"},
+        draws_attention=True),
+    Row("minilm_random", "frozen random MiniLM architecture",
+        {"model": "minilm-l6", "init": "random"}, draws_attention=True),
+)}
+
+
+def get(name: str) -> Row:
+    if name not in ROWS:
+        raise ValueError(f"unknown row {name!r}; accepted: {list(ROWS)}")
+    return ROWS[name]
+
+
+def apply(cfg: TrainConfig, name: str = "fpt", overrides: Mapping[str, Any] | None = None
+          ) -> TrainConfig:
+    """`cfg` (a task's FPT config) as the row `name` (see `Row.apply`)."""
+    return get(name).apply(cfg, overrides)

@@ -24,27 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fpt_jax import attention_maps, baselines, build, paper, results
+from fpt_jax.rows import ROWS, get as get_row
 from fpt_jax.models import backbones
-from fpt_jax.tasks import get_task
 
-ROW_LABELS = {
-    "fpt": "frozen pretrained GPT-2 (FPT)",
-    "random": "frozen random GPT-2",
-    "full": "pretrained GPT-2, fully fine-tuned",
-    "scratch": "transformer from scratch (random GPT-2, all trained)",
-    "lstm": "LSTM (the paper's, all trained)",
-    "lstm_matched": "LSTM, parameter-matched to FPT",
-    "fnet": "FNet reservoir (frozen Fourier mixing)",
-    "fnet_orthonormal": "FNet reservoir, orthonormal mixing",
-    "minilm": "frozen pretrained MiniLM",
-    "minilm_random": "frozen random MiniLM architecture",
-}
-PAPER_ROW = {"fpt": "fpt", "random": "random", "scratch": "scratch", "lstm": "lstm"}
-ROTHERMEL_ROW = {"fpt": "fpt", "random": "random", "scratch": "scratch", "full": "full"}
 PROXY_TASK = {"fashion_mnist": "mnist"}  # our task -> the paper's column it stands in for
-ATTENTION_ROWS = ("fpt", "random", "minilm", "minilm_random")  # frozen attention backbones
 # Settings whose difference from the paper's a cell names.
-_COMPARED = ("n", "num_patterns", "patch_size", "image_size", "max_length", "steps",
+_COMPARED_OPTIONS = ("n", "num_patterns", "patch_size", "image_size", "max_length")
+_COMPARED = ("steps",
              "batch_size", "grad_accum")
 
 
@@ -64,11 +50,11 @@ class Row:
         return self.picked.test.get("test") if self.picked else None
 
 
-def _architecture(cfg) -> str:
+def _architecture(cfg, row: str) -> str:
     preset = backbones.family_of_preset(cfg.model).presets[cfg.model]
     layers = cfg.n_layer or preset.n_layer
-    if cfg.match_model:
-        return f"{cfg.model} {layers} x width matched"
+    if get_row(row).match is not None:
+        return f"{cfg.model} {layers} x width matched to {get_row(row).match.model}"
     return f"{cfg.model} {layers} x {cfg.n_embd or preset.n_embd}"
 
 
@@ -78,13 +64,15 @@ def differences(r: Row) -> list[str]:
     out = []
     if r.task in PROXY_TASK:
         out.append(f"{r.task} as a proxy for {PROXY_TASK[r.task]}")
-    if r.task == "listops" and "listops~" in str(r.cfg.data_dir or ""):
+    if r.task == "listops" and "listops~" in str(r.cfg.task_options.data_dir or ""):
         out.append("generated ListOps")
-    ours, theirs = _architecture(r.cfg), _architecture(r.reference)
+    ours, theirs = _architecture(r.cfg, r.row), _architecture(r.reference, r.row)
     if ours != theirs:
         out.append(f"model {ours} (paper's setting: {theirs})")
-    for name in _COMPARED:
-        a, b = getattr(r.cfg, name), getattr(r.reference, name)
+    settings = [(n, r.cfg.task_options.get(n), r.reference.task_options.get(n))
+                for n in _COMPARED_OPTIONS]
+    settings += [(n, getattr(r.cfg, n), getattr(r.reference, n)) for n in _COMPARED]
+    for name, a, b in settings:
         if a != b:
             out.append(f"{name} {a} (paper's setting: {b})")
     return out
@@ -113,7 +101,7 @@ def load_rows(report_dir: Path, planned: Sequence[Any]) -> list[Row]:
         cell = found.get(p.name)
         picked = results.select(cell) if cell is not None and cell.finished else None
         rows.append(Row(p.task, p.row, p.selection, p.cfg, p.reference, cell, picked))
-    order = list(ROW_LABELS)  # the report's row order, whatever the budget's
+    order = list(ROWS)  # the report's row order, whatever the budget's
     return sorted(rows, key=lambda r: order.index(r.row))
 
 
@@ -131,9 +119,9 @@ def main_table(rows: Sequence[Row]) -> list[str]:
             ours = (_pct(r.test, r.picked.n_seeds) if r.test else
                     "not finished" if r.picked is None else "no test result")
             lr = f"{r.picked.learning_rate:g}" if r.picked and r.picked.learning_rate else "-"
-            lu = paper.MAIN.get(PAPER_ROW.get(r.row, ""), {}).get(col)
-            ro = paper.ROTHERMEL.get(ROTHERMEL_ROW.get(r.row, ""), {}).get(col)
-            lines.append(f"| {ROW_LABELS[r.row]} | {ours} | {lr} | {_paper(lu)} | "
+            lu = paper.MAIN.get(get_row(r.row).paper_row, {}).get(col)
+            ro = paper.ROTHERMEL.get(get_row(r.row).rothermel_row, {}).get(col)
+            lines.append(f"| {get_row(r.row).label} | {ours} | {lr} | {_paper(lu)} | "
                          f"{_paper(ro)} | {'; '.join(differences(r)) or 'as the paper'} |")
         lines.append("")
     return lines
@@ -157,7 +145,7 @@ def ablation_table(rows: Sequence[Row], budget) -> list[str]:
                 r = cells.get(s)
                 ours = _pct(r.test) if r is not None and r.test else "-"
                 values.append(f"{ours} (paper {_paper(published.get(s))})")
-            lines.append(f"| {task} | {ROW_LABELS[row]} | " + " | ".join(values) + " |")
+            lines.append(f"| {task} | {get_row(row).label} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -172,7 +160,7 @@ def convergence_table(rows: Sequence[Row], converge_at: float | None) -> list[st
         col = PROXY_TASK.get(r.task, r.task)
         pub = (paper.CONVERGENCE[col][paper.CONVERGENCE_ROWS.index(r.row)]
                if r.row in paper.CONVERGENCE_ROWS and col in paper.CONVERGENCE else None)
-        lines.append(f"| {r.task} | {ROW_LABELS[r.row]} | {ours} | "
+        lines.append(f"| {r.task} | {get_row(r.row).label} | {ours} | "
                      f"{'-' if pub is None else f'{pub:.0e}'} |")
     return lines
 
@@ -185,7 +173,7 @@ def count_table(rows: Sequence[Row]) -> list[str]:
         total = baselines.count(r.cfg, task, config, "full")
         trainable = (r.picked.trainable_params if r.picked and r.picked.trainable_params
                      else baselines.count(r.cfg, task, config, r.cfg.trainable))
-        lines.append(f"| {r.task} | {ROW_LABELS[r.row]} | {trainable:,} | {total:,} |")
+        lines.append(f"| {r.task} | {get_row(r.row).label} | {trainable:,} | {total:,} |")
     return lines
 
 
@@ -193,7 +181,7 @@ def count_table(rows: Sequence[Row]) -> list[str]:
 
 def _labelled(r: Row) -> results.Selection:
     return dataclasses.replace(r.picked, cell=dataclasses.replace(r.cell,
-                                                                   name=ROW_LABELS[r.row]))
+                                                                   name=get_row(r.row).label))
 
 
 def plot_main(rows: Sequence[Row], path: Path) -> None:
@@ -213,8 +201,8 @@ def plot_main(rows: Sequence[Row], path: Path) -> None:
                 continue
             x = i + (j - (len(names) - 1) / 2) * width
             ax.bar(x, 100 * r.test[0], width, yerr=100 * r.test[1], capsize=2,
-                   color=f"C{j}", label=ROW_LABELS[name] if i == 0 else None)
-            lu = paper.MAIN.get(PAPER_ROW.get(name, ""), {}).get(PROXY_TASK.get(task, task))
+                   color=f"C{j}", label=get_row(name).label if i == 0 else None)
+            lu = paper.MAIN.get(get_row(name).paper_row, {}).get(PROXY_TASK.get(task, task))
             if lu is not None:
                 ax.plot(x, lu, "k_", markersize=12, markeredgewidth=2)
     ax.set_xticks(range(len(tasks)), tasks)
@@ -287,7 +275,7 @@ def attention_map(rows: Sequence[Row], report_dir: Path) -> tuple[str, str] | No
     """The Bit XOR attention of the best frozen attention run (best mean validation
     accuracy; its best seed), as attention_bit_xor.png."""
     frozen = [r for r in rows if r.task == "bit_xor" and r.selection is None
-              and r.row in ATTENTION_ROWS and r.picked and r.picked.val_mean is not None]
+              and get_row(r.row).draws_attention and r.picked and r.picked.val_mean is not None]
     if not frozen:
         return None
     best = max(frozen, key=lambda r: r.picked.val_mean)
@@ -295,7 +283,7 @@ def attention_map(rows: Sequence[Row], report_dir: Path) -> tuple[str, str] | No
     run = max(best.picked.run_ids, key=lambda k: runs[k].get("best_val_accuracy") or 0.0)
     attention_maps.render(str(best.cell.path), str(report_dir / "attention_bit_xor.png"),
                           run=run)
-    return (f"{ROW_LABELS[best.row]}, seed {runs[run].get('seed')}, learning rate "
+    return (f"{get_row(best.row).label}, seed {runs[run].get('seed')}, learning rate "
             f"{runs[run].get('learning_rate'):g}", "attention_bit_xor.png")
 
 

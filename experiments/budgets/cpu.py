@@ -14,6 +14,8 @@ MNIST, at 28 x 28 in 7 x 7 patches (16 tokens). Tasks whose data is not in --dat
 """
 from ml_collections import ConfigDict
 
+from fpt_jax.sweep import SweepConfig
+
 SMALL = dict(n_layer=6, n_head=6, n_embd=384)
 EVAL = dict(log_every=100, checkpoint_every=250)
 
@@ -28,22 +30,23 @@ def get_config() -> ConfigDict:
     c.tasks = ConfigDict({
         "bit_xor": dict(overrides=dict(steps=600, eval_every=100, eval_batches=8,
                                        eval_batch_size=32, **EVAL),
-                        learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1)),
-        "bit_memory": dict(overrides=dict(n=100, patch_size=10, steps=400, eval_every=100,
+                        sweep=SweepConfig(learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1))),
+        "bit_memory": dict(overrides=dict(task_options=dict(n=100, patch_size=10), steps=400,
+                                          eval_every=100,
                                           eval_batches=8, eval_batch_size=16, **EVAL),
-                           learning_rates=(3e-4, 1e-3), seeds=(0, 1)),
-        "listops": dict(overrides=dict(max_length=128, bucket_size=32, batch_size=8,
+                           sweep=SweepConfig(learning_rates=(3e-4, 1e-3), seeds=(0, 1))),
+        "listops": dict(overrides=dict(task_options=dict(max_length=128, bucket_size=32), batch_size=8,
                                        steps=300, eval_every=100, eval_batch_size=64, **EVAL),
-                        learning_rates=(3e-4, 1e-3), seeds=(0, 1),
+                        sweep=SweepConfig(learning_rates=(3e-4, 1e-3), seeds=(0, 1)),
                         generate=dict(num_train=4000, num_val=500, num_test=500, max_depth=5,
                                       max_args=5, min_length=30, max_length=200)),
-        "fashion_mnist": dict(overrides=dict(image_size=28, patch_size=7, steps=400,
+        "fashion_mnist": dict(overrides=dict(task_options=dict(image_size=28, patch_size=7), steps=400,
                                              eval_every=100, eval_batch_size=250, **EVAL),
-                              learning_rates=(3e-4, 1e-3), seeds=(0, 1)),
-        "mnist": dict(overrides={}, learning_rates=(1e-3,), seeds=(0,)),
-        "cifar10": dict(overrides={}, learning_rates=(1e-3,), seeds=(0,)),
-        "cifar10_lra": dict(overrides={}, learning_rates=(1e-3,), seeds=(0,)),
-        "remote_homology": dict(overrides={}, learning_rates=(1e-4,), seeds=(0,)),
+                              sweep=SweepConfig(learning_rates=(3e-4, 1e-3), seeds=(0, 1))),
+        "mnist": dict(overrides={}, sweep=SweepConfig(learning_rates=(1e-3,), seeds=(0,))),
+        "cifar10": dict(overrides={}, sweep=SweepConfig(learning_rates=(1e-3,), seeds=(0,))),
+        "cifar10_lra": dict(overrides={}, sweep=SweepConfig(learning_rates=(1e-3,), seeds=(0,))),
+        "remote_homology": dict(overrides={}, sweep=SweepConfig(learning_rates=(1e-4,), seeds=(0,))),
     })
     c.rows = ConfigDict({
         "fpt": {}, "full": {}, "random": dict(SMALL), "scratch": dict(SMALL, n_layer=3),

@@ -9,6 +9,8 @@ asks for 4e5 of them per run.
 """
 from ml_collections import ConfigDict
 
+from fpt_jax.sweep import SweepConfig
+
 TASKS = ("bit_memory", "bit_xor", "listops", "mnist", "cifar10", "cifar10_lra",
          "remote_homology")
 
@@ -18,8 +20,8 @@ def get_config() -> ConfigDict:
     c.name = "paper"
     c.description = "the paper's model sizes and step counts (GPU/TPU pods)"
     c.converge_at = 0.99
-    c.tasks = ConfigDict({t: dict(overrides={}, learning_rates=(1e-4, 3e-4, 1e-3),
-                                  seeds=(0, 1, 2)) for t in TASKS})
+    c.tasks = ConfigDict({t: dict(overrides={}, sweep=SweepConfig(
+        learning_rates=(1e-4, 3e-4, 1e-3), seeds=(0, 1, 2))) for t in TASKS})
     # ListOps from the generator when the LRA files are not in --data_dir: LRA's sizes
     c.tasks.listops.generate = dict(num_train=96_000, num_val=2_000, num_test=2_000,
                                     min_length=500, max_length=2000)

@@ -5,6 +5,8 @@ pipeline (cells, selection, tables, plots, attention map) runs end to end.
 """
 from ml_collections import ConfigDict
 
+from fpt_jax.sweep import SweepConfig
+
 TINY = dict(n_layer=1, n_head=2, n_embd=16)
 
 
@@ -15,11 +17,11 @@ def get_config() -> ConfigDict:
                      "nothing")
     c.converge_at = 0.99
     c.tasks = ConfigDict({
-        "bit_xor": dict(overrides=dict(n=2, steps=4, eval_every=2, eval_batches=1,
+        "bit_xor": dict(overrides=dict(task_options=dict(n=2), steps=4, eval_every=2, eval_batches=1,
                                        eval_batch_size=8, log_every=2, checkpoint_every=100),
-                        learning_rates=(1e-3, 3e-3), seeds=(0, 1)),
+                        sweep=SweepConfig(learning_rates=(1e-3, 3e-3), seeds=(0, 1))),
     })
-    # rows: the comparisons, each with its TrainConfig overrides (fpt_jax/baselines.py names);
+    # rows: the comparisons of fpt_jax/rows.py, each with its TrainConfig overrides;
     # frozen pretrained MiniLM (22M parameters) is left to the cpu budget
     c.rows = ConfigDict({
         "fpt": {}, "full": {}, "random": dict(TINY), "scratch": dict(TINY),

@@ -355,63 +355,100 @@ def test_prepare_data_bad_inputs(tmp_path):
 # --- benchmark ----------------------------------------------------------------------------
 
 BENCH = ["--config.init=random", "--config.n_layer=1", "--config.n_head=2",
-         "--config.n_embd=16", "--config.dropout=0", "--steps=1", "--rounds=1", "--warmup=0",
-         "--notorch_reference", "--peak_tflops=0.05", "--modes=frozen", "--plot=no"]
+         "--config.n_embd=16", "--config.dropout=0", "--bench.steps=1", "--bench.rounds=1",
+         "--bench.warmup=0", "--bench.torch_reference=false", "--bench.peak_tflops=0.05",
+         "--bench.plot=no"]
 NOT_TIMED = "init: random"  # printed just before bench.run: nothing may be timed
 
 
 def _bench_cases(tmp: Path) -> list[Case]:
+    """Every bad setting of the benchmark: each field of --bench, the process flags, and the
+    settings against the model and the devices."""
     (tmp / "a_file").write_text("not a directory")
     out = f"--out_dir={tmp / 'results'}"
+    xor = ["--bench.shapes=bit_xor", "--bench.modes=frozen", out]
+
+    def bad(field: str, value: str, wanted: list[str], *more: str) -> Case:
+        # a tuple field given twice collects both values (config_flags): given once here
+        given = [a for a in xor if not a.startswith(f"--bench.{field}=")]
+        return (f"bench_{field}_{value or 'empty'}", [*given, *more, f"--bench.{field}={value}"],
+                wanted, None)
     return [
-        ("bench_seq_len_beyond_n_positions", ["--seq_lens=8,2048", "--batch_size=4", out],
-         ["--seq_lens=2048", "n_positions=1024"], None),
-        ("bench_named_shape_vs_cpu_devices", ["--shapes=bit_xor", "--cpu_devices=3", out],
-         ["--shapes=bit_xor", "3 devices", "--cpu_devices"], None),
-        ("bench_batch_size_vs_cpu_devices", ["--seq_lens=8", "--batch_size=6",
-                                             "--cpu_devices=4", out],
-         ["--batch_size=6", "4 devices", "--cpu_devices"], None),
-        ("bench_shape_vs_grad_accum", ["--shapes=bit_xor", "--config.num_devices=1",
-                                       "--config.grad_accum=3", out],
-         ["--shapes=bit_xor", "grad_accum 3", "--config.grad_accum"], None),
-        ("bench_too_many_devices", ["--shapes=bit_xor", "--config.num_devices=64", out],
-         ["num_devices=64"], None),
-        ("bench_out_dir_cannot_be_created", ["--shapes=bit_xor",
+        # --- each field on its own
+        bad("shapes", "imagenet", ["--bench.shapes=imagenet: unknown shape 'imagenet'; "
+                                   "accepted: bit_xor, cifar10"]),
+        bad("seq_lens", "8,long", ["--bench.seq_lens=8,long; accepted: integers >= 1"]),
+        bad("seq_lens", "0", ["--bench.seq_lens=0; accepted: integers >= 1"]),
+        bad("batch_size", "0", ["--bench.batch_size=0; accepted: an integer >= 1"]),
+        bad("batch_size", "four", ["--bench.batch_size=four", "int"]),
+        bad("features", "0", ["--bench.features=0; accepted: an integer >= 1"]),
+        bad("classes", "1", ["--bench.classes=1; accepted: an integer >= 2"]),
+        bad("modes", "frozen,fastest", ["--bench.modes=frozen,fastest: unknown mode 'fastest'; "
+                                        "accepted: frozen, full, forward"]),
+        bad("modes", "", ["--bench.modes=(empty) and no selections: nothing to time; "
+                          "accepted: one or more of frozen, full, forward, or selections"]),
+        bad("selections", "attn[5]", ["--bench.selections=attn[5]: 'attn[5]'", "out of range",
+                                      "accepted: trainable selections"]),
+        bad("selections", "sideways", ["--bench.selections=sideways: 'sideways'",
+                                       "accepted: trainable selections"]),
+        bad("dtypes", "float16", ["--bench.dtypes=float16: unknown dtype 'float16'; accepted: "
+                                  "float32, bfloat16"]),
+        bad("remats", "maybe", ["--bench.remats=maybe: 'maybe' is not a boolean; accepted: "
+                                "true, false"]),
+        bad("sweeps", "1,0", ["--bench.sweeps=1,0; accepted: integers >= 1"]),
+        bad("sweeps", "four", ["--bench.sweeps=four; accepted: integers >= 1"]),
+        bad("baselines", "nonsense", ["--bench.baselines=nonsense: unknown baseline "
+                                      "'nonsense'; accepted: fnet, fnet-medium, "
+                                      "fnet-orthonormal, lstm"]),
+        bad("steps", "0", ["--bench.steps=0; accepted: an integer >= 1"]),
+        bad("steps", "2", ["--bench.steps=2 is fewer than rounds=3", "accepted: steps >= rounds"],
+            "--bench.rounds=3"),
+        bad("warmup", "-1", ["--bench.warmup=-1; accepted: an integer >= 0"]),
+        bad("rounds", "0", ["--bench.rounds=0; accepted: an integer >= 1"]),
+        bad("switch_steps", "-1", ["--bench.switch_steps=-1; accepted: an integer >= 0"]),
+        bad("torch_reference", "maybe", ["--bench.torch_reference=maybe", "boolean"]),
+        bad("torch_threads", "0", ["--bench.torch_threads=0; accepted: an integer >= 1"]),
+        bad("torch_attn", "flash", ["--bench.torch_attn='flash'; accepted: eager, sdpa"]),
+        bad("peak_tflops", "-1", ["--bench.peak_tflops=-1.0; accepted: a finite number > 0"]),
+        bad("compile_only", "maybe", ["--bench.compile_only=maybe", "boolean"]),
+        bad("memory_fraction", "1.5", ["--bench.memory_fraction=1.5; accepted: a number in "
+                                       "(0, 1]"]),
+        bad("plot", "sometimes", ["--bench.plot='sometimes'; accepted: auto, yes, no"]),
+        ("bench_not_a_field", [*xor, "--bench.shape=cifar10"],
+         ["--bench.shape: not a setting; accepted: --bench.<field> for the fields shapes, "], None),
+        # --- against the model and the devices
+        ("bench_seq_len_beyond_n_positions",
+         ["--bench.seq_lens=8,2048", "--bench.batch_size=4", "--bench.modes=frozen", out],
+         ["--bench.seq_lens=2048", "n_positions=1024", "accepted: sequence lengths <= 1024"],
+         None),
+        ("bench_named_shape_vs_cpu_devices", [*xor, "--cpu_devices=3"],
+         ["--bench.shapes=bit_xor", "3 devices", "--cpu_devices", "accepted: a multiple of 3"],
+         None),
+        ("bench_batch_size_vs_cpu_devices", ["--bench.seq_lens=8", "--bench.batch_size=6",
+                                             "--bench.modes=frozen", "--cpu_devices=4", out],
+         ["--bench.batch_size=6", "4 devices", "--cpu_devices"], None),
+        ("bench_shape_vs_grad_accum", [*xor, "--config.num_devices=1", "--config.grad_accum=3"],
+         ["--bench.shapes=bit_xor", "grad_accum 3", "--config.grad_accum"], None),
+        ("bench_too_many_devices", [*xor, "--config.num_devices=64"], ["num_devices=64"], None),
+        ("bench_model_auto", [*xor, "--config.model=auto"],
+         ["--config.model='auto'", "accepted: a model preset"], None),
+        ("bench_baseline_lacks_the_selection", [*xor, "--config.trainable=output,attn",
+                                                "--bench.baselines=fnet"],
+         ["--bench.baselines=fnet: fnet: trainable='output,attn'", "no attn parameters"], None),
+        # --- the process flags
+        ("bench_out_dir_missing", ["--bench.shapes=bit_xor"], ["--out_dir", "required"], None),
+        ("bench_out_dir_cannot_be_created", ["--bench.shapes=bit_xor",
                                              "--out_dir=/proc/fpt_jax_bench"],
          ["--out_dir=/proc/fpt_jax_bench"], None),
-        ("bench_out_dir_is_a_file", ["--shapes=bit_xor", f"--out_dir={tmp / 'a_file'}"],
+        ("bench_out_dir_is_a_file", ["--bench.shapes=bit_xor", f"--out_dir={tmp / 'a_file'}"],
          [f"--out_dir={tmp / 'a_file'}", "is a file"], None),
-        ("bench_name_with_slash", ["--shapes=bit_xor", "--name=a/b", out], ["--name='a/b'"],
-         None),
-        ("bench_unknown_shape", ["--shapes=imagenet", out], ["--shapes entry 'imagenet'"],
-         None),
-        ("bench_seq_lens_not_integers", ["--seq_lens=8,long", out], ["--seq_lens=8,long"],
-         None),
-        ("bench_seq_lens_zero", ["--seq_lens=0", out], ["--seq_lens=0"], None),
-        ("bench_batch_size_zero", ["--seq_lens=8", "--batch_size=0", out],
-         ["--batch_size=0; accepted"], None),
-        ("bench_classes_one", ["--seq_lens=8", "--classes=1", out], ["--classes=1; accepted"],
-         None),
-        ("bench_cpu_devices_zero", ["--shapes=bit_xor", "--cpu_devices=0", out],
-         ["--cpu_devices=0; accepted"], None),
-        ("bench_unknown_mode", ["--shapes=bit_xor", "--modes=frozen,fastest", out],
-         ["unknown mode 'fastest'"], None),
-        ("bench_unknown_dtype", ["--shapes=bit_xor", "--dtypes=float16", out],
-         ["dtypes=float16", "float16"], None),
-        ("bench_remats_not_bool", ["--shapes=bit_xor", "--remats=maybe", out],
-         ["--remats=maybe"], None),
-        ("bench_steps_fewer_than_rounds", ["--shapes=bit_xor", "--steps=2", "--rounds=3", out],
-         ["steps=2 is fewer than rounds=3"], None),
-        ("bench_torch_threads_zero", ["--shapes=bit_xor", "--torch_threads=0", out],
-         ["torch_threads=0; accepted"], None),
-        ("bench_peak_tflops_negative", ["--shapes=bit_xor", "--peak_tflops=-1", out],
-         ["peak_tflops=-1.0; accepted"], None),
-        ("bench_model_auto", ["--shapes=bit_xor", "--config.model=auto", out],
-         ["model='auto'"], None),
-        ("bench_selection_out_of_range", ["--shapes=bit_xor", "--selections=attn[5]", out],
-         ["attn[5]"], None),
-        ("bench_unknown_flag", ["--shapes=bit_xor", "--seqlens=8", out], ["seqlens"], None),
-        ("bench_positional_argument", ["--shapes=bit_xor", out, "fast"], ["'fast'"], None),
+        ("bench_name_with_slash", [*xor, "--name=a/b"],
+         ["--name='a/b'; accepted: a file name without '/'"], None),
+        ("bench_name_empty", [*xor, "--name="], ["--name=''; accepted: a file name"], None),
+        ("bench_cpu_devices_zero", [*xor, "--cpu_devices=0"],
+         ["--cpu_devices=0", "positive integer"], None),
+        ("bench_old_flag", [out, "--shapes=bit_xor"], ["shapes"], None),
+        ("bench_positional_argument", [*xor, "fast"], ["'fast'"], None),
     ]
 
 

@@ -1,6 +1,7 @@
 """The benchmark: it runs and writes its report; the step it times is the training step,
 donating its state, reading the frozen parameters in place, all-reducing only trainable
-gradients; remat and bf16 are faithful; the CLI takes the training config.
+gradients; remat and bf16 are faithful; the CLI takes the training config (`--config`) and
+the benchmark's settings (`--bench.<field>`, every field of `BenchConfig`).
 
 Runs under the root conftest's 4 forced CPU devices, on a tiny GPT-2.
 """
@@ -16,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import bench, build, freeze, steps, tasks
+from absl import flags
+
+from experiments import benchmark as benchmark_cli
+from experiments import cli
+from fpt_jax import bench, build, freeze, rows, steps, tasks
 from fpt_jax.models.fpt import make_model
 from fpt_jax.bench import core, jax_step, peaks, report as report_lib, torch_ref
 from fpt_jax.config import TrainConfig
@@ -25,8 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # One block and no dropout keep XLA's CPU compiles (the bulk of these tests' time) short.
 BASE = TrainConfig(init="random", n_layer=1, n_head=2, n_embd=16, dropout=0.0)
 SHAPE = bench.Shape("tiny", batch_size=4, seq_len=6, features=3, classes=5)
-TINY = bench.BenchConfig(base=BASE, shapes=[SHAPE], warmup=2, steps=2, rounds=2,
-                         torch_threads=2)
+TINY_SETTINGS = dict(warmup=2, steps=2, rounds=2, torch_threads=2)
+
+
+def tiny(base: TrainConfig = BASE, shapes=(SHAPE,), **settings) -> bench.Bench:
+    """The tiny benchmark, with `settings` (BenchConfig fields) changed."""
+    return bench.Bench(base, bench.BenchConfig(**{**TINY_SETTINGS, **settings}), shapes)
+
+
+TINY = tiny()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +61,7 @@ def report():
     assert jax.local_device_count() == 4, "conftest forces 4 CPU devices"
     # A peak from the setting keeps the test from timing large matmuls; the measured peak
     # has its own test below.
-    return bench.run(dataclasses.replace(TINY, peak_tflops=0.05), command="pytest", log=None)
+    return bench.run(tiny(peak_tflops=0.05), command="pytest", log=None)
 
 
 def test_report_is_written_as_json_and_markdown(report, tmp_path):
@@ -60,10 +72,11 @@ def test_report_is_written_as_json_and_markdown(report, tmp_path):
     assert env["backend"] == "cpu" and env["local_devices"] == 4
     assert env["versions"]["jax"] == jax.__version__
     assert data["config"]["base"]["n_layer"] == 1 and data["model"]["n_embd"] == 16
+    assert data["config"]["bench"]["steps"] == TINY.settings.steps == 2
     jax_rows = [r for r in data["results"] if r["framework"] == "jax"]
     assert {r["mode"] for r in jax_rows} == {"frozen", "full", "forward"}
     for r in jax_rows:
-        assert r["step_ms"]["n"] == TINY.steps
+        assert r["step_ms"]["n"] == TINY.settings.steps
         assert 0 < r["step_ms"]["p10"] <= r["step_ms"]["median"] <= r["step_ms"]["p90"]
         assert r["tokens_per_s"] == pytest.approx(SHAPE.tokens / r["step_ms"]["median"] * 1e3)
         assert r["compile_s"] > 0 and r["achieved_tflops"] > 0 and r["utilisation"] > 0
@@ -151,8 +164,7 @@ def test_train_step_donates_its_state_and_reads_frozen_in_place(report):
 def sweep_report():
     # 'output,ln': the position embeddings stay in the (shared) backbone, so that even this
     # tiny model's backbone outweighs a few runs' states.
-    bc = dataclasses.replace(TINY, modes=["output,ln", "forward"], sweeps=[1, 4],
-                             peak_tflops=0.05)
+    bc = tiny(modes=["forward"], selections="output,ln", sweeps=[1, 4], peak_tflops=0.05)
     return bench.run(bc, command="pytest sweeps", log=None)
 
 
@@ -204,37 +216,40 @@ def test_sweep_step_holds_the_backbone_once(sweep_report):
 
 # --- baselines timed next to the base model ---------------------------------------------
 
-BASELINES = dataclasses.replace(TINY, modes=["frozen"], baselines=["lstm", "fnet"],
-                                peak_tflops=0.05)
+BASELINES = tiny(modes=["frozen"], baselines=["lstm", "fnet"], peak_tflops=0.05)
 
 
 def test_baseline_cases_train_the_papers_selection_of_their_model():
-    bc = dataclasses.replace(BASELINES, modes=["frozen", "full", "forward"],
-                             remats=[False, True], sweeps=[1, 4])
+    settings = dict(modes=["frozen", "full", "forward"], remats=[False, True], sweeps=[1, 4])
+    bc = tiny(baselines=["lstm", "fnet"], **settings)
     cases = bc.cases(SHAPE)
     baseline = [c for c in cases if c.model]
     assert [c.label for c in baseline] == [
         "tiny/lstm/full/float32", "tiny/lstm/full/float32/K4",
         "tiny/fnet/frozen/float32", "tiny/fnet/frozen/float32/K4"]
-    # baselines.variant's selections: the LSTM fully trained, FNet frozen as FPT; no remat
+    # the rows' selections (fpt_jax.rows): the LSTM fully trained, FNet frozen as FPT; no remat
     assert [(c.model, c.trainable, c.remat) for c in baseline[::2]] == [
         ("lstm", "full", False), ("fnet", "fpt", False)]
     # the base model's cases come first, as without baselines (remat swept for them only)
-    assert cases[:-4] == dataclasses.replace(bc, baselines=[]).cases(SHAPE)
+    assert cases[:-4] == tiny(**settings).cases(SHAPE)
     assert {c.model for c in cases[:-4]} == {None}
 
 
 def test_train_config_of_an_lstm_case_is_a_random_fully_trained_lstm_at_the_base_sizes():
     (case,) = [c for c in BASELINES.cases(SHAPE) if c.model == "lstm"]
     cfg = BASELINES.train_config(case)
-    assert (cfg.model, cfg.init, cfg.trainable, cfg.n_head, cfg.match_model, cfg.remat) == (
-        "lstm", "random", "full", None, None, False)
+    assert (cfg.model, cfg.init, cfg.trainable, cfg.n_head, cfg.remat) == (
+        "lstm", "random", "full", None, False)
+    # the row 'lstm' of fpt_jax.rows, not a definition of the benchmark's own
+    row = rows.apply(dataclasses.replace(BASE, n_head=None), "lstm")
+    assert (cfg.learning_rate, cfg.trainable) == (row.learning_rate, row.trainable)
+    assert cfg.learning_rate == rows.LSTM_LEARNING_RATE != BASE.learning_rate
     assert (cfg.task, cfg.batch_size) == ("synthetic", SHAPE.batch_size)
     config, params = build.backbone(cfg)
     assert params is None and type(config).__name__ == "LSTMConfig"
     assert (config.n_layer, config.n_embd) == (BASE.n_layer, BASE.n_embd)  # stays small
     # without size overrides the preset's: the paper's 3 x 768 LSTM
-    big = bench.BenchConfig(base=TrainConfig(), baselines=["lstm"])
+    big = bench.Bench(TrainConfig(), bench.BenchConfig(baselines=["lstm"]))
     assert (big.backbone("lstm").n_layer, big.backbone("lstm").n_embd) == (3, 768)
 
 
@@ -273,7 +288,7 @@ def test_baselines_are_timed_next_to_the_base_model_without_a_torch_reference(ba
                                                     "n_head": 1, "n_embd": 16}
     for m in jax_rows:
         r = rows["jax", m]
-        assert r["step_ms"]["n"] == BASELINES.steps and r["step_ms"]["p10"] > 0
+        assert r["step_ms"]["n"] == BASELINES.settings.steps and r["step_ms"]["p10"] > 0
     comp = {c["case"]: c for c in baseline_report["comparisons"]}
     lstm, frozen = rows["jax", "lstm"], rows["jax", None]
     c = comp["tiny/lstm/full/float32"]
@@ -319,19 +334,18 @@ def test_lstm_note_counts_layers_tokens_passes_and_micro_batches():
 def test_baselines_accept_lstm_and_fnet_presets_only():
     for bad in (["gpt2"], ["lstm", "nonsense"]):
         with pytest.raises(ValueError, match=r"unknown baseline '(gpt2|nonsense)'; accepted: "
-                                             r"\['fnet', 'fnet-medium', 'fnet-orthonormal', 'lstm'\]"):
-            dataclasses.replace(TINY, baselines=bad)
+                                             r"fnet, fnet-medium, fnet-orthonormal, lstm"):
+            tiny(baselines=bad)
     # A group named by hand that a baseline (FNet: no attention) lacks: refused before timing
-    with pytest.raises(ValueError, match=r"baselines=fnet: fnet: trainable='output,attn': "
-                                         r"this model has no attn parameters"):
-        dataclasses.replace(TINY, base=dataclasses.replace(TINY.base, trainable="output,attn"),
-                            baselines=["fnet"])
+    with pytest.raises(ValueError, match=r"--bench.baselines=fnet: fnet: trainable='output,"
+                                         r"attn': this model has no attn parameters"):
+        tiny(base=dataclasses.replace(BASE, trainable="output,attn"), baselines=["fnet"])
     # FNet's position table limits the shapes even when the base model (an LSTM) has none
     lstm_base = TrainConfig(model="lstm", init="random", n_layer=1, n_embd=16, dropout=0.0)
     long = bench.Shape("long", batch_size=4, seq_len=2048, features=3, classes=5)
-    bench.BenchConfig(base=lstm_base, shapes=[long]).check_shapes(4)
+    bench.Bench(lstm_base, shapes=[long]).check_shapes(4)
     with pytest.raises(core.ShapeError, match="baseline fnet's n_positions=1024"):
-        bench.BenchConfig(base=lstm_base, shapes=[long], baselines=["fnet"]).check_shapes(4)
+        bench.Bench(lstm_base, bench.BenchConfig(baselines=["fnet"]), [long]).check_shapes(4)
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -364,8 +378,8 @@ def test_remat_reduces_compiled_peak_memory():
     block's activations: the compiled frozen train step (pmapped, state donated, dropout
     on) needs well under half the temporaries of the step without remat. With `nn.remat`
     on XLA:CPU it did not: the recomputation ran in the forward pass (models/remat.py)."""
-    bc = bench.BenchConfig(base=dataclasses.replace(BASE, n_layer=4, n_embd=64, dropout=0.1,
-                                                    num_devices=1), torch_reference=False)
+    bc = bench.Bench(dataclasses.replace(BASE, n_layer=4, n_embd=64, dropout=0.1,
+                                         num_devices=1), bench.BenchConfig(torch_reference=False))
     shape = bench.Shape("long", batch_size=1, seq_len=256, features=4, classes=5)
     temp, dots = {}, {}
     for remat in (False, True):
@@ -415,8 +429,7 @@ def test_each_dtype_has_its_peak_and_the_report_says_which(monkeypatch):
                 "accumulation": peaks.accumulation_dtype(dtype),
                 "matmuls": [{"m": 8, "k": 8, "n": 8, "tflops": 0.01}]}
     monkeypatch.setattr(peaks, "measure_matmul_peak", fake_peak)
-    bc = dataclasses.replace(TINY, modes=["forward"], dtypes=["float32", "bfloat16"],
-                             torch_reference=False)
+    bc = tiny(modes=["forward"], dtypes=["float32", "bfloat16"], torch_reference=False)
     rep = bench.run(bc, log=None)
     assert set(rep["peaks"]) == {"float32", "bfloat16"} and "bfloat16" in measured
     for r in rep["results"]:
@@ -479,35 +492,45 @@ def test_hlo_stats_counts_all_reduce_operands():
 
 
 def test_bad_settings_are_errors_that_say_what_is_accepted():
-    with pytest.raises(ValueError, match="unknown mode 'sideways'"):
-        dataclasses.replace(TINY, modes=["sideways"])
-    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
-        dataclasses.replace(TINY, dtypes=["float16"])
-    for bad in ([0], [2, -1], [], [1.5]):
+    with pytest.raises(ValueError, match="unknown mode 'sideways'; accepted: frozen, full, "):
+        tiny(modes=["sideways"])
+    with pytest.raises(ValueError, match="unknown dtype 'float16'; accepted: float32, "):
+        tiny(dtypes=["float16"])
+    for bad in ([0], [2, -1], [], [1.5], ["four"]):
         with pytest.raises(ValueError, match="sweeps=.*accepted: integers >= 1"):
-            dataclasses.replace(TINY, sweeps=bad)
+            tiny(sweeps=bad)
     with pytest.raises(ValueError, match="fewer than rounds"):
-        dataclasses.replace(TINY, steps=1, rounds=2)
+        tiny(steps=1, rounds=2)
+    with pytest.raises(ValueError, match="remats=maybe: 'maybe' is not a boolean"):
+        tiny(remats=["maybe"])
     with pytest.raises(ValueError, match="shape 'flat': synthetic: classes=1"):
         bench.Shape("flat", 4, 4, 2, 1)
+    # the settings as the command line gives them: comma-separated strings, normalised
+    s = bench.BenchConfig(shapes=("bit_xor,cifar10",), remats=("false,true",),
+                          sweeps=("1,4",), modes=("frozen, full",)).validate()
+    assert (s.shapes, s.remats, s.sweeps, s.modes) == (
+        ("bit_xor", "cifar10"), (False, True), (1, 4), ("frozen", "full"))
     # any selection training accepts is a mode; 'frozen' is the base config's selection
-    bc = dataclasses.replace(TINY, base=dataclasses.replace(BASE, trainable="fpt,mlp"),
-                             modes=["frozen", "output,attn[-1:]", "forward"])
-    assert [c.mode for c in bc.cases(SHAPE)] == ["fpt,mlp", "output,attn[-1:]", "forward"]
+    bc = tiny(base=dataclasses.replace(BASE, trainable="fpt,mlp"), modes=["frozen", "forward"],
+              selections="output,attn[-1:]")
+    assert [c.mode for c in bc.cases(SHAPE)] == ["fpt,mlp", "forward", "output,attn[-1:]"]
+    with pytest.raises(ValueError, match=r"--bench.selections=attn\[3\]: 'attn\[3\]': .*out "
+                                         "of range.*; accepted: trainable selections"):
+        tiny(selections="attn[3]")
     with pytest.raises(ValueError, match="batch_size=6 is not divisible"):
         jax_step.JaxRunner(TINY, bench.Case(bench.Shape("odd", 6, 4, 2, 2), "fpt"))
 
 
 def test_sweeps_default_to_the_base_config():
-    bc = bench.BenchConfig(base=dataclasses.replace(BASE, dtype="bfloat16", remat=True),
-                           modes=["full"])
+    bc = bench.Bench(dataclasses.replace(BASE, dtype="bfloat16", remat=True),
+                     bench.BenchConfig(modes=["full"]))
     assert (bc.dtypes, bc.remats) == (("bfloat16",), (True,))
     (case,) = bc.cases(SHAPE)
     cfg = bc.train_config(case)
     assert (cfg.task, cfg.init, cfg.batch_size, cfg.trainable, cfg.dtype, cfg.remat) == (
         "synthetic", "random", SHAPE.batch_size, "full", "bfloat16", True)
     # pretrained is the config's default: the benchmark initialises at random regardless
-    assert bench.BenchConfig(base=dataclasses.replace(BASE, init="pretrained")).backbone().n_layer == 1
+    assert bench.Bench(dataclasses.replace(BASE, init="pretrained")).backbone().n_layer == 1
 
 
 def test_scaling_plot_and_table(tmp_path):
@@ -530,8 +553,8 @@ def test_scaling_plot_and_table(tmp_path):
 
 def test_compile_only_reports_memory_without_running(tmp_path):
     # Two blocks: the last one, computed only where the head reads, is never rematted.
-    bc = dataclasses.replace(TINY, base=dataclasses.replace(BASE, n_layer=2),
-                             modes=["frozen"], remats=[False, True], compile_only=True)
+    bc = tiny(base=dataclasses.replace(BASE, n_layer=2), modes=["frozen"],
+              remats=[False, True], compile_only=True)
     report = bench.run(bc, log=None)
     rows = report["results"]
     assert [r["remat"] for r in rows] == [False, True]
@@ -573,36 +596,98 @@ def _benchmark(*args, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_takes_the_training_config_and_its_overrides(tmp_path):
-    done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
-                      "--config.dropout=0", "--config.trainable=output,ln",
-                      "--shapes=bit_xor", "--modes=frozen", "--steps=1", "--rounds=1",
-                      "--warmup=0", "--notorch_reference", "--peak_tflops=1", tmp_path=tmp_path)
+def test_cli_takes_the_training_config_and_the_bench_settings(tmp_path):
+    done = _benchmark("--config.init=random", "--config.n_layer=1", "--config.n_head=2",
+                      "--config.n_embd=16", "--config.dropout=0", "--config.trainable=output,ln",
+                      "--bench.shapes=bit_xor", "--bench.modes=frozen", "--bench.steps=1",
+                      "--bench.rounds=1", "--bench.warmup=0", "--bench.torch_reference=false",
+                      "--bench.peak_tflops=1", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "cli.json").read_text())
     base = data["config"]["base"]
     assert (base["n_layer"], base["n_embd"], base["dropout"], base["trainable"]) == (
         1, 16, 0.0, "output,ln")
+    settings = data["config"]["bench"]
+    assert (settings["shapes"], settings["modes"], settings["steps"], settings["rounds"],
+            settings["warmup"], settings["torch_reference"], settings["peak_tflops"]) == (
+        ["bit_xor"], ["frozen"], 1, 1, 0, False, 1.0)
     assert data["model"] == {"family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16}
     (row,) = data["results"]
     assert row["trainable"] == "output,ln" and row["step_ms"]["n"] == 1
     assert "--config.trainable=output,ln" in data["command"]
     assert (tmp_path / "cli.md").exists()
+    assert "wrote " + str(tmp_path / "cli.json") in done.stdout
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.n_lyer=1", "n_lyer not found"),
-    ("--config.dtype=float16", "error: unknown dtype 'float16'"),
-    ("--modes=sideways", "error: unknown mode 'sideways'"),
-    ("--remats=maybe", "error: --remats=maybe: 'maybe' is not true/false"),
-    ("--shapes=mnist", "error: unknown --shapes entry 'mnist'"),
-    ("--sweeps=1,0", "error: --sweeps=1,0; accepted: integers >= 1"),
-    ("--sweeps=four", "error: --sweeps=four; accepted: integers >= 1"),
-    ("--baselines=nonsense", "error: baselines=nonsense: unknown baseline 'nonsense'; "
-                             "accepted: ['fnet', 'fnet-medium', 'fnet-orthonormal', 'lstm']"),
-])
-def test_cli_bad_flags_exit_with_a_clear_message(tmp_path, flag, message):
-    done = _benchmark("--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
-                      "--compile_only", flag, tmp_path=tmp_path)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert message in done.stderr and "Traceback" not in done.stderr
+# --- every setting from the command line ----------------------------------------------
+
+BENCH_ARGS = ("--config.init=random", "--config.n_layer=1", "--config.n_head=2",
+              "--config.n_embd=16")
+
+
+def _parsed(*args: str) -> bench.Bench:
+    """The Bench the benchmark runs with, from `--bench...` flags parsed as the entry point
+    parses them (its own settings and parser, a fresh set of flags)."""
+    argv = ["benchmark", *BENCH_ARGS, *args]
+    fv = flags.FlagValues()
+    assert cli.settings_parser(benchmark_cli.SETTINGS)(argv, fv) == ["benchmark"]
+    return bench.Bench(fv["config"].value, fv["bench"].value)
+
+
+def _names(b: bench.Bench) -> list[str]:
+    return [s.name for s in b.shapes]
+
+
+SEQ8 = ("--bench.seq_lens=8",)
+# field: (command-line value, the value it parses to, other flags, what the Bench holds)
+OVERRIDES = {
+    "shapes": ("cifar10", ("cifar10",), (), lambda b: _names(b) == ["cifar10"]),
+    "seq_lens": ("8,16", (8, 16), (), lambda b: _names(b) == ["seq8", "seq16"]),
+    "batch_size": ("2", 2, SEQ8, lambda b: b.shapes[0].batch_size == 2),
+    "features": ("3", 3, SEQ8, lambda b: b.shapes[0].features == 3),
+    "classes": ("5", 5, SEQ8, lambda b: b.shapes[0].classes == 5),
+    "modes": ("frozen,forward", ("frozen", "forward"), (),
+              lambda b: [c.mode for c in b.cases(b.shapes[0])] == ["frozen", "forward"]),
+    "selections": ("output,ln|output", "output,ln|output", ("--bench.modes=forward",),
+                   lambda b: b.modes == ("forward", "output,ln", "output")),
+    "dtypes": ("float32,bfloat16", ("float32", "bfloat16"), (),
+               lambda b: b.dtypes == ("float32", "bfloat16")),
+    "remats": ("false,true", (False, True), (), lambda b: b.remats == (False, True)),
+    "sweeps": ("1,4", (1, 4), (), lambda b: b.sweeps == (1, 4)),
+    "baselines": ("lstm,fnet", ("lstm", "fnet"), (),
+                  lambda b: [c.model for c in b.cases(b.shapes[0]) if c.model]
+                  == ["lstm", "fnet"]),
+    "steps": ("7", 7, (), None), "warmup": ("0", 0, (), None), "rounds": ("4", 4, (), None),
+    "switch_steps": ("0", 0, (), None), "torch_reference": ("false", False, (), None),
+    "torch_threads": ("2", 2, (), None), "torch_attn": ("eager", "eager", (), None),
+    "peak_tflops": ("1.5", 1.5, (), None), "compile_only": ("true", True, (), None),
+    "memory_fraction": ("0.9", 0.9, (), None),
+    "plot": ("yes", "yes", (), lambda b: b.settings.plot_choice() is True),
+}
+
+
+def test_every_bench_setting_has_a_command_line_case():
+    assert set(OVERRIDES) == {f.name for f in dataclasses.fields(bench.BenchConfig)}
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(bench.BenchConfig), ids=lambda f: f.name)
+def test_every_bench_setting_is_overridden_from_the_command_line(field):
+    text, value, others, holds = OVERRIDES[field.name]
+    default = _parsed().settings
+    assert getattr(default, field.name) != value
+    b = _parsed(*others, f"--bench.{field.name}={text}")
+    assert getattr(b.settings, field.name) == value
+    assert holds is None or holds(b), field.name
+    # nothing else changed: every other field as the defaults (or the other flags) have it
+    given = {a.partition("=")[0].removeprefix("--bench.") for a in others}
+    for f in dataclasses.fields(bench.BenchConfig):
+        if f.name != field.name and f.name not in given:
+            assert getattr(b.settings, f.name) == getattr(default, f.name), f.name
+
+
+def test_a_bench_setting_that_is_not_a_field_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        _parsed("--bench.shape=bit_xor")
+    assert info.value.code == 2
+    assert ("error: --bench.shape: not a setting; accepted: --bench.<field> for the fields "
+            "shapes, seq_lens,") in capsys.readouterr().err

@@ -1,82 +1,34 @@
-"""What is measured: shapes, cases, the benchmark's settings, and what every runner shares.
+"""What is measured: cases, the benchmark (`Bench`: a training config and its settings,
+joined), and what every runner shares.
 
 A case is (shape, trainable selection, dtype, remat, runs) over a base training config: the
 shape (batch x tokens x features -> classes) is a `synthetic` task, the selection is what the
 step trains (None: forward only), `runs` the K runs trained together by one vmapped group step
 (`fpt_jax.steps`; 1: a single run, the group of one that training runs). Modes name
-selections: `frozen` is the base config's
-`trainable` (the paper's `fpt` by default), `full` fine-tunes everything, `forward` times the
-eval step; any other selection string is a mode of its own.
+selections: `frozen` is the base config's `trainable` (the paper's `fpt` by default), `full`
+fine-tunes everything, `forward` times the eval step; `BenchConfig.selections` adds
+selections of their own.
 
 Baselines (`BenchConfig.baselines`: presets of the lstm and fnet families) are timed next to
 the base config's model, for every shape, dtype and K: a baseline case (`Case.model` set)
-trains the selection the paper's comparisons train it with, as `fpt_jax.baselines.variant`
-defines it (the LSTM fully trained, FNet frozen as FPT), at random init, at the base config's
-n_layer/n_embd when those are set (the family's preset sizes otherwise).
+runs as the comparison row of its family (`fpt_jax.rows`: the LSTM fully trained, FNet
+frozen as FPT), at random init, at the base config's n_layer/n_embd when those are set (the
+family's preset sizes otherwise).
 """
-from __future__ import annotations
-
 import dataclasses
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
-from fpt_jax import baselines, build, freeze
+from fpt_jax import build, freeze, rows
+from fpt_jax.bench.settings import (BASELINE_FAMILIES, MODES, SHAPES, BenchConfig, Shape,
+                                    baseline_presets, scaling_shapes)
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
-from fpt_jax.tasks import Task, get_task
 
-MODES = ("frozen", "full", "forward")
-# The baseline families; each is also the name of its `baselines.variant`.
-BASELINE_FAMILIES = ("lstm", "fnet")
-
-
-def baseline_presets() -> list[str]:
-    """The model presets `BenchConfig.baselines` accepts."""
-    return [p for p in backbones.preset_names()
-            if backbones.family_of_preset(p).name in BASELINE_FAMILIES]
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """A global batch of `batch_size` examples of `seq_len` tokens with `features` each,
-    classified into `classes` (one token per input row)."""
-    name: str
-    batch_size: int
-    seq_len: int
-    features: int
-    classes: int
-
-    def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"shape {self.name!r}: batch_size must be >= 1, got "
-                             f"{self.batch_size}")
-        try:
-            self.task()
-        except ValueError as e:
-            raise ValueError(f"shape {self.name!r}: {e}") from None
-
-    def task(self) -> Task:
-        return get_task("synthetic", seq_len=self.seq_len, features=self.features,
-                        classes=self.classes)
-
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.seq_len
-
-
-# The paper's Bit XOR (2 strings of 5 bits, patch 1 -> 10 one-feature tokens, batch 4) and
-# CIFAR-10 (32x32x3 images in 4x4 patches -> 64 tokens of 48 features, batch 8).
-SHAPES = {
-    "bit_xor": Shape("bit_xor", batch_size=4, seq_len=10, features=1, classes=2),
-    "cifar10": Shape("cifar10", batch_size=8, seq_len=64, features=48, classes=10),
-}
-
-
-def scaling_shapes(seq_lens: Sequence[int], batch_size: int, features: int,
-                   classes: int) -> list[Shape]:
-    return [Shape(f"seq{t}", batch_size, t, features, classes) for t in seq_lens]
+__all__ = ["BASELINE_FAMILIES", "MODES", "SHAPES", "Bench", "BenchConfig", "Case", "Runner",
+           "Shape", "ShapeError", "baseline_presets", "minimum_step_bytes", "scaling_shapes"]
 
 
 def mode_of(trainable: str | None) -> str:
@@ -105,96 +57,69 @@ class Case:
 
 
 @dataclasses.dataclass
-class BenchConfig:
-    """The training run to time (`base`, a `TrainConfig`) and how to time it. From `base`
-    every step-shaping setting is used (model and sizes, dropout, input/output layers,
-    trainable, optimizer, grad_accum, seed, dtype, remat, num_devices); its task and batch
-    size are replaced by each shape's, and `init` is always 'random': FLOPs and time do not
-    depend on the weights' values."""
+class Bench:
+    """One benchmark: the training run whose step is timed (`base`, a `TrainConfig`) and how
+    it is timed (`settings`, a `BenchConfig`), checked against each other when made
+    (ValueError naming the setting). From `base` every step-shaping setting is used (model
+    and sizes, dropout, input/output layers, trainable, optimizer, grad_accum, seed, dtype,
+    remat, num_devices); its task and batch size are replaced by each shape's, and `init` is
+    always 'random': FLOPs and time do not depend on the weights' values."""
     base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    shapes: tuple[Shape, ...] = tuple(SHAPES.values())
-    modes: tuple[str, ...] = MODES  # and/or trainable selections
-    dtypes: tuple[str, ...] | None = None  # None: (base.dtype,)
-    remats: tuple[bool, ...] | None = None  # None: (base.remat,)
-    # K values: training cases of K runs in one vmapped group step (fpt_jax.steps), timed
-    # per K; K=1 is the single-run training step (forward-only cases are never swept).
-    sweeps: tuple[int, ...] = (1,)
-    # Baseline presets (lstm, fnet families) timed for every shape, dtype and K next to the
-    # base config's modes, each training its own selection (`baseline_config`).
-    baselines: tuple[str, ...] = ()
-    steps: int = 20  # timed steps per case, split over `rounds`
-    warmup: int = 3  # untimed steps after compilation
-    rounds: int = 5  # interleaving rounds (A B C A B C ...)
-    switch_steps: int = 1  # untimed steps each time the interleaving turns to a runner
-    torch_reference: bool = True
-    torch_threads: int | None = None  # default: the machine's cores
-    torch_attn: str | None = None  # HF attn_implementation ('eager', 'sdpa'); default theirs
-    peak_tflops: float | None = None  # per device; default measured (CPU) or published
-    compile_only: bool = False  # FLOPs and memory of the compiled steps; no step is run
-    memory_fraction: float = 0.6  # CPU: a step needing more of the available memory is not run
+    settings: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    # The shapes timed; empty: those the settings name (a caller of the library may time
+    # shapes of its own).
+    shapes: tuple[Shape, ...] = ()
 
     def __post_init__(self):
-        self.shapes, self.modes = tuple(self.shapes), tuple(self.modes)
-        self.dtypes = tuple(dict.fromkeys(self.dtypes or (self.base.dtype,)))
-        self.remats = tuple(dict.fromkeys(self.remats or (self.base.remat,)))
-        self.sweeps = tuple(dict.fromkeys(self.sweeps))
-        self.baselines = tuple(dict.fromkeys(self.baselines))
+        self.settings = dataclasses.replace(self.settings).validate()  # a copy, normalised
+        self.shapes = tuple(self.shapes) or self.settings.make_shapes()
         self.validate()
 
-    def validate(self) -> "BenchConfig":
-        if self.steps < 1 or self.rounds < 1 or self.warmup < 0 or self.switch_steps < 0:
-            raise ValueError(f"steps ({self.steps}) and rounds ({self.rounds}) must be >= 1, "
-                             f"warmup ({self.warmup}) and switch_steps ({self.switch_steps}) "
-                             ">= 0")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads={self.torch_threads}; accepted: an integer >= 1 "
-                             "(or unset: the machine's cores)")
-        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
-            raise ValueError(f"peak_tflops={self.peak_tflops}; accepted: a number > 0 (or "
-                             "unset: measured or published)")
-        if self.steps < self.rounds:
-            raise ValueError(f"steps={self.steps} is fewer than rounds={self.rounds}: every "
-                             "round times at least one step of each case")
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes, then the selections of their own."""
+        return tuple(dict.fromkeys((*self.settings.modes, *self.settings.selection_list())))
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return self.settings.dtypes or (self.base.dtype,)
+
+    @property
+    def remats(self) -> tuple[bool, ...]:
+        return self.settings.remats or (self.base.remat,)
+
+    @property
+    def sweeps(self) -> tuple[int, ...]:
+        return self.settings.sweeps
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        return self.settings.baselines
+
+    def validate(self) -> "Bench":
+        """The settings against the model (each field on its own: `BenchConfig.validate`):
+        a preset to initialise at random, the selections and the baselines' on their
+        backbones."""
         if not self.shapes:
             raise ValueError("no shape to measure")
-        if not self.sweeps or any(isinstance(k, bool) or not isinstance(k, (int, np.integer))
-                                  or k < 1 for k in self.sweeps):
-            raise ValueError(f"sweeps={','.join(map(str, self.sweeps))}; accepted: integers >= 1 "
-                             "(the runs K of a vmapped sweep step; 1: the single-run step)")
         if self.base.model == "auto":
-            raise ValueError("model='auto' reads the architecture from pretrained weights; "
-                             "the benchmark initialises at random: set a preset as model")
-        for dtype in self.dtypes:  # TrainConfig's own check names what is accepted
+            raise ValueError("--config.model='auto' reads the architecture from pretrained "
+                             "weights; the benchmark initialises at random: accepted: a "
+                             "model preset")
+        _check_selection(self.base.trainable, self.backbone())  # the 'frozen' mode's
+        for sel in self.settings.selection_list():
             try:
-                dataclasses.replace(self.base, dtype=dtype)
+                _check_selection(sel, self.backbone())
             except ValueError as e:
-                raise ValueError(f"dtypes={','.join(self.dtypes)}: {e}") from None
-        n_layer = self.backbone().n_layer
-        freeze.check_named_groups(freeze.parse_selection(self.base.trainable, n_layer),
-                                  freeze.fpt_paths(self.backbone()))  # the 'frozen' mode's
-        for mode in self.modes:
-            if mode not in MODES:
-                try:
-                    freeze.check_named_groups(freeze.parse_selection(mode, n_layer),
-                                              freeze.fpt_paths(self.backbone()))
-                except ValueError as e:
-                    raise ValueError(f"unknown mode {mode!r}: accepted {MODES} or a "
-                                     f"trainable selection ({e})") from None
+                raise ValueError(f"--bench.selections={self.settings.selections}: {sel!r}: "
+                                 f"{e}; accepted: trainable selections of this model as "
+                                 "--config.trainable takes them, separated by '|'") from None
         for name in self.baselines:
-            try:
-                ok = backbones.family_of_preset(name).name in BASELINE_FAMILIES
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"baselines={','.join(self.baselines)}: unknown baseline "
-                                 f"{name!r}; accepted: {baseline_presets()} (presets of the "
-                                 f"{' and '.join(BASELINE_FAMILIES)} families)")
-            try:  # the base's sizes must make a valid baseline too
-                selection = freeze.parse_selection(self.baseline_config(name).trainable,
-                                                   self.backbone(name).n_layer)
-                freeze.check_named_groups(selection, freeze.fpt_paths(self.backbone(name)))
+            try:  # the base's sizes and selection must make a valid baseline too
+                _check_selection(self.baseline_config(name).trainable, self.backbone(name))
             except ValueError as e:
-                raise ValueError(f"baselines={','.join(self.baselines)}: {name}: {e}") from None
+                raise ValueError(f"--bench.baselines={','.join(self.baselines)}: {name}: "
+                                 f"{e}") from None
         return self
 
     def check_shapes(self, num_devices: int) -> None:
@@ -211,14 +136,14 @@ class BenchConfig:
             for whose, n_positions in limits.items():
                 if shape.seq_len > n_positions:
                     raise ShapeError(shape, "positions", f"{shape.seq_len} tokens exceed "
-                                            f"{whose} n_positions={n_positions}; accepted: "
-                                            f"sequence lengths <= {n_positions}")
+                                     f"{whose} n_positions={n_positions}; accepted: "
+                                     f"sequence lengths <= {n_positions}")
             for accum in sorted(accums):
                 if shape.batch_size % (num_devices * accum):
-                    raise ShapeError(shape, "batch", f"a batch of {shape.batch_size} does not split "
-                                            f"over {num_devices} devices x grad_accum {accum}; "
-                                            f"accepted: a multiple of {num_devices * accum}, "
-                                            f"or a device count that divides the batch")
+                    raise ShapeError(shape, "batch", f"a batch of {shape.batch_size} does not "
+                                     f"split over {num_devices} devices x grad_accum {accum}; "
+                                     f"accepted: a multiple of {num_devices * accum}, or a "
+                                     "device count that divides the batch")
 
     def backbone(self, model: str | None = None) -> Any:
         """The backbone's config (any family; its architecture as the base config sets it),
@@ -228,15 +153,14 @@ class BenchConfig:
         return build.backbone(cfg)[0]
 
     def baseline_config(self, model: str) -> TrainConfig:
-        """The base config as the baseline `model` (a preset of the lstm or fnet family) runs
-        in the paper's comparisons: `baselines.variant` of its family (the one definition of
-        what it trains: lstm 'full', fnet the base's FPT selection), at random init, no heads
-        and no matched width; the base's n_layer/n_embd stay when set (a small config stays
-        small), the preset's sizes otherwise."""
-        base = dataclasses.replace(self.base, init="random", weights=None, n_head=None,
-                                   match_model=None)
-        cfg = baselines.variant(base, backbones.family_of_preset(model).name)
-        return dataclasses.replace(cfg, model=model)
+        """The base config as the baseline `model` (a preset of the lstm or fnet family) runs:
+        the comparison row of its family in `fpt_jax.rows` (the one definition of what it
+        trains: 'lstm' every parameter, 'fnet' the base's FPT selection), as `model`, at
+        random init without weights or heads; the base's n_layer/n_embd stay when set (a
+        small config stays small), the preset's sizes otherwise."""
+        base = dataclasses.replace(self.base, n_head=None, weights=None)
+        cfg = rows.apply(base, backbones.family_of_preset(model).name)
+        return dataclasses.replace(cfg, model=model, init="random")
 
     def selections(self) -> list[str | None]:
         named = {"frozen": self.base.trainable, "full": "full", "forward": None}
@@ -258,7 +182,23 @@ class BenchConfig:
         return dataclasses.replace(
             base, task="synthetic", init="random", weights=None,
             trainable=case.trainable or base.trainable, batch_size=case.shape.batch_size,
-            dtype=case.dtype, remat=case.remat)
+            dtype=case.dtype, remat=case.remat,
+            task_options=dict(seq_len=case.shape.seq_len, features=case.shape.features,
+                              classes=case.shape.classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the report records it: the base config, the settings as given, and what they
+        resolve to (shapes, modes, dtypes, remats)."""
+        return {"base": self.base.to_dict(), "bench": dataclasses.asdict(self.settings),
+                "shapes": [dataclasses.asdict(s) for s in self.shapes],
+                "modes": list(self.modes), "dtypes": list(self.dtypes),
+                "remats": list(self.remats)}
+
+
+def _check_selection(selection: str, backbone: Any) -> None:
+    """`selection` parses on the backbone and names no group it lacks (ValueError)."""
+    freeze.check_named_groups(freeze.parse_selection(selection, backbone.n_layer),
+                              freeze.fpt_paths(backbone))
 
 
 class ShapeError(ValueError):

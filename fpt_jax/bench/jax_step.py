@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from fpt_jax import build, parallel
 from fpt_jax.steps import (BACKBONE, group_batches, make_eval_step, make_train_step,
                            pmapped_eval_step, pmapped_train_step, run_rngs)
-from fpt_jax.bench.core import BenchConfig, Case, Runner, Shape, minimum_step_bytes, timed
+from fpt_jax.bench.core import Bench, Case, Runner, Shape, minimum_step_bytes, timed
 
 
 def _size(tree) -> int:
@@ -46,7 +46,7 @@ class JaxRunner(Runner):
     # once more. Two untimed calls keep that out of the timings.
     min_warmup = 2
 
-    def __init__(self, bc: BenchConfig, case: Case, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, bc: Bench, case: Case, devices: Sequence[jax.Device] | None = None):
         super().__init__(case)
         self.devices = list(devices or parallel.local_devices(bc.base.num_devices))
         n_local = len(self.devices)
@@ -244,7 +244,7 @@ def fits_on_host(memory: dict | None, n_local: int, fraction: float) -> tuple[bo
 BF16_LOSS_RTOL = 0.02  # the stated tolerance: |loss_bf16 - loss_fp32| <= 2% of loss_fp32
 
 
-def dtype_loss_check(bc: BenchConfig, shape: Shape, batches: int = 4,
+def dtype_loss_check(bc: Bench, shape: Shape, batches: int = 4,
                      devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Eval loss at initialisation (dropout off; the same parameters and batches) under
     float32 and bfloat16 compute, through the pmapped eval step, and whether they agree

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpt_jax import parallel
-from fpt_jax.bench.core import BenchConfig, timed
+from fpt_jax.bench.core import Bench, timed
 
 # Published dense peak TFLOP/s per JAX device (substring of `device_kind`, lower case) for
 # the matmul unit a dtype uses by default: fp32 matmuls run as TF32 on Ampere/Hopper GPUs and
@@ -132,13 +132,14 @@ def matmul_comparison(devices: Sequence[jax.Device], dtype: str, threads: int | 
             "sizes": rows}
 
 
-def peak_for(bc: BenchConfig, devices: Sequence[jax.Device], dtype: str
+def peak_for(bc: Bench, devices: Sequence[jax.Device], dtype: str
              ) -> dict[str, Any] | None:
     """The peak, in total over `devices` and every process, that utilisation is computed
     against; None when unknown."""
     n_glob = len(devices) * jax.process_count()
-    if bc.peak_tflops:
-        return {"tflops": bc.peak_tflops * n_glob, "source": "peak_tflops (per device)",
+    if bc.settings.peak_tflops:
+        return {"tflops": bc.settings.peak_tflops * n_glob,
+                "source": "peak_tflops (per device)",
                 "devices": n_glob}
     if devices[0].platform == "cpu":
         peak = measure_matmul_peak(devices, dtype)

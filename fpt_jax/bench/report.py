@@ -109,8 +109,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _setting(report: dict[str, Any]) -> list[str]:
     """The command, machine, versions, model, method, peaks and reference, as prose."""
-    env, bc, m = report["environment"], report["config"], report["model"]
-    base = bc["base"]
+    env, m = report["environment"], report["model"]
+    base, bc = report["config"]["base"], report["config"]["bench"]
     env_vars = " ".join(f"{k}={v}" for k, v in env["env"].items()) or "(none set)"
     load = [(x or [None])[0] for x in (env["load_average"], env.get("load_average_end"))]
     lines = ["# fpt-jax benchmark", "", f"Command: `{report['command']}`", "",
@@ -145,7 +145,7 @@ def _setting(report: dict[str, Any]) -> list[str]:
         lines += ["", text + "."]
     if report.get("baselines"):
         lines += ["", "Baselines, timed next to the model above (random init; the selection "
-                  "each trains in the paper's comparisons, `fpt_jax.baselines.variant`; no "
+                  "of its family's comparison row, `fpt_jax.rows`; no "
                   "remat; no PyTorch reference, which is GPT-2's recipe): " + "; ".join(
                       f"`{name}` ({b['family']}, {b['n_layer']} layers, width {b['n_embd']}, "
                       "trains `" + ", ".join(sorted({r["trainable"] for r in report["results"]

@@ -21,7 +21,7 @@ import jax
 
 from fpt_jax import parallel
 from fpt_jax.bench import peaks
-from fpt_jax.bench.core import BenchConfig, Case, Runner, mode_of
+from fpt_jax.bench.core import Bench, Case, Runner, mode_of
 from fpt_jax.bench.jax_step import JaxRunner, dtype_loss_check, fits_on_host
 from fpt_jax.bench.torch_ref import TorchRunner, torch_available, torch_device_for, unsupported
 from fpt_jax.models import backbones
@@ -46,24 +46,26 @@ def interleave(runners: Sequence[Runner], steps: int, rounds: int, switch_steps:
             log(f"  round {r + 1}/{rounds} done")
 
 
-def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = print
+def run(bc: Bench, command: str = "", log: Callable[[str], None] | None = print
         ) -> dict[str, Any]:
     """Measures every case of `bc`, shape by shape, with the PyTorch reference of every
     (selection, dtype) interleaved; returns the report."""
     log = log or (lambda _: None)
     bc.validate()
+    s = bc.settings
     devices = parallel.local_devices(bc.base.num_devices)
     bc.check_shapes(len(devices) * jax.process_count())  # before anything is timed
     env = environment(devices)
     why_not = unsupported(bc)
     torch_device = (torch_device_for(env["backend"])
-                    if bc.torch_reference and not why_not and not bc.compile_only else None)
-    if torch_device == "cpu" and bc.torch_threads is None:
-        bc = dataclasses.replace(bc, torch_threads=os.cpu_count())
+                    if s.torch_reference and not why_not and not s.compile_only else None)
+    if torch_device == "cpu" and s.torch_threads is None:
+        s = dataclasses.replace(s, torch_threads=os.cpu_count())
+        bc = dataclasses.replace(bc, settings=s)
     backbone = bc.backbone()
     report: dict[str, Any] = {
         "command": command, "started": _now(), "environment": env,
-        "config": dataclasses.asdict(bc),
+        "config": bc.to_dict(),
         "model": {"family": backbones.family_of(backbone).name,
                   **{k: getattr(backbone, k) for k in ("n_layer", "n_head", "n_embd")}},
         "baselines": {m: {"family": backbones.family_of(b).name,
@@ -72,13 +74,13 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         "torch_reference": torch_device, "peaks": {}, "results": [], "checks": {},
         "scaling_shapes": [s.name for s in bc.shapes if s.name.startswith("seq")],
     }
-    if bc.torch_reference and not torch_device and not bc.compile_only:
+    if s.torch_reference and not torch_device and not s.compile_only:
         report["torch_reference_note"] = "not run: " + (
             why_not or ("torch/transformers missing" if not torch_available()
                         else f"no torch device next to {env['backend']}"))
     # One peak per dtype benchmarked (bfloat16: bfloat16 operands, float32 accumulation, as
     # the step's matmuls); each case's utilisation is against its own dtype's peak.
-    for dtype in () if bc.compile_only else bc.dtypes:
+    for dtype in () if s.compile_only else bc.dtypes:
         report["peaks"][dtype] = peak = peaks.peak_for(bc, devices, dtype)
         if peak:
             log(f"peak {dtype}: {peak['tflops']:.3f} TFLOP/s ({peak['source']})")
@@ -87,7 +89,7 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
         sizes = peaks.backbone_matmuls(backbone.n_embd, sorted(
             {s.tokens * k for s in bc.shapes for k in bc.sweeps}))
         for dtype in bc.dtypes:
-            cmp = peaks.matmul_comparison(devices, dtype, bc.torch_threads, sizes, torch_device)
+            cmp = peaks.matmul_comparison(devices, dtype, s.torch_threads, sizes, torch_device)
             report.setdefault("matmul_comparison", []).append(cmp)
             for row in cmp["sizes"]:
                 log(f"matmul {dtype} {row['m']}x{row['k']}@{row['k']}x{row['n']}: XLA "
@@ -105,16 +107,16 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
             log(f"  compiling {case.label}")
             r.compile()
             log(f"  compiled in {r.compile_s:.1f} s")
-            fits, why = (fits_on_host(r.memory, len(devices), bc.memory_fraction)
+            fits, why = (fits_on_host(r.memory, len(devices), s.memory_fraction)
                          if devices[0].platform == "cpu" else (True, ""))
-            if bc.compile_only or not fits:
-                r.skipped = "compile only" if bc.compile_only else why
+            if s.compile_only or not fits:
+                r.skipped = "compile only" if s.compile_only else why
                 log(f"  {r.skipped}")
                 r.release()
                 not_run.append(r)
                 gc.collect()
             else:
-                r.warm_up(bc.warmup)
+                r.warm_up(s.warmup)
                 runners.append(r)
             nxt = cases[i + 1] if i + 1 < len(cases) else None
             if torch_device and case.model is None and (
@@ -125,11 +127,11 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
                 r = TorchRunner(bc, Case(shape, case.trainable, case.dtype), batches,
                                 torch_device)
                 log(f"  torch {r.case.label}: warming up")
-                r.warm_up(bc.warmup)
+                r.warm_up(s.warmup)
                 runners.append(r)
         if runners:
-            log(f"  timing {bc.steps} steps of {len(runners)} runners in {bc.rounds} rounds")
-            interleave(runners, bc.steps, bc.rounds, bc.switch_steps, log)
+            log(f"  timing {s.steps} steps of {len(runners)} runners in {s.rounds} rounds")
+            interleave(runners, s.steps, s.rounds, s.switch_steps, log)
         for r in [*not_run, *runners]:
             res = r.result()
             report["results"].append(res)
@@ -137,7 +139,7 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
                 log(f"  {r.framework:5s} {r.case.label:32s} {res['step_ms']['median']:9.2f} ms "
                     f"(p10 {res['step_ms']['p10']:.2f}, p90 {res['step_ms']['p90']:.2f})")
         del runners, not_run
-    if devices[0].platform == "cpu" and not bc.peak_tflops and not bc.compile_only:
+    if devices[0].platform == "cpu" and not s.peak_tflops and not s.compile_only:
         # Measured again at the end (machine drift, load): the best of both is the peak.
         for dtype, peak in report["peaks"].items():
             again = peaks.peak_for(bc, devices, dtype)["tflops"]
@@ -152,7 +154,7 @@ def run(bc: BenchConfig, command: str = "", log: Callable[[str], None] | None = 
             res["utilisation_peak"] = {"dtype": res["dtype"],
                                        "tflops": peak and peak["tflops"]}
     report["device_memory_stats"] = device_memory_stats(devices)
-    if "bfloat16" in bc.dtypes and not bc.compile_only:
+    if "bfloat16" in bc.dtypes and not s.compile_only:
         for shape in bc.shapes[:1] if len(bc.shapes) > 2 else bc.shapes:
             log(f"bf16 loss check on {shape.name}")
             report["checks"].setdefault("bf16_loss", []).append(

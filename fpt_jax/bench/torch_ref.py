@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fpt_jax import build, freeze
-from fpt_jax.bench.core import BenchConfig, Case, Runner, timed
+from fpt_jax.bench.core import Bench, Case, Runner, timed
 from fpt_jax.models import backbones
 from fpt_jax.tasks.base import Batch
 
@@ -42,7 +42,7 @@ def torch_device_for(backend: str) -> str | None:
     return None
 
 
-def unsupported(bc: BenchConfig) -> str | None:
+def unsupported(bc: Bench) -> str | None:
     """Why the reference cannot run the base config's recipe, or None."""
     cfg = bc.base
     if cfg.in_layer_sizes or cfg.out_layer_sizes or cfg.grad_accum > 1:
@@ -69,7 +69,7 @@ def _param_path(name: str) -> tuple[str, ...] | None:
 class TorchRunner(Runner):
     framework = "torch"
 
-    def __init__(self, bc: BenchConfig, case: Case, batches: Sequence[Batch],
+    def __init__(self, bc: Bench, case: Case, batches: Sequence[Batch],
                  device: str = "cpu"):
         if case.model is not None:
             raise ValueError(f"case {case.label}: the reference is the original GPT-2 recipe; "
@@ -80,15 +80,16 @@ class TorchRunner(Runner):
         super().__init__(case)
         self.torch, self.device = torch, device
         cfg = bc.train_config(case)
-        if bc.torch_threads:
-            torch.set_num_threads(bc.torch_threads)
+        if bc.settings.torch_threads:
+            torch.set_num_threads(bc.settings.torch_threads)
         torch.manual_seed(cfg.seed)
         gcfg, _ = build.backbone(cfg)
         hf = transformers.GPT2Config(
             n_layer=gcfg.n_layer, n_head=gcfg.n_head, n_embd=gcfg.n_embd,
             n_positions=gcfg.n_positions, vocab_size=gcfg.vocab_size,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            **({"attn_implementation": bc.torch_attn} if bc.torch_attn else {}))
+            **({"attn_implementation": bc.settings.torch_attn}
+               if bc.settings.torch_attn else {}))
         shape = case.shape
 
         class Reference(nn.Module):

@@ -1,4 +1,4 @@
-"""experiments/sweep.py and fpt_jax/results.py (issue 15, part 3): the grid parser, cell
+"""experiments/sweep.py, fpt_jax/sweep.py and fpt_jax/results.py (issue 15, part 3): the grid parser, cell
 names, skipping and resuming cells (with a fake training loop), selection and the tables on
 synthetic cells with known outcomes, the plots, bad command lines (rc 2, `error:` naming the
 flag), and one tiny end-to-end sweep through the real loop.
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import sweep as sweep_cli
-from fpt_jax import sweep_cells
-from fpt_jax import results
+from fpt_jax import results, sweep
 from fpt_jax.config import TrainConfig
+from tests.settings import train_config
 from tests.entry_runner import run_all
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -166,25 +165,33 @@ def test_write_results_empty(tmp_path):
 
 # --- the grid ------------------------------------------------------------------------------
 
+IMAGES = train_config(task="fashion_mnist")
+
+
 def test_parse_grid_types_and_separator():
-    axes = dict(sweep_cli.parse_grid([
-        "trainable=output|output,ln|fpt,attn[-2:]", "n_embd=16|32", "dropout=0|0.1",
-        "in_layer_sizes=|64,64", "augment=true|none|False", "grad_clip=none|1",
-        "init= pretrained | random "]))
+    axes = dict(sweep.parse_grid(
+        "trainable=output|output,ln|fpt,attn[-2:]; n_embd=16|32; dropout=0|0.1; "
+        "in_layer_sizes=|64,64; task_options.augment=true|none|False; grad_clip=none|1; "
+        "init= pretrained | random ;task_options.patch_size=2|4", IMAGES))
     assert axes["trainable"] == ["output", "output,ln", "fpt,attn[-2:]"]
     assert axes["n_embd"] == [16, 32] and all(type(v) is int for v in axes["n_embd"])
     assert axes["dropout"] == [0.0, 0.1] and all(type(v) is float for v in axes["dropout"])
     assert axes["in_layer_sizes"] == [(), (64, 64)]
-    assert axes["augment"] == [True, None, False]
+    assert axes["task_options.augment"] == [True, None, False]
+    assert axes["task_options.patch_size"] == [2, 4]
     assert axes["grad_clip"] == [None, 1.0]
     assert axes["init"] == ["pretrained", "random"]
-    assert sweep_cli.parse_grid([]) == []
+    assert sweep.parse_grid("", IMAGES) == [] == sweep.parse_grid(" ", IMAGES)
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("nofield=1|2", ["--grid=nofield=1|2", "unknown field 'nofield'", "trainable"]),
-    ("learning_rate=1e-3|1e-2", ["--learning_rates"]),
-    ("seed=0|1", ["--seeds"]),
+    ("nofield=1|2", ["'nofield=1|2'", "unknown setting 'nofield'", "trainable",
+                     "task_options.<option>", "patch_size"]),
+    ("task_options.n=1|2", ["unknown setting 'task_options.n'", "image_size"]),
+    ("task_options=1", ["unknown setting 'task_options'"]),
+    ("learning_rate=1e-3|1e-2", ["learning_rates"]),
+    ("seed=0|1", ["seeds"]),
+    ("task_options.patch_size=x", ["an integer"]),
     ("n_embd=16|abc", ["n_embd='abc'", "an integer"]),
     ("n_embd=16.5", ["an integer"]),
     ("dropout=x", ["a finite number"]),
@@ -193,69 +200,67 @@ def test_parse_grid_types_and_separator():
     ("steps=none", ["steps has no 'not set' value"]),
     ("trainable=fpt|fpt", ["repeated value", "fpt"]),
     ("trainable=", ["empty value"]),
-    ("trainable", ["expected <field>=<v1>|<v2>"]),
+    ("trainable", ["expected <setting>=<v1>|<v2>"]),
     ("in_layer_sizes=6,x", ["comma-separated ints"]),
 ])
 def test_parse_grid_errors(spec, words):
     with pytest.raises(ValueError) as e:
-        sweep_cli.parse_grid([spec])
-    assert "--grid" in str(e.value)
+        sweep.parse_grid(spec, IMAGES)
+    assert "grid axis" in str(e.value)
     for w in words:
         assert w in str(e.value)
 
 
 def test_parse_grid_repeated_field():
     with pytest.raises(ValueError, match="already an axis"):
-        sweep_cli.parse_grid(["n_embd=16", "n_embd=32"])
+        sweep.parse_grid("n_embd=16; n_embd=32", IMAGES)
 
 
 def test_cell_names():
-    assert sweep_cli.cell_name({}) == "base"
-    assert sweep_cli.cell_name({"trainable": "output,ln", "init": "random"}) == \
+    assert sweep.cell_name({}) == "base"
+    assert sweep.cell_name({"trainable": "output,ln", "init": "random"}) == \
         "trainable=output,ln__init=random"
-    assert sweep_cli.cell_name({"dropout": 0.1, "in_layer_sizes": (64, 64),
+    assert sweep.cell_name({"dropout": 0.1, "in_layer_sizes": (64, 64),
                                 "augment": None}) == \
         "dropout=0.1__in_layer_sizes=64,64__augment=none"
-    odd = sweep_cli.cell_name({"trainable": "fpt,attn[-2:]"})
+    odd = sweep.cell_name({"trainable": "fpt,attn[-2:]"})
     assert odd.startswith("trainable=fpt,attn_-2__~") and "/" not in odd
-    assert odd == sweep_cli.cell_name({"trainable": "fpt,attn[-2:]"})  # stable
-    assert odd != sweep_cli.cell_name({"trainable": "fpt,attn[-2_]"})
+    assert odd == sweep.cell_name({"trainable": "fpt,attn[-2:]"})  # stable
+    assert odd != sweep.cell_name({"trainable": "fpt,attn[-2_]"})
 
 
 def test_make_cells_checks_every_cell():
-    base = TrainConfig(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16)
-    cells = sweep_cli.make_cells(base, sweep_cli.parse_grid(
-        ["trainable=output|fpt", "backbone_seed=0|1"]))
+    base = train_config(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16)
+    cells = sweep.make_cells(base, "trainable=output|fpt; backbone_seed=0|1")
     assert [c.name for c in cells] == [
         "trainable=output__backbone_seed=0", "trainable=output__backbone_seed=1",
         "trainable=fpt__backbone_seed=0", "trainable=fpt__backbone_seed=1"]
     assert cells[3].cfg.trainable == "fpt" and cells[3].cfg.backbone_seed == 1
     assert cells[0].cfg.n_embd == 16 and base.trainable == "fpt"
-    for grid, words in ((["trainable=output|bogus"], "--grid cell trainable=bogus: unknown "
-                                                     "trainable group 'bogus'"),
-                        (["n_embd=16|15"], "--grid cell n_embd=15"),
-                        (["patch_size=1|2", "task=bit_xor|mnist"], "--grid cell"),
-                        (["dropout=0|1.5"], "dropout=1.5")):
+    for grid, words in (("trainable=output|bogus", "grid cell trainable=bogus: unknown "
+                                                   "trainable group 'bogus'"),
+                        ("n_embd=16|15", "grid cell n_embd=15"),
+                        ("task_options.patch_size=1|2; task=bit_xor|mnist", "grid cell"),
+                        ("task_options.patch_size=1|2", "patch_size=2 must divide n=5"),
+                        ("dropout=0|1.5", "dropout=1.5")):
         with pytest.raises(ValueError, match=None) as e:
-            sweep_cli.make_cells(base, sweep_cli.parse_grid(grid))
+            sweep.make_cells(base, grid)
         assert words in str(e.value), str(e.value)
 
 
-def test_flags_parsers():
-    assert sweep_cli.parse_learning_rates(["1e-3", "0.01"]) == [1e-3, 1e-2]
-    assert sweep_cli.parse_seeds(["0", "2"]) == [0, 2]
-    assert sweep_cli.parse_process_cells("1/3") == (1, 3)
-    assert sweep_cli.parse_process_cells(None) == (0, 1)
-    for fn, bad in ((sweep_cli.parse_learning_rates, ["0"]),
-                    (sweep_cli.parse_learning_rates, ["x"]),
-                    (sweep_cli.parse_learning_rates, ["1e-3", "0.001"]),
-                    (sweep_cli.parse_learning_rates, []),
-                    (sweep_cli.parse_seeds, ["-1"]), (sweep_cli.parse_seeds, ["1", "1"]),
-                    (sweep_cli.parse_process_cells, "2/2"),
-                    (sweep_cli.parse_process_cells, "a/b")):
-        with pytest.raises(ValueError, match="--(learning_rates|seeds|process_cells)"):
-            fn(bad)
-    assert sweep_cells.flatten([1e-3, 1e-2], [0, 1]) == ([1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1])
+def test_sweep_config_and_process_cells():
+    cfg = sweep.SweepConfig(learning_rates=(1e-3, 1e-2), seeds=(0, 2)).validate()
+    assert cfg.runs() == ([1e-3, 1e-3, 1e-2, 1e-2], [0, 2, 0, 2])
+    assert sweep.parse_process_cells("1/3") == (1, 3)
+    assert sweep.parse_process_cells(None) == (0, 1)
+    for bad in (dict(learning_rates=(0,)), dict(learning_rates=("x",)),
+                dict(learning_rates=(1e-3, 0.001)), dict(learning_rates=()),
+                dict(seeds=(-1,)), dict(seeds=(1, 1)), dict(seeds=(1.5,)), dict(grid=3)):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))}="):
+            sweep.SweepConfig(**bad).validate()
+    for bad in ("2/2", "a/b"):
+        with pytest.raises(ValueError, match="--process_cells"):
+            sweep.parse_process_cells(bad)
 
 
 # --- the loop over cells, with a fake training loop -----------------------------------------
@@ -286,14 +291,14 @@ class FakeTrain:
 
 
 def _cells(grid=("trainable=output|fpt",), **overrides):
-    base = TrainConfig(**{"task": "bit_xor", "init": "random", "n_layer": 1, "n_head": 2,
+    base = train_config(**{"task": "bit_xor", "init": "random", "n_layer": 1, "n_head": 2,
                           "n_embd": 16, "steps": 4, **overrides})
-    return sweep_cli.make_cells(base, sweep_cli.parse_grid(list(grid)))
+    return sweep.make_cells(base, "; ".join(grid))
 
 
 def test_run_sweep_skips_finished_cells(tmp_path):
     fake, log = FakeTrain(), []
-    status = sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+    status = sweep.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
                                  log=log.append)
     assert status == {"trainable=output": "trained", "trainable=fpt": "trained"}
     assert fake.calls == [("trainable=output", [1e-3, 1e-3, 1e-2, 1e-2], [0, 1, 0, 1]),
@@ -303,12 +308,12 @@ def test_run_sweep_skips_finished_cells(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| trainable=fpt | fpt | 0.01 | 2 | 70.50 +- 0.50 | 65.50 +- 0.50 |" in md
     # again: nothing trains
-    status = sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+    status = sweep.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
                                  log=log.append)
     assert len(fake.calls) == 2 and set(status.values()) == {"finished"}
     assert any("finished, skipped" in line for line in log)
     # more steps: a finished cell continues (the loop resumes it)
-    status = sweep_cli.run_sweep(_cells(steps=8), tmp_path, [1e-3, 1e-2], [0, 1],
+    status = sweep.run_sweep(_cells(steps=8), tmp_path, [1e-3, 1e-2], [0, 1],
                                  train_fn=fake, log=log.append)
     assert len(fake.calls) == 4 and set(status.values()) == {"trained"}
 
@@ -319,20 +324,20 @@ def test_run_sweep_interrupted_cell_resumes(tmp_path):
     d = tmp_path / "cells" / cells[0].name
     d.mkdir(parents=True)
     (d / "checkpoints").mkdir()  # an interrupted cell: a checkpoint, no summary
-    assert sweep_cells.cell_status(cells[0], tmp_path, [1e-3], [0]) == "resume"
-    assert sweep_cells.cell_status(cells[1], tmp_path, [1e-3], [0]) == "new"
-    sweep_cli.run_sweep(cells, tmp_path, [1e-3], [0], train_fn=fake, log=lambda s: None)
+    assert sweep.cell_status(cells[0], tmp_path, [1e-3], [0]) == "resume"
+    assert sweep.cell_status(cells[1], tmp_path, [1e-3], [0]) == "new"
+    sweep.run_sweep(cells, tmp_path, [1e-3], [0], train_fn=fake, log=lambda s: None)
     assert [c[0] for c in fake.calls] == ["trainable=output", "trainable=fpt"]
 
 
 def test_run_sweep_refuses_other_runs_or_config(tmp_path):
     fake = FakeTrain()
-    sweep_cli.run_sweep(_cells(), tmp_path, [1e-3], [0, 1], train_fn=fake, log=lambda s: None)
-    with pytest.raises(ValueError, match="--learning_rates and --seeds"):
-        sweep_cli.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
+    sweep.run_sweep(_cells(), tmp_path, [1e-3], [0, 1], train_fn=fake, log=lambda s: None)
+    with pytest.raises(ValueError, match="the same learning rates and seeds"):
+        sweep.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
                             log=lambda s: None)
     with pytest.raises(ValueError, match="another config .*dropout: 0.1 -> 0.0"):
-        sweep_cli.run_sweep(_cells(dropout=0.0), tmp_path, [1e-3], [0, 1], train_fn=fake,
+        sweep.run_sweep(_cells(dropout=0.0), tmp_path, [1e-3], [0, 1], train_fn=fake,
                             log=lambda s: None)
     assert len(fake.calls) == 2  # nothing trained by the refused sweeps
 
@@ -340,12 +345,12 @@ def test_run_sweep_refuses_other_runs_or_config(tmp_path):
 def test_run_sweep_process_cells(tmp_path):
     fake = FakeTrain()
     grid = ("trainable=output|fpt|output,ln",)
-    sweep_cli.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(1, 2),
+    sweep.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(1, 2),
                         train_fn=fake, log=lambda s: None)
     assert [c[0] for c in fake.calls] == ["trainable=fpt"]
     md = (tmp_path / "results.md").read_text()
     assert "Not finished (no summary yet): trainable=output, trainable=output,ln." in md
-    sweep_cli.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(0, 2),
+    sweep.run_sweep(_cells(grid), tmp_path, [1e-3], [0], process_cells=(0, 2),
                         train_fn=fake, log=lambda s: None)
     assert [c[0] for c in fake.calls] == ["trainable=fpt", "trainable=output",
                                           "trainable=output,ln"]
@@ -364,15 +369,17 @@ def test_bad_command_lines(tmp_path):
     (tmp_path / "a_file").write_text("x")
     wd = f"--workdir={tmp_path / 'wd'}"
     cases = [
-        ([wd, "--grid=nofield=1|2"], ["--grid=nofield=1|2", "unknown field"]),
-        ([wd, "--grid=n_embd=16|abc"], ["--grid=n_embd=16|abc", "an integer"]),
-        ([wd, "--grid=learning_rate=1e-3|1e-2"], ["--grid", "--learning_rates"]),
-        ([wd, "--grid=trainable=output|bogus"], ["--grid cell trainable=bogus"]),
-        ([wd, "--grid=n_embd=16", "--grid=n_embd=32"], ["--grid", "already an axis"]),
-        ([wd, "--learning_rates=1e-3,0"], ["--learning_rates", "'0'"]),
-        ([wd, "--learning_rates=abc"], ["--learning_rates", "'abc'"]),
-        ([wd, "--seeds=0,-1"], ["--seeds", "'-1'"]),
-        ([wd, "--seeds=0,0"], ["--seeds", "repeated"]),
+        ([wd, "--sweep.grid=nofield=1|2"], ["'nofield=1|2'", "unknown setting"]),
+        ([wd, "--sweep.grid=n_embd=16|abc"], ["n_embd=16|abc", "an integer"]),
+        ([wd, "--sweep.grid=learning_rate=1e-3|1e-2"], ["grid axis", "learning_rates"]),
+        ([wd, "--sweep.grid=trainable=output|bogus"], ["grid cell trainable=bogus"]),
+        ([wd, "--sweep.grid=n_embd=16;n_embd=32"], ["grid axis", "already an axis"]),
+        ([wd, "--sweep.learning_rates=1e-3,0"], ["--sweep.learning_rates", "not 0"]),
+        ([wd, "--sweep.learning_rates=abc"], ["--sweep.learning_rates", "abc"]),
+        ([wd, "--sweep.seeds=0,-1"], ["--sweep.seeds", "not -1"]),
+        ([wd, "--sweep.seeds=0,0"], ["--sweep.seeds", "repeated"]),
+        ([wd, "--sweep.nope=1"], ["--sweep.nope: not a setting", "learning_rates, seeds, grid"]),
+        ([wd, "--grid=trainable=output"], ["grid"]),
         ([wd, "--process_cells=2/2"], ["--process_cells=2/2"]),
         ([f"--workdir={tmp_path / 'a_file' / 'x'}"], ["--workdir", "not a directory"]),
         ([wd, "--config.n_embd=abc"], ["--config.n_embd"]),
@@ -397,8 +404,8 @@ def test_bad_command_lines(tmp_path):
 
 def test_end_to_end_tiny_sweep(tmp_path):
     wd = tmp_path / "sweep"
-    args = [*TINY, "--config.dropout=0", "--grid=trainable=output|fpt",
-            "--learning_rates=1e-3,1e-2", "--seeds=0,1", f"--workdir={wd}"]
+    args = [*TINY, "--config.dropout=0", "--sweep.grid=trainable=output|fpt",
+            "--sweep.learning_rates=1e-3,1e-2", "--sweep.seeds=0,1", f"--workdir={wd}"]
     first, = run_all("experiments.sweep", [args], timeout=600)
     assert first["rc"] == 0, first["stderr"][-3000:]
     for name in ("trainable=output", "trainable=fpt"):

@@ -51,6 +51,67 @@ def test_each_family_names_the_groups_of_its_own_parameters_only(name):
     assert groups["attn"] == groups["mlp"] == set(range(SMALL["n_layer"]))
 
 
+@pytest.mark.parametrize("name", [f.name for f in backbones.families()])
+def test_every_family_config_keeps_the_contract_of_the_base_class(name):
+    fam = backbones.family(name)
+    cls = fam.config_cls
+    assert issubclass(cls, backbones.BackboneConfig) and fam.display_name == cls.display_name
+    # every dropout field is one `with_dropout` sets
+    assert set(cls.DROPOUT_FIELDS) == {f.name for f in dataclasses.fields(cls) if "drop" in f.name}
+    for preset, config in fam.presets.items():
+        assert cls.preset(preset) == config and backbones.family_of_preset(preset) is fam
+        assert backbones.family_of(config) is fam
+        assert cls.preset(preset, n_layer=1).n_layer == 1  # generic names override
+        dropped = config.with_dropout(0.25)
+        assert all(getattr(dropped, f) == 0.25 for f in cls.DROPOUT_FIELDS)
+        assert dataclasses.replace(dropped, **{f: getattr(config, f)
+                                               for f in cls.DROPOUT_FIELDS}) == config
+        if fam.has_checkpoints or name in ("fnet", "lstm"):  # the baselines' own config.json too
+            hf = json.loads(json.dumps(config.to_hf()))
+            assert hf["model_type"] == name and cls.from_hf(hf) == config
+    with pytest.raises(ValueError, match=f"unknown {fam.display_name} preset 'no-such'") as info:
+        cls.preset("no-such")
+    assert all(repr(p) in str(info.value) for p in fam.presets)
+    first = next(iter(fam.presets))
+    with pytest.raises(ValueError, match=cls.GENERIC.get("n_layer", "n_layer") + " must be >= 1"):
+        cls.preset(first, n_layer=0)
+    with pytest.raises(ValueError, match=f"unknown {fam.display_name} config fields"):
+        cls.preset(first, no_such_field=1)
+    if cls.HAS_HEADS:
+        with pytest.raises(ValueError, match=r"=50 must be divisible by .*=3"):
+            cls.preset(first, n_embd=50, n_head=3)
+    else:
+        with pytest.raises(ValueError, match=f"{fam.display_name} has no attention heads"):
+            cls.preset(first, n_head=2)
+    with pytest.raises(ValueError, match=rf"^config\.json is not a config of {fam.display_name}"):
+        cls.from_hf({"model_type": "other", "n_layer": 1, "n_head": 1, "n_embd": 8})
+
+
+def test_a_gpt2_backbone_imports_no_other_family():
+    import subprocess
+    import sys
+    # (TrainConfig's check of `model` lists every family's presets: that imports them all)
+    code = ("import sys; from fpt_jax.models import backbones, fpt; "
+            "c = backbones.family_of_preset('gpt2').config_cls.preset('gpt2'); "
+            "assert backbones.family_of(c).name == 'gpt2'; "
+            "assert backbones.param_group(('h_0', 'attn', 'c_attn', 'kernel')) == ('attn', 0); "
+            "print(sorted(m for m in sys.modules if m.startswith('fpt_jax.models.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert not {f"fpt_jax.models.{n}" for n in ("bert", "vit", "fnet", "lstm")} & set(eval(out))
+
+
+def test_a_family_declaration_is_checked_at_import():
+    gpt = backbones.family("gpt2")
+    with pytest.raises(TypeError, match="BackboneConfig"):
+        backbones.Family(config_cls=dict, module_cls=gpt.module_cls, presets={},
+                         param_group=gpt.param_group, param_shapes=gpt.param_shapes)
+    with pytest.raises(TypeError, match=r"presets \['x'\] are not GPT2Configs"):
+        dataclasses.replace(gpt, presets={"x": bert.BertConfig()})
+    with pytest.raises(TypeError, match="hub repositories of no preset"):
+        dataclasses.replace(gpt, hub_repos={"gpt3": "x/y"})
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_family_trains_under_fpt_with_its_frozen_part_bit_identical(name):
     cfg = TrainConfig(**TINY, model=PRESETS[name], trainable="fpt")

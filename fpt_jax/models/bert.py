@@ -20,21 +20,26 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax.typing import Dtype
 
-from fpt_jax.models import layers, mixed
-
-TAKES_LENGTHS = True  # bidirectional: right padding is masked out of the keys with `lengths`
-
-# The values of Hugging Face BERT options that this module implements (first: the default).
-_HF_SUPPORTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
-                 "add_cross_attention": (False,)}
-# Our generic names (those of GPT2Config, used by the rest of the project) -> BERT's.
-_GENERIC = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-            "n_embd": "hidden_size", "n_positions": "max_position_embeddings"}
+from fpt_jax.models import backbones, layers, mixed
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(backbones.BackboneConfig):
     """Hugging Face's `BertConfig` fields and defaults (bert-base), plus `causal`."""
+    model_type = "bert"
+    display_name = "BERT"
+    # The generic names (GPT2Config's, read by the rest of the project) -> BERT's fields:
+    # read-only properties, and preset overrides take either name.
+    GENERIC = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+               "n_embd": "hidden_size", "n_positions": "max_position_embeddings",
+               "mlp_width": "intermediate_size"}
+    SIZES = ("type_vocab_size",)
+    DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    # The values of Hugging Face BERT options that this module implements (first: default).
+    HF_SUPPORTED = {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",),
+                    "add_cross_attention": (False,)}
+    HF_NAMES = {"causal": "is_decoder"}
+
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     hidden_size: int = 768
@@ -49,70 +54,6 @@ class BertConfig:
     position_embedding_type: str = "absolute"
     initializer_range: float = 0.02
     causal: bool = False  # a causal attention mask (Hugging Face: is_decoder)
-
-    def __post_init__(self):
-        for name in ("num_hidden_layers", "num_attention_heads", "hidden_size",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig.hidden_size={self.hidden_size} must be divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("hidden_act", "position_embedding_type"):
-            if getattr(self, name) not in _HF_SUPPORTED[name]:
-                raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} is not supported; "
-                                 f"accepted: {_HF_SUPPORTED[name]}")
-
-    # The generic names that the rest of the project reads (GPT2Config's), read-only.
-    n_layer = property(lambda self: self.num_hidden_layers)
-    n_head = property(lambda self: self.num_attention_heads)
-    n_embd = property(lambda self: self.hidden_size)
-    n_positions = property(lambda self: self.max_position_embeddings)
-    mlp_width = property(lambda self: self.intermediate_size)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "BertConfig":
-        """A preset with fields replaced; overrides take BERT's or the generic names
-        (n_layer, n_head, n_embd, n_positions). A new width without a new
-        `intermediate_size` gets 4 x the width, BERT's ratio."""
-        if name not in BERT_PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; accepted: {sorted(BERT_PRESETS)}")
-        fields = {_GENERIC.get(key, key): value for key, value in overrides.items()}
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BERT config fields {sorted(unknown)}; accepted: "
-                             f"{sorted(_GENERIC)} or {[f.name for f in dataclasses.fields(cls)]}")
-        if "hidden_size" in fields and "intermediate_size" not in fields:
-            fields["intermediate_size"] = 4 * fields["hidden_size"]
-        return dataclasses.replace(BERT_PRESETS[name], **fields)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "BertConfig":
-        """Reads a Hugging Face BERT `config.json` (as a dict)."""
-        model_type = hf.get("model_type")
-        if model_type != "bert":
-            raise ValueError(f"config.json is not a BERT config (model_type={model_type!r}); "
-                             "accepted: model_type 'bert'")
-        wrong = [f"{k}={hf[k]!r}" for k, ok in _HF_SUPPORTED.items() if hf.get(k, ok[0]) not in ok]
-        if wrong:
-            raise ValueError(f"config.json {', '.join(wrong)} is not supported; accepted: "
-                             + ", ".join(f"{k} in {ok}" for k, ok in _HF_SUPPORTED.items()))
-        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
-        fields["causal"] = bool(hf.get("is_decoder", False))
-        return cls(**fields)  # our field names are Hugging Face's, and so are the defaults
-
-    def to_hf(self) -> dict[str, Any]:
-        """The fields of a Hugging Face `config.json` that describe this model."""
-        fields = dataclasses.asdict(self)
-        return dict(model_type="bert", is_decoder=fields.pop("causal"), **fields)
-
-    def with_dropout(self, rate: float) -> "BertConfig":
-        """A copy with both dropout probabilities (hidden and attention) set to `rate`."""
-        return dataclasses.replace(self, hidden_dropout_prob=rate,
-                                   attention_probs_dropout_prob=rate)
 
 
 BERT_PRESETS: dict[str, BertConfig] = {
@@ -335,10 +276,7 @@ def torch_name_to_path(name: str) -> tuple[str, ...] | None:
     return ("<unexpected>", name)
 
 
-def needs_transpose(path: tuple[str, ...]) -> bool:
-    """Whether the torch tensor for `path` must be transposed: torch `Linear` stores
-    `[out, in]`, a flax `Dense` kernel `[in, out]`."""
-    return path[-1] == "kernel"
+needs_transpose = backbones.kernels_transposed  # torch `Linear` weights
 
 
 def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
@@ -363,3 +301,11 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
     if module in (("intermediate", "dense"), ("output", "dense")):
         return "mlp", layer
     return None
+
+
+# Bidirectional: right padding is masked out of the keys with `lengths`.
+FAMILY = backbones.Family(
+    config_cls=BertConfig, module_cls=Bert, presets=BERT_PRESETS, hub_repos=HUB_REPOS,
+    torch_name_to_path=torch_name_to_path, needs_transpose=needs_transpose,
+    param_group=param_group, param_shapes=param_shapes, attention_weights=attention_weights,
+    takes_lengths=True)

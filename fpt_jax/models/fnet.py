@@ -2,10 +2,10 @@
 
 What it is: FNet (Lee-Thorp et al. 2021, "FNet: Mixing Tokens with Fourier Transforms") in
 GPT-2's shape. Each block is `x + Mix(ln_1(x))`, then `x + MLP(ln_2(x))` with GPT-2's MLP
-(`gpt2.MLP`: `mlp/c_fc`, `mlp/c_proj`, gelu_new, residual-scaled init), after GPT-2's
-position table `wpe` and embedding dropout, and before `ln_f`. The parameter names are
-GPT-2's minus `attn`, so the parameter groups (pos, ln, mlp) and trainable selections are
-GPT-2's too.
+(`gpt2.MLP`: `mlp/c_fc`, `mlp/c_proj`, gelu_new, residual-scaled init); the model around
+the blocks is GPT-2's (`FNet` is `gpt2.GPT2` with these blocks: position table `wpe`,
+embedding dropout, `ln_f`). The parameter names are GPT-2's minus `attn`, so the parameter
+groups (pos, ln, mlp) and trainable selections are GPT-2's too.
 
 Why: FPT at `init=random` freezes a random attention, which is a reservoir; the question is
 whether frozen random attention is any better than a mixing with no parameters at all.
@@ -26,9 +26,9 @@ precision. It has no parameters and no dropout.
 It is bidirectional: every position sees every other. That is fine for FPT, whose head
 reads the last position(s), except for right-padded token sequences, where the padding would
 reach the real positions. How padding is masked: with `lengths` ([batch] ints, each in
-[1, seq]; FPT passes them since `TAKES_LENGTHS`), example b's sequence transform is the DFT
-over its own length L_b: `C_T[b, q, t] = cos(2 pi ((q t) mod L_b) / L_b)` for q, t < L_b
-and 0 otherwise (likewise S_T). The zero columns keep padding out of the real positions,
+[1, seq]; FPT passes them since the family `takes_lengths`), example b's sequence transform
+is the DFT over its own length L_b: `C_T[b, q, t] = cos(2 pi ((q t) mod L_b) / L_b)` for
+q, t < L_b and 0 otherwise (likewise S_T). The zero columns keep padding out of the real positions,
 and a real position's value does not depend on how much padding follows; padded rows get
 no mixing (the residual carries them, and nothing reads them).
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -44,16 +43,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import Dtype
 
-from fpt_jax.models import gpt2, layers, mixed
-
-HAS_CHECKPOINTS = False  # random init only: no pretrained FNet of this shape exists
-TAKES_LENGTHS = True  # bidirectional: right padding is masked with `lengths`
-HUB_REPOS: dict[str, str] = {}
+from fpt_jax.models import backbones, gpt2, layers, mixed
 
 
 @dataclasses.dataclass(frozen=True)
-class FNetConfig:
+class FNetConfig(backbones.BackboneConfig):
     """GPT-2's sizes without the heads; the field names are the ones `gpt2.MLP` reads."""
+    model_type = "fnet"
+    display_name = "FNet"
+    SIZES = ("n_inner",)
+    DROPOUT_FIELDS = ("embd_pdrop", "resid_pdrop")
+    HAS_HEADS = False  # `n_head` is a read-only 1 for the generic interface
+    HF_SUPPORTED = {"activation_function": ("gelu_new",)}  # GPT-2's MLP
+    # Only `to_hf`'s own files: Hugging Face's FNet (google/fnet-base: hidden_size, ...) is a
+    # post-LN encoder with another layout, with nothing to load for this one.
+    HF_REQUIRED = ("n_layer", "n_embd")
+    HF_NOTE = " (Hugging Face's google/fnet-* models are a different architecture)"
+
     n_layer: int = 12
     n_embd: int = 768
     n_positions: int = 1024
@@ -68,59 +74,11 @@ class FNetConfig:
     # stream's scale as GPT-2's small random-init attention output does.
     normalized: bool = False
 
-    def __post_init__(self):
-        for name in ("n_layer", "n_embd", "n_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_inner is not None and self.n_inner < 1:
-            raise ValueError(f"FNetConfig.n_inner must be >= 1 or None, got {self.n_inner}")
-
-    # The generic interface has heads; the mixing has none (read-only, always 1).
     n_head = property(lambda self: 1)
 
     @property
     def mlp_width(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "FNetConfig":
-        """A preset with fields replaced; `n_head` is accepted as 1 only (no heads)."""
-        if name not in FNET_PRESETS:
-            raise ValueError(f"unknown FNet preset {name!r}; accepted: {sorted(FNET_PRESETS)}")
-        n_head = overrides.pop("n_head", 1)
-        if n_head != 1:
-            raise ValueError(f"n_head={n_head!r}: FNet's Fourier mixing has no attention "
-                             "heads; accepted: 1 or unset")
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown FNet config fields {sorted(unknown)}; accepted: "
-                             f"{[f.name for f in dataclasses.fields(cls)]} or n_head=1")
-        return dataclasses.replace(FNET_PRESETS[name], **overrides)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "FNetConfig":
-        """Reads a `config.json` (as a dict) that `to_hf` wrote."""
-        model_type = hf.get("model_type")
-        missing = {"n_layer", "n_embd"} - set(hf)
-        if model_type != "fnet" or missing:
-            # Hugging Face's own FNet (google/fnet-base: hidden_size, ...) is a post-LN
-            # encoder with another layout; there is nothing to load for this one.
-            lacks = f", missing {sorted(missing)}" if missing else ""
-            raise ValueError(f"config.json is not this project's FNet config (model_type="
-                             f"{model_type!r}{lacks}); accepted: model_type 'fnet' with "
-                             "n_layer, n_embd (Hugging Face's google/fnet-* models are a "
-                             "different architecture)")
-        if hf.get("n_head", 1) != 1:
-            raise ValueError(f"config.json n_head={hf['n_head']!r}: FNet has no attention "
-                             "heads; accepted: 1 or absent")
-        return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
-
-    def to_hf(self) -> dict[str, Any]:
-        """The fields of a `config.json` that describe this model."""
-        return dict(model_type="fnet", activation_function="gelu_new", **dataclasses.asdict(self))
-
-    def with_dropout(self, rate: float) -> "FNetConfig":
-        return dataclasses.replace(self, embd_pdrop=rate, resid_pdrop=rate)
 
 
 FNET_PRESETS: dict[str, FNetConfig] = {
@@ -216,45 +174,26 @@ class Block(nn.Module):
             nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), self.deterministic)
 
 
-class FNet(nn.Module):
+class FNet(gpt2.GPT2):
     """FNet without a token embedding: `[batch, seq, n_embd]` in, last hidden state out.
 
-    As `gpt2.GPT2`: `dtype` is the compute dtype (parameters float32), `remat` recomputes
-    each block in the backward pass, `read_positions` ([batch, r] ints) returns `[batch, r,
-    n_embd]` and computes the last block only there. `lengths` ([batch] ints, in [1, seq])
-    masks right padding (module docstring).
+    GPT-2's model (`gpt2.GPT2`: position table `wpe`, embedding dropout, the blocks `h_{i}`,
+    `ln_f`) with FNet's blocks: `dtype` is the compute dtype (parameters float32), `remat`
+    recomputes each block in the backward pass, `read_positions` ([batch, r] ints) returns
+    `[batch, r, n_embd]` and computes the last block only there. `lengths` ([batch] ints,
+    in [1, seq]) masks right padding (module docstring).
     """
     config: FNetConfig
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
-                 read_positions: jax.Array | None = None,
-                 lengths: jax.Array | None = None) -> jax.Array:
-        cfg = self.config
-        layers.check_inputs("FNet", inputs_embeds, cfg.n_embd, cfg.n_positions, lengths=lengths)
-        seq = inputs_embeds.shape[1]
-        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
-                       embedding_init=nn.initializers.normal(0.02))  # GPT-2's init
-        x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
-        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        x = layers.stack(Block, cfg, self.dtype, self.remat, deterministic, x, read_positions,
-                         prefix="h_", lengths=lengths)
-        return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
+    block = Block
 
 
 init_params, param_shapes, num_params = layers.param_functions(FNet)
 
 
-def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
-    """FNet has no attention, so no attention weights: `()`."""
-    return ()
-
-
-def torch_name_to_path(name: str) -> tuple[str, ...] | None:
-    """No FNet checkpoint of this layout exists: every name is unexpected."""
-    return ("<unexpected>", name)
+# No attention, so no attention weights; no checkpoint of this layout exists, so every
+# state-dict name is unexpected.
+attention_weights = backbones.no_attention_weights
+torch_name_to_path = backbones.unexpected_names
 
 
 def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
@@ -262,3 +201,9 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
     lacks, and for anything else."""
     group = gpt2.param_group(keys)
     return None if group is None or group[0] == "attn" else group
+
+
+# Random init only (no checkpoints); bidirectional, so right padding is masked with `lengths`.
+FAMILY = backbones.Family(
+    config_cls=FNetConfig, module_cls=FNet, presets=FNET_PRESETS, param_group=param_group,
+    param_shapes=param_shapes, takes_lengths=True, has_checkpoints=False)

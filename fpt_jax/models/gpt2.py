@@ -21,13 +21,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax.typing import Dtype
 
-from fpt_jax.models import layers, mixed
+from fpt_jax.models import backbones, layers, mixed
 from fpt_jax.models.layers import INTERMEDIATES, weights_requested  # noqa: F401 (re-exported)
-
-# The values of Hugging Face GPT-2 options that this module implements (first: the default).
-_HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                 "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                 "reorder_and_upcast_attn": (False,)}
 
 # Hugging Face's GPT-2 initialisation, so that `init='random'` is the paper's random model:
 # normal(0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * n_layer).
@@ -40,7 +35,21 @@ def _dense(features: int, dtype: Dtype, name: str, std: float = _INIT_STD) -> mi
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(backbones.BackboneConfig):
+    """Hugging Face's `GPT2Config` field names and defaults (gpt2), which are the generic
+    names the rest of the project reads."""
+    model_type = "gpt2"
+    display_name = "GPT-2"
+    SIZES = ("n_inner",)
+    DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+    # The values of Hugging Face GPT-2 options that this module implements (first: default).
+    HF_SUPPORTED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                    "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                    "reorder_and_upcast_attn": (False,)}
+    HF_REQUIRED = ("n_layer", "n_head", "n_embd")
+    HF_FALLBACK = {"n_positions": "n_ctx"}  # older files
+    HF_UNTYPED = True  # older files carry no model_type
+
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -52,47 +61,9 @@ class GPT2Config:
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
 
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPT2Config.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPT2Config.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-
     @property
     def mlp_width(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPT2Config":
-        if name not in GPT2_PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; accepted: {sorted(GPT2_PRESETS)}")
-        return dataclasses.replace(GPT2_PRESETS[name], **overrides)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "GPT2Config":
-        """Reads a Hugging Face GPT-2 `config.json` (as a dict)."""
-        model_type = hf.get("model_type", "gpt2")
-        missing = {"n_layer", "n_head", "n_embd"} - set(hf)
-        if model_type != "gpt2" or missing:
-            raise ValueError(f"config.json is not a GPT-2 config (model_type={model_type!r}"
-                             f"{', missing ' + str(sorted(missing)) if missing else ''}); "
-                             "accepted: model_type 'gpt2' with n_layer, n_head, n_embd")
-        wrong = [f"{k}={hf[k]!r}" for k, ok in _HF_SUPPORTED.items() if hf.get(k, ok[0]) not in ok]
-        if wrong:
-            raise ValueError(f"config.json {', '.join(wrong)} is not supported; accepted: "
-                             + ", ".join(f"{k} in {ok}" for k, ok in _HF_SUPPORTED.items()))
-        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
-        fields.setdefault("n_positions", hf.get("n_ctx", 1024))  # n_ctx: older files
-        return cls(**fields)  # our field names are Hugging Face's, and so are the defaults
-
-    def to_hf(self) -> dict[str, Any]:
-        """The fields of a Hugging Face `config.json` that describe this model."""
-        return dict(model_type="gpt2", activation_function="gelu_new", **dataclasses.asdict(self))
-
-    def with_dropout(self, rate: float) -> "GPT2Config":
-        return dataclasses.replace(self, embd_pdrop=rate, attn_pdrop=rate, resid_pdrop=rate)
 
 
 GPT2_PRESETS: dict[str, GPT2Config] = {
@@ -193,20 +164,24 @@ class GPT2(nn.Module):
     config: GPT2Config
     dtype: Dtype = jnp.float32
     remat: bool = False
+    # The blocks `h_{i}` (a class attribute, not a module field): FNet is this model with
+    # the attention of its blocks replaced (models/fnet.py).
+    block = Block
 
     @nn.compact
     def __call__(self, inputs_embeds: jax.Array, deterministic: bool = True,
                  read_positions: jax.Array | None = None,
                  lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        layers.check_inputs("GPT2", inputs_embeds, cfg.n_embd, cfg.n_positions, lengths=lengths)
+        layers.check_inputs(type(self).__name__, inputs_embeds, cfg.n_embd, cfg.n_positions,
+                            lengths=lengths)
         seq = inputs_embeds.shape[1]
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe",
                        embedding_init=nn.initializers.normal(_INIT_STD))
         x = inputs_embeds.astype(self.dtype) + wpe(jnp.arange(seq)).astype(self.dtype)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
-        x = layers.stack(Block, cfg, self.dtype, self.remat, deterministic, x, read_positions,
-                         prefix="h_", lengths=lengths)
+        x = layers.stack(self.block, cfg, self.dtype, self.remat, deterministic, x,
+                         read_positions, prefix="h_", lengths=lengths)
         return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
 
 
@@ -264,3 +239,10 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
             return keys[1], int(m.group(1))
     return None
 
+
+# Causal: no `lengths` (padding follows every real position); Hugging Face's `Conv1D`
+# kernels load as they are (no transpose); every parameter is in the checkpoints.
+FAMILY = backbones.Family(
+    config_cls=GPT2Config, module_cls=GPT2, presets=GPT2_PRESETS, hub_repos=HUB_REPOS,
+    torch_name_to_path=torch_name_to_path, param_group=param_group, param_shapes=param_shapes,
+    attention_weights=attention_weights)

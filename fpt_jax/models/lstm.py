@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -49,51 +49,31 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax.typing import Dtype
 
-from fpt_jax.models import layers, mixed
+from fpt_jax.models import backbones, layers, mixed
 from fpt_jax.models.fpt import torch_uniform_init
 
-HAS_CHECKPOINTS = False  # random init only
 _NO_POSITION_LIMIT = 2 ** 31 - 1  # a recurrence reads any length
 Norms = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # LN_h scale, bias; LN_c scale, bias
 
 
 @dataclasses.dataclass(frozen=True)
-class LSTMConfig:
+class LSTMConfig(backbones.BackboneConfig):
+    """The stacked LN-LSTM's sizes; `n_head` (always 1) and `n_positions` (no limit) only
+    answer the generic backbone interface."""
+    model_type = "lstm"
+    display_name = "LSTM"
+    DROPOUT_FIELDS = ("dropout",)
+    HAS_HEADS = False
+
     n_layer: int = 3
     n_embd: int = 768  # the hidden (and cell) width of every layer
     dropout: float = 0.1  # between layers
     layer_norm_epsilon: float = 1e-6  # the original's
     n_head: int = 1  # no heads; the generic backbone interface names it
 
-    def __post_init__(self):
-        for name in ("n_layer", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LSTMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_head != 1:
-            raise ValueError(f"an LSTM has no attention heads: n_head={self.n_head}; accepted: "
-                             "1 (leave n_head unset)")
-
     @property
     def n_positions(self) -> int:
         return _NO_POSITION_LIMIT
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "LSTMConfig":
-        if name not in LSTM_PRESETS:
-            raise ValueError(f"unknown LSTM preset {name!r}; accepted: {sorted(LSTM_PRESETS)}")
-        return dataclasses.replace(LSTM_PRESETS[name], **overrides)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "LSTMConfig":
-        if hf.get("model_type") != "lstm":
-            raise ValueError(f"not an LSTM config (model_type={hf.get('model_type')!r})")
-        return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
-
-    def to_hf(self) -> dict[str, Any]:
-        return dict(model_type="lstm", **dataclasses.asdict(self))
-
-    def with_dropout(self, rate: float) -> "LSTMConfig":
-        return dataclasses.replace(self, dropout=rate)
 
 
 LSTM_PRESETS: dict[str, LSTMConfig] = {"lstm": LSTMConfig()}
@@ -259,11 +239,6 @@ class LSTM(nn.Module):
 init_params, param_shapes, num_params = layers.param_functions(LSTM)
 
 
-def torch_name_to_path(name: str) -> tuple[str, ...] | None:
-    """No checkpoint of this baseline exists: every name is unexpected."""
-    return ("<unexpected>", name)
-
-
 def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
     """`('lstm_1', 'cell', 'ln_h2h', 'scale')` -> ('ln', 1); the products -> ('lstm', i)."""
     m = re.fullmatch(r"lstm_(\d+)", keys[0])
@@ -272,6 +247,8 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
     return ("ln" if any(k.startswith("ln_") for k in keys[1:]) else "lstm"), int(m.group(1))
 
 
-def attention_weights(state: Mapping[str, Any]) -> tuple[jax.Array, ...]:
-    """An LSTM has no attention: no maps."""
-    return ()
+# Random init only: no checkpoint exists (every state-dict name is unexpected); no
+# attention, so no maps; causal, so FPT passes no `lengths`.
+FAMILY = backbones.Family(
+    config_cls=LSTMConfig, module_cls=LSTM, presets=LSTM_PRESETS, param_group=param_group,
+    param_shapes=param_shapes, has_checkpoints=False)

@@ -20,14 +20,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax.typing import Dtype
 
-from fpt_jax.models import layers, mixed
-
-TAKES_LENGTHS = True  # bidirectional: right padding is masked out of the keys with `lengths`
+from fpt_jax.models import backbones, layers, mixed
 
 HUB_REPOS = {"vit-base": "google/vit-base-patch16-224"}
-# The values of Hugging Face ViT options that this module implements.
-_HF_SUPPORTED = {"hidden_act": ("gelu",), "qkv_bias": (True,)}
-_GENERIC = dict(n_layer="num_hidden_layers", n_head="num_attention_heads", n_embd="hidden_size")
 # HF draws Linear kernels from a normal(0.02) truncated at 2 std; the plain normal(0.02) of
 # gpt2.py differs from it in the 5% tail only. Biases zero, layer norms (1, 0) as HF.
 _INIT_STD = 0.02
@@ -36,9 +31,18 @@ _dense = functools.partial(mixed.Dense, kernel_init=nn.initializers.normal(_INIT
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(backbones.BackboneConfig):
     """Hugging Face's `ViTConfig` field names and defaults (vit-base), plus `n_positions`;
-    the rest of the project reads the generic `n_layer`, `n_head`, `n_embd`."""
+    `from_hf` ignores image_size, patch_size, num_channels (FPT brings its input layer)."""
+    model_type = "vit"
+    display_name = "ViT"
+    # The generic names (read by the rest of the project) -> ViT's fields: read-only
+    # properties, and preset overrides take either name.
+    GENERIC = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+               "n_embd": "hidden_size", "mlp_width": "intermediate_size"}
+    DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    HF_SUPPORTED = {"hidden_act": ("gelu",), "qkv_bias": (True,)}  # what this module implements
+
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -49,56 +53,6 @@ class ViTConfig:
     layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
     n_positions: int = 1024  # rows of FPT's new position table
-
-    def __post_init__(self):
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "n_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ViTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"ViTConfig.hidden_size={self.hidden_size} must be divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
-        for name, ok in _HF_SUPPORTED.items():
-            if getattr(self, name) not in ok:
-                raise ValueError(f"ViTConfig.{name}={getattr(self, name)!r} is not supported; "
-                                 f"accepted: {name} in {ok}")
-
-    n_layer = property(lambda self: self.num_hidden_layers)  # the generic names, read-only
-    n_head = property(lambda self: self.num_attention_heads)
-    n_embd = property(lambda self: self.hidden_size)
-    mlp_width = property(lambda self: self.intermediate_size)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ViTConfig":
-        """A preset with overrides by generic (`n_layer`, `n_head`, `n_embd`) or field names;
-        overriding `n_embd` sets `intermediate_size = 4 * n_embd` unless that is given too."""
-        if name not in VIT_PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; accepted: {sorted(VIT_PRESETS)}")
-        fields = {_GENERIC.get(k, k): v for k, v in overrides.items()}
-        if "n_embd" in overrides:
-            fields.setdefault("intermediate_size", 4 * overrides["n_embd"])
-        return dataclasses.replace(VIT_PRESETS[name], **fields)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "ViTConfig":
-        """Reads a Hugging Face ViT `config.json` (as a dict); absent fields take HF's defaults
-        (`save_pretrained` omits them); image_size, patch_size, num_channels are ignored."""
-        if hf.get("model_type") != "vit":
-            raise ValueError(f"config.json is not a ViT config (model_type="
-                             f"{hf.get('model_type')!r}); accepted: model_type 'vit'")
-        try:
-            return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
-        except ValueError as e:  # the field, its value and what is accepted
-            raise ValueError(f"config.json {str(e).removeprefix('ViTConfig.')}") from e
-
-    def to_hf(self) -> dict[str, Any]:
-        """The fields of a Hugging Face `config.json` that describe this model (plus ours)."""
-        return dict(model_type="vit", **dataclasses.asdict(self))
-
-    def with_dropout(self, rate: float) -> "ViTConfig":
-        """A copy with hidden and attention-probability dropout both `rate`."""
-        return dataclasses.replace(self, hidden_dropout_prob=rate,
-                                   attention_probs_dropout_prob=rate)
 
 
 VIT_PRESETS: dict[str, ViTConfig] = {
@@ -288,9 +242,7 @@ def torch_name_to_path(name: str) -> tuple[str, ...] | None:
     return ("<unexpected>", name)
 
 
-def needs_transpose(path: tuple[str, ...]) -> bool:
-    """Whether a converted tensor needs `.T`: torch's Linear is `[out, in]`, a kernel not."""
-    return path[-1] == "kernel"
+needs_transpose = backbones.kernels_transposed  # torch `Linear` weights
 
 
 def fresh_paths(config: ViTConfig) -> set[tuple[str, ...]]:
@@ -316,3 +268,11 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
     if m and keys[2:] in _BLOCK_GROUPS:
         return _BLOCK_GROUPS[keys[2:]], int(m.group(1))
     return None
+
+
+# Bidirectional: right padding is masked out of the keys with `lengths`.
+FAMILY = backbones.Family(
+    config_cls=ViTConfig, module_cls=ViT, presets=VIT_PRESETS, hub_repos=HUB_REPOS,
+    torch_name_to_path=torch_name_to_path, needs_transpose=needs_transpose,
+    fresh_paths=fresh_paths, param_group=param_group, param_shapes=param_shapes,
+    attention_weights=attention_weights, takes_lengths=True)

@@ -24,7 +24,7 @@ TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
         "--config.log_every=2", "--config.checkpoint_every=2", "--config.num_devices=1"]
 LISTOPS = ["--config=experiments/configs/listops.py", "--config.init=random",
            "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",
-           "--config.steps=2", "--config.num_devices=1", "--config.max_length=128"]
+           "--config.steps=2", "--config.num_devices=1", "--config.task_options.max_length=128"]
 STARTED = "step 2/"  # printed after the first logged steps: the run had started training
 
 
@@ -86,7 +86,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("converge_at_above_1", ["--config.converge_at=1.5"], ["converge_at=1.5; accepted"]),
         ("backbone_seed_negative", ["--config.backbone_seed=-2"], ["backbone_seed=-2"]),
         ("validation_fraction_1", ["--config=experiments/configs/mnist.py", *TINY[1:],
-                                   "--config.validation_fraction=1.0"],
+                                   "--config.task_options.validation_fraction=1.0"],
          ["validation_fraction must be in (0, 1)"]),
         ("in_layer_size_zero", ["--config.in_layer_sizes=0"], ["in_layer_sizes=(0,)"]),
         ("bool_not_a_bool", ["--config.remat=maybe"], ["--config.remat=maybe"]),
@@ -101,9 +101,9 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("block_out_of_range", ["--config.trainable=attn[3]"],
          ["block 3 in 'attn[3]' is out of range for 1 blocks"]),
         ("selection_trains_nothing", ["--config.trainable="], ["selects nothing to train"]),
-        ("option_the_task_lacks", ["--config.max_length=64"],
+        ("option_the_task_lacks", ["--config.task_options.max_length=64"],
          ["task bit_xor takes no setting max_length"]),
-        ("patch_not_dividing", ["--config.patch_size=2"], ["patch_size=2 must divide n=5"]),
+        ("patch_not_dividing", ["--config.task_options.patch_size=2"], ["patch_size=2 must divide n=5"]),
         ("sizes_with_pretrained", ["--config.init=pretrained"],
          ["architecture overrides", "init='random'"]),
         ("auto_model_random", ["--config.model=auto"], ["model='auto'"]),
@@ -141,19 +141,19 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
          ["holds a GPT-2 with", "model=gpt2"]),
         # --- data files
         ("listops_without_data_dir", LISTOPS, ["data_dir is required"]),
-        ("listops_empty_data_dir", [*LISTOPS, f"--config.data_dir={tmp / 'empty'}"],
+        ("listops_empty_data_dir", [*LISTOPS, f"--config.task_options.data_dir={tmp / 'empty'}"],
          [str(tmp / "empty" / "basic_train.tsv")]),
-        ("listops_bad_token_in_val", [*LISTOPS, f"--config.data_dir={bad_token}"],
+        ("listops_bad_token_in_val", [*LISTOPS, f"--config.task_options.data_dir={bad_token}"],
          [f"{val}:5", "POW"]),  # file:line
-        ("listops_missing_val_file", [*LISTOPS, f"--config.data_dir={no_val}"],
+        ("listops_missing_val_file", [*LISTOPS, f"--config.task_options.data_dir={no_val}"],
          [str(no_val / "basic_val.tsv")]),
-        ("listops_bad_overlength", [*LISTOPS, f"--config.data_dir={lo}",
-                                    "--config.overlength=cut"], ["overlength"]),
+        ("listops_bad_overlength", [*LISTOPS, f"--config.task_options.data_dir={lo}",
+                                    "--config.task_options.overlength=cut"], ["overlength"]),
         ("mnist_without_prepared_data", ["--config=experiments/configs/mnist.py",
-                                         *TINY[1:], f"--config.data_dir={tmp / 'empty'}"],
+                                         *TINY[1:], f"--config.task_options.data_dir={tmp / 'empty'}"],
          ["experiments.prepare_data --dataset=mnist"]),
         ("homology_without_lmdb", ["--config=experiments/configs/remote_homology.py",
-                                   *TINY[1:], f"--config.data_dir={tmp / 'empty'}"],
+                                   *TINY[1:], f"--config.task_options.data_dir={tmp / 'empty'}"],
          [str(tmp / "empty")]),
         # --- the workdir
         ("workdir_is_a_file", [f"--workdir={tmp / 'a_file'}"], [str(tmp / "a_file")]),

@@ -506,7 +506,7 @@ def _train_cases(tmp: Path) -> list[Case]:
     mnist = ["--config=experiments/configs/mnist.py", *TRAIN]
 
     def run(name: str, base: list[str], data_dir: Path, wanted: list[str]) -> Case:
-        return (name, [*base, f"--config.data_dir={data_dir}",
+        return (name, [*base, f"--config.task_options.data_dir={data_dir}",
                        f"--workdir={tmp / 'runs' / name}"], wanted, None)
 
     return [

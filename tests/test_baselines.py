@@ -1,38 +1,66 @@
-"""The baseline variants of every task config."""
+"""The comparison rows (fpt_jax/rows.py) on every task config: one definition each."""
 import glob
 import os
 import runpy
 
 import pytest
 
-from fpt_jax import baselines
+from fpt_jax import baselines, paper, reproduce, rows
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments",
                                         "configs", "*.py")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_task_config_offers_every_baseline(path):
+def test_every_task_config_offers_every_row(path):
     get_config = runpy.run_path(path)["get_config"]
     fpt = get_config()
-    rows = {v: get_config(v) for v in baselines.VARIANTS}
-    assert rows["fpt"] == fpt and fpt.init == "pretrained" and fpt.trainable == "fpt"
-    assert (rows["random"].init, rows["random"].trainable) == ("random", "fpt")
-    assert (rows["full"].init, rows["full"].trainable) == ("pretrained", "full")
-    assert (rows["scratch"].init, rows["scratch"].trainable) == ("random", "full")
+    found = {name: get_config(name) for name in rows.ROWS}
+    assert found["fpt"] == fpt and fpt.init == "pretrained" and fpt.trainable == "fpt"
+    assert (found["random"].init, found["random"].trainable) == ("random", "fpt")
+    assert (found["full"].init, found["full"].trainable) == ("pretrained", "full")
+    assert (found["scratch"].init, found["scratch"].trainable) == ("random", "full")
     # the paper's 3-block "Full transformer" where it used one, the preset's blocks elsewhere
     three = os.path.basename(path) in ("cifar10.py", "cifar10_lra.py", "listops.py")
-    assert rows["scratch"].n_layer == (3 if three else None)
+    assert found["scratch"].n_layer == (3 if three else None)
     for name in ("lstm", "lstm_matched"):
-        assert (rows[name].model, rows[name].init, rows[name].trainable,
-                rows[name].learning_rate) == ("lstm", "random", "full", 3e-4)
-    assert rows["lstm_matched"].match_model == fpt.model
-    assert (rows["fnet"].model, rows["fnet"].init, rows["fnet"].trainable) == (
+        assert (found[name].model, found[name].init, found[name].trainable,
+                found[name].learning_rate) == ("lstm", "random", "full", 3e-4)
+    task = fpt.make_task() if "data_dir" not in fpt.task_options else None
+    if task is not None:  # the matched width is the one baselines.match computes
+        assert found["lstm_matched"].n_embd == baselines.match(found["lstm"], task,
+                                                               "gpt2").width
+    assert (found["fnet"].model, found["fnet"].init, found["fnet"].trainable) == (
         "fnet", "random", "fpt")
-    for row in rows.values():  # the task and its budget are the task config's
+    for row in found.values():  # the task and its budget are the task config's
         assert (row.task, row.steps, row.batch_size) == (fpt.task, fpt.steps, fpt.batch_size)
-    with pytest.raises(ValueError, match="unknown baseline variant 'lsmt'"):
+        assert row.task_options == fpt.task_options
+    with pytest.raises(ValueError, match="unknown row 'lsmt'"):
         get_config("lsmt")
+
+
+def test_rows_name_published_rows_that_exist():
+    for row in rows.ROWS.values():
+        assert row.paper_row is None or row.paper_row in paper.MAIN, row.name
+        assert row.rothermel_row is None or row.rothermel_row in paper.ROTHERMEL, row.name
+        assert row.label and row.name in rows.ROWS
+
+
+def test_reproduce_and_task_configs_share_the_rows_per_task_settings(tmp_path):
+    # issue 26: the report's "paper's setting" of the transformer from scratch on ListOps is
+    # the paper's 3 blocks, as the task config's :scratch row says (one definition)
+    paper_cfg = reproduce.load_task_config("listops")
+    reference = reproduce.row_config(paper_cfg, "scratch", {}, lambda cfg: None)
+    assert reference.n_layer == 3 == reproduce.load_task_config("listops", "scratch").n_layer
+
+
+def test_a_budget_override_of_n_embd_wins_over_the_matched_width():
+    cfg = reproduce.load_task_config("bit_xor")
+    matched = rows.apply(cfg, "lstm_matched")
+    assert matched.n_embd > 100  # gpt2's FPT count on bit_xor needs a wide LSTM
+    assert rows.apply(cfg, "lstm_matched", {"n_embd": 16}).n_embd == 16
+    smaller = rows.apply(cfg, "lstm_matched", {"n_layer": 1})
+    assert smaller.n_embd > matched.n_embd  # one layer: wider for the same count
 
 
 # Each baseline in the sweep: tests/test_reproduce.py runs every row (lstm, lstm_matched,

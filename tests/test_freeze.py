@@ -9,6 +9,7 @@ from flax import traverse_util
 from fpt_jax import freeze
 from fpt_jax.models.fpt import FPT
 from fpt_jax.models.gpt2 import GPT2Config
+from tests.settings import train_config
 
 N_LAYER = 4
 
@@ -130,16 +131,16 @@ def test_count_table_sums_to_the_parameter_count(params):
 def test_a_named_group_the_model_lacks_is_refused_before_training(model, spec, missing):
     import dataclasses
 
-    from fpt_jax import build, sweep_cells
+    from fpt_jax import build
     from fpt_jax.config import TrainConfig
-    cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, model=model,
+    cfg = train_config(task="bit_xor", n=2, num_patterns=2, patch_size=1, model=model,
                       init="random", n_layer=1, n_embd=16, batch_size=2,
                       n_head=None, trainable=spec)
     with pytest.raises(ValueError, match=rf"trainable='{re.escape(spec)}': this model has no "
                                          rf"{missing} parameters; its groups: input, "):
-        sweep_cells.precheck(cfg)
+        cfg.check()
     with pytest.raises(ValueError, match=rf"this model has no {missing} parameters"):
         build.build_group(cfg)
     # Presets name no group themselves: 'full' and 'fpt' train what the model has.
     for preset in ("full", "fpt"):
-        sweep_cells.precheck(dataclasses.replace(cfg, trainable=preset))
+        dataclasses.replace(cfg, trainable=preset).check()

@@ -165,4 +165,4 @@ def test_missing_files_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="no split 'valid'"):
         task.batch("valid", 0, 2, seed=0)
     with pytest.raises(ValueError, match="data_dir is required"):
-        get_task("remote_homology")
+        get_task("remote_homology").prepare("train")  # describing it needs no data

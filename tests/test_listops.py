@@ -187,7 +187,7 @@ def test_missing_files_and_bad_options(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"basic_val\.tsv does not exist.*prepare_data"):
         task.batch("validation", 0, 2, seed=0)
     with pytest.raises(ValueError, match="data_dir is required"):
-        get_task("listops")
+        get_task("listops").prepare("train")  # describing it needs no data
     with pytest.raises(ValueError, match="overlength must be"):
         get_task("listops", data_dir=str(tmp_path), overlength="wrap")
 

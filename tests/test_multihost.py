@@ -23,6 +23,7 @@ import pytest
 
 from fpt_jax import loop, parallel
 from fpt_jax.config import TrainConfig
+from tests.settings import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -39,7 +40,7 @@ RUN_FLAGS = ["--config.task=bit_xor", "--config.init=random", "--config.n_layer=
              "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=2",
              "--config.eval_batches=1", "--config.checkpoint_every=1000", "--config.seed=3"]
 # The same run as a TrainConfig (the flags' defaults are TrainConfig's defaults otherwise).
-REF_CONFIG = TrainConfig(task="bit_xor", init="random", n_layer=1, n_embd=32, n_head=2,
+REF_CONFIG = train_config(task="bit_xor", init="random", n_layer=1, n_embd=32, n_head=2,
                                dropout=0.0, batch_size=8, log_every=1, eval_every=2,
                                eval_batches=1, checkpoint_every=1000, seed=3, steps=6)
 FIRST_STEPS = 4  # the first multi-process run; the resumed one continues past REF_CONFIG.steps
@@ -332,8 +333,8 @@ def test_a_group_of_runs_over_two_processes_matches_one_process(tmp_path):
     if jax.local_device_count() != NUM_PROCESSES * DEVICES_PER_PROCESS:
         pytest.skip("the reference needs 4 devices (XLA_FLAGS from conftest.py)")
     lrs, seeds, steps = (1e-3, 3e-2), (3,), 4
-    flags = [*RUN_FLAGS, f"--config.steps={steps}", "--learning_rates=" + ",".join(map(str, lrs)),
-             "--seeds=" + ",".join(map(str, seeds)), f"--workdir={tmp_path / 'multi'}"]
+    flags = [*RUN_FLAGS, f"--config.steps={steps}", "--sweep.learning_rates=" + ",".join(map(str, lrs)),
+             "--sweep.seeds=" + ",".join(map(str, seeds)), f"--workdir={tmp_path / 'multi'}"]
     cluster = Cluster(tmp_path / "logs", flags, tmp_path / "jax_cache", timeout=120,
                       module="experiments.sweep")
     try:

@@ -1,5 +1,6 @@
 """experiments/reproduce.py: the smoke budget end to end, the report's sections, rows, plots
 and published numbers, reuse of finished cells, and what is skipped."""
+import dataclasses
 import re
 import subprocess
 import sys
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+from ml_collections.config_flags import config_path
 
-from experiments import reproduce
-from fpt_jax import paper, reproduce_report
+from fpt_jax import paper, reproduce, reproduce_report, rows
+from fpt_jax.sweep import SweepConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "budgets" / "smoke.py"
@@ -52,7 +55,7 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
     shown = {row[0] for row in _table(text, "### bit_xor")}
     skipped = {row for task, row, _ in plan.skipped}
     for row in budget.rows:
-        label = reproduce_report.ROW_LABELS[row]
+        label = rows.get(row).label
         assert (label in shown) != (row in skipped), row  # run, or listed as skipped
         if row in skipped:
             assert re.search(rf"- bit_xor / {row}: \S", text)
@@ -80,12 +83,12 @@ def test_the_plots_decode_and_are_not_blank(smoke):
 def test_the_published_numbers_in_the_report_are_the_papers(smoke):
     _, _, _, text = smoke
     for row in _table(text, "### bit_xor"):
-        key = next(k for k, v in reproduce_report.ROW_LABELS.items() if v == row[0])
-        lu = paper.MAIN.get(reproduce_report.PAPER_ROW.get(key, ""), {}).get("bit_xor")
+        key = next(k for k, v in rows.ROWS.items() if v.label == row[0])
+        lu = paper.MAIN.get(rows.get(key).paper_row, {}).get("bit_xor")
         assert row[3] == ("-" if lu is None else f"{lu:g}")
         assert row[4] == "-"  # Rothermel et al. have no bit tasks
     ablation = _table(text, "## Adding parameter groups one at a time")
-    random_row = next(r for r in ablation if r[1] == reproduce_report.ROW_LABELS["random"])
+    random_row = next(r for r in ablation if r[1] == rows.get("random").label)
     published = [float(re.search(r"\(paper ([\d.]+)\)", c).group(1)) for c in random_row[2:]]
     assert published == [paper.ABLATION_RANDOM["bit_xor"][s] for s in
                          ("output", "fpt")]  # the smoke budget's selections
@@ -114,13 +117,66 @@ def test_a_second_reproduction_reuses_equal_cells_and_plans_new_ones_for_changes
 def test_tasks_without_data_and_unknown_rows(tmp_path):
     budget = _budget()
     with budget.unlocked():
-        budget.tasks.mnist = ConfigDict(dict(overrides={}, learning_rates=[1e-3], seeds=[0]))
+        budget.tasks.mnist = ConfigDict(dict(overrides={}, sweep=SweepConfig((1e-3,), (0,))))
     p = reproduce.plan(budget, tmp_path, rows=["random"], reachable=lambda cfg: None)
     assert [(t, r) for t, r, _ in p.skipped] == [("mnist", "*")]
     assert "no data" in p.skipped[0][2]
     assert {c.task for c in p.cells} == {"bit_xor"}
     with pytest.raises(ValueError, match="'lstn' is not in the budget"):
         reproduce.plan(budget, tmp_path, rows=["lstn"])
+
+
+def _leaves(config, prefix=""):
+    """(path, value) of every scalar or tuple setting of a budget, SweepConfigs included."""
+    items = (config.items() if isinstance(config, ConfigDict)
+             else ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)))
+    for key, value in items:
+        if isinstance(value, ConfigDict) or dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _other(value):
+    """A command-line text for another value of `value`'s type, and that value."""
+    if isinstance(value, bool):
+        return str(not value).lower(), not value
+    if isinstance(value, int):
+        return str(value + 1), value + 1
+    if isinstance(value, float):
+        return repr(value * 2), value * 2
+    if isinstance(value, tuple):
+        new = (*value, value[-1] * 2 if value and not isinstance(value[-1], str) else "fpt")
+        return repr(new), new
+    return value + "x", value + "x"
+
+
+def _parse_budget(*overrides: str):
+    argv = ["x", f"--budget={SMOKE}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("budget", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.budget
+
+
+def test_every_budget_setting_is_overridable_and_reaches_the_plan(tmp_path):
+    # issue 25: every field of a budget (its tasks' overrides and SweepConfigs, its rows'
+    # overrides, the ablation) is a --budget.<path> flag, and the plan is built from it
+    leaves = dict(_leaves(_budget()))
+    assert "tasks.bit_xor.sweep.seeds" in leaves and "rows.random.n_embd" in leaves
+    for path, value in leaves.items():
+        text, new = _other(value)
+        budget = _parse_budget(f"--budget.{path}={text}")
+        assert config_path.get_value(path, budget) == new, path
+    budget = _parse_budget("--budget.tasks.bit_xor.sweep.seeds=3,4",
+                           "--budget.tasks.bit_xor.overrides.steps=5",
+                           "--budget.rows.random.n_embd=32",
+                           "--budget.tasks.bit_xor.overrides.task_options.n=3")
+    p = reproduce.plan(budget, tmp_path, rows=["random"], reachable=lambda cfg: None)
+    cell = next(c for c in p.cells if c.row == "random" and c.selection is None)
+    assert (cell.seeds, cell.cfg.steps, cell.cfg.n_embd, cell.cfg.task_options.n) == (
+        [3, 4], 5, 32, 3)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -32,12 +32,12 @@ def _train(args, **kwargs):
     ("--config.task=bit_parity", "error: unknown task 'bit_parity'; accepted:"),
     ("--config.trainable=input,embeddings", "error: unknown trainable group 'embeddings'"),
     ("--config.batch_size=0", "error: batch_size=0; accepted: an integer >= 1"),
-    ("--config.patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
+    ("--config.task_options.patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
     ("--config.weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory "
                                       "nor a known name"),
     ("--config.learning_rat=1", "error: Field learning_rat not found"),
     ("--config.steps=ten", "error: flag --config.steps=ten: invalid literal for int()"),
-    ("--config.max_length=64", "error: task bit_xor takes no setting max_length; its "
+    ("--config.task_options.max_length=64", "error: task bit_xor takes no setting max_length; its "
                                "settings: n, num_patterns, patch_size"),
     ("--config=experiments/configs/nothing.py", "error: flag --config=experiments/configs/"
                                                 "nothing.py: no such file; accepted: a python "

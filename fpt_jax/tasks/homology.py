@@ -194,9 +194,6 @@ class RemoteHomology(TokenSequenceTask):
     def __init__(self, *, data_dir: str | None = None, max_length: int = 1024,
                  num_classes: int = NUM_FOLDS, bucket_size: int = 0):
         super().__init__()
-        if data_dir is None:
-            raise ValueError("task remote_homology: data_dir is required (TAPE's data "
-                             "directory holding remote_homology/remote_homology_*.lmdb)")
         if max_length < 3:
             raise ValueError(f"task remote_homology: max_length must be >= 3, got "
                              f"{max_length}")
@@ -206,13 +203,18 @@ class RemoteHomology(TokenSequenceTask):
         if bucket_size < 0:
             raise ValueError(f"task remote_homology: bucket_size must be >= 0, got "
                              f"{bucket_size}")
-        self.data_dir = Path(data_dir)
+        # data_dir is needed to read (`_load`), not to describe the task (shapes, counts)
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self.max_length, self.bucket_size = int(max_length), int(bucket_size)
         self.output_dim = int(num_classes)
         self.example_shape = (self.max_length,)
         self.stats: dict[str, dict[str, int]] = {}
 
     def _load(self, split: str) -> SequenceTable:
+        if self.data_dir is None:
+            raise ValueError("task remote_homology: data_dir is required (TAPE's data "
+                             "directory holding remote_homology/remote_homology_*.lmdb): set "
+                             "task_options.data_dir")
         path = lmdb_path(self.data_dir, split)
         sequences, labels = read_lmdb(path, num_classes=self.output_dim)
         total = len(sequences)

@@ -163,10 +163,6 @@ class ListOps(TokenSequenceTask):
     def __init__(self, *, data_dir: str | None = None, task_name: str = "basic",
                  max_length: int = 2048, overlength: str = "drop", bucket_size: int = 0):
         super().__init__()
-        if data_dir is None:
-            raise ValueError("task listops: data_dir is required (the directory of "
-                             f"{task_name}_train.tsv, {task_name}_val.tsv, "
-                             f"{task_name}_test.tsv)")
         if max_length < 1:
             raise ValueError(f"task listops: max_length must be >= 1, got {max_length}")
         if overlength not in ("drop", "truncate", "error"):
@@ -174,13 +170,19 @@ class ListOps(TokenSequenceTask):
                              f"got {overlength!r}")
         if bucket_size < 0:
             raise ValueError(f"task listops: bucket_size must be >= 0, got {bucket_size}")
-        self.data_dir, self.task_name = Path(data_dir), task_name
+        # data_dir is needed to read (`path`), not to describe the task (shapes, counts)
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.task_name = task_name
         self.max_length, self.overlength = int(max_length), overlength
         self.bucket_size = int(bucket_size)
         self.example_shape = (self.max_length,)
         self.stats: dict[str, dict[str, int]] = {}
 
     def path(self, split: str) -> Path:
+        if self.data_dir is None:
+            raise ValueError("task listops: data_dir is required (the directory of "
+                             f"{self.task_name}_train.tsv, {self.task_name}_val.tsv, "
+                             f"{self.task_name}_test.tsv): set task_options.data_dir")
         return self.data_dir / f"{self.task_name}_{SPLIT_FILES[split]}.tsv"
 
     def _load(self, split: str) -> SequenceTable:

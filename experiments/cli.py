@@ -153,6 +153,8 @@ def resolve_row(flag: flags.Flag, argv: Sequence[str]) -> TrainConfig:
         resolved = rows.get(row).resolve(config)
         for f in dataclasses.fields(config):  # in place: the flag's value is this object
             setattr(config, f.name, getattr(resolved, f.name))
+        if rows.get(row).match is not None:
+            print(rows.get(row).matched(config).lines(), flush=True)
     return config
 
 

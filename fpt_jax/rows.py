@@ -56,12 +56,18 @@ class Row:
             raise ValueError(f"row {self.name}: {e}") from None
         return out if "n_embd" in overrides else self.resolve(out)
 
+    def matched(self, cfg: TrainConfig) -> "baselines.Match | None":
+        """The matched LSTM's width and counts on `cfg`'s task (None: the row matches none)."""
+        if self.match is None:
+            return None
+        from fpt_jax import baselines  # builds models: not needed to read a row
+        return baselines.match(cfg, cfg.make_task(), self.match.model, self.match.count)
+
     def resolve(self, cfg: TrainConfig) -> TrainConfig:
         """The settings the row computes from the others (the matched LSTM's width)."""
-        if self.match is None:
+        m = self.matched(cfg)
+        if m is None:
             return cfg
-        from fpt_jax import baselines  # builds models: not needed to read a row
-        m = baselines.match(cfg, cfg.make_task(), self.match.model, self.match.count)
         logging.info("row %s: %s", self.name, m.lines())
         return dataclasses.replace(cfg, n_embd=m.width)
 

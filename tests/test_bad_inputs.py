@@ -66,7 +66,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     wrong_type.write_text("def get_config():\n    return {'task': 'bit_xor'}\n")
     return [
         # --- the config: fields, types, ranges
-        ("unknown_field", ["--config.learning_rat=1"], ["Field learning_rat not found",
+        ("unknown_field", ["--config.learning_rat=1"], ["--config.learning_rat: not a setting",
                                                          "--config.<field>"]),
         ("int_not_a_number", ["--config.steps=ten"], ["--config.steps=ten"]),
         ("float_not_a_number", ["--config.dropout=lots"], ["--config.dropout=lots"]),
@@ -102,7 +102,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
          ["block 3 in 'attn[3]' is out of range for 1 blocks"]),
         ("selection_trains_nothing", ["--config.trainable="], ["selects nothing to train"]),
         ("option_the_task_lacks", ["--config.task_options.max_length=64"],
-         ["task bit_xor takes no setting max_length"]),
+         ["--config.task_options.max_length: not a setting", "options of task bit_xor: n, "
+          "num_patterns, patch_size"]),
         ("patch_not_dividing", ["--config.task_options.patch_size=2"], ["patch_size=2 must divide n=5"]),
         ("sizes_with_pretrained", ["--config.init=pretrained"],
          ["architecture overrides", "init='random'"]),

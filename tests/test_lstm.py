@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpt_jax import baselines, build, loop, steps
+from fpt_jax import rows, baselines, build, loop, steps
 from fpt_jax.models.fpt import make_model
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import lstm
 from fpt_jax.tasks import get_task
+from tests.settings import train_config
 
 
 def _layer_norm(x, p, eps):
@@ -80,7 +81,7 @@ def test_bfloat16_keeps_the_state_in_float32_and_stays_near_float32():
 
 def test_the_lstm_learns_a_tiny_task(tmp_path):
     # two one-bit strings: the XOR of the first with the second needs the first kept
-    cfg = baselines.variant(TrainConfig(
+    cfg = rows.apply(train_config(
         task="bit_xor", n=1, num_patterns=2, patch_size=1, n_layer=1, n_embd=32,
         batch_size=16, steps=300, eval_every=300, eval_batches=4, log_every=100,
         checkpoint_every=1000, dropout=0.0), "lstm")
@@ -91,12 +92,14 @@ def test_the_lstm_learns_a_tiny_task(tmp_path):
 
 def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both():
     base = dict(task="bit_xor", n=5, num_patterns=2, patch_size=1, model="lstm",
-                init="random", trainable="full", match_model="gpt2")
+                init="random", trainable="full")
     task = get_task("bit_xor", n=5, num_patterns=2, patch_size=1)
-    total = baselines.match(TrainConfig(**base, match_count="total"), task)
+    total = baselines.match(train_config(**base), task, "gpt2", "total")
     assert abs(total.difference) < 0.01 and 1800 < total.width < 2000
-    s = build.build_group(TrainConfig(**base, match_count="trainable"))
-    matched = baselines.match(s.cfg, task)
+    cfg = rows.apply(train_config(**{**base, "model": "gpt2"}), "lstm_matched")
+    s = build.build_group(cfg)
+    matched = baselines.match(s.cfg, task, "gpt2", "trainable")
+    assert matched == rows.get("lstm_matched").matched(cfg)
     assert s.config.n_embd == matched.width and s.config.n_layer == 3
     assert abs(matched.difference) < 0.01
     # the count is the built model's, the target gpt2's trainable part as FPT on this task
@@ -105,8 +108,8 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
     d, blocks, positions = 768, 12, 1024  # gpt2 as FPT on 1-feature tokens, 2 classes
     fpt_trainable = (1 * d + d) + positions * d + (2 * blocks + 1) * 2 * d + (d * 2 + 2)
     assert matched.target == fpt_trainable
-    assert f"{matched.target:,}" in s.table and f"{matched.count:,}" in s.table
-    one = baselines.match(TrainConfig(**base, n_layer=1), task)  # its own layers matched
+    assert f"{matched.target:,}" in matched.lines() and f"{matched.count:,}" in matched.lines()
+    one = baselines.match(train_config(**base, n_layer=1), task, "gpt2")  # its own layers
     model = make_model(s.cfg, task, lstm.LSTMConfig(n_layer=1, n_embd=one.width))
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10, 1)))
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == one.count
@@ -121,18 +124,24 @@ def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both()
 @pytest.mark.parametrize("change,message", [
     (dict(model="lstm"), "no pretrained weights"),  # init defaults to 'pretrained'
     (dict(model="lstm", init="random", n_head=4), "no attention heads"),
-    (dict(model="gpt2", match_model="gpt2"), "needs model=lstm"),
-    (dict(model="lstm", init="random", match_model="lstm"), "match_model"),
-    (dict(model="lstm", init="random", match_model="gpt2", n_embd=64), "contradicts"),
     (dict(model="lstm", init="random", remat=True), "remat is not supported"),
-    (dict(model="lstm", init="random", match_model="gpt2", match_count="all"), "match_count"),
-    (dict(model="lstm", init="random", match_count="total"), "set match_model too"),
 ])
 def test_bad_lstm_settings_are_clear_errors(change, message):
     with pytest.raises(ValueError, match=message):
-        cfg = TrainConfig(task="bit_xor", n=2, num_patterns=2, patch_size=1, **change)
+        cfg = train_config(task="bit_xor", n=2, num_patterns=2, patch_size=1, **change)
         s = build.build_group(cfg)
         s.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 1)))
+
+
+@pytest.mark.parametrize("model,match,message", [
+    ("gpt2", ("gpt2", "trainable"), "width is an LSTM's"),
+    ("lstm", ("lstm", "trainable"), "a transformer preset"),
+    ("lstm", ("gpt2", "all"), "match count 'all'"),
+])
+def test_bad_matches_are_clear_errors(model, match, message):
+    task = get_task("bit_xor", n=2, num_patterns=2, patch_size=1)
+    with pytest.raises(ValueError, match=message):
+        baselines.match(train_config(task="bit_xor", model=model, init="random"), task, *match)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])

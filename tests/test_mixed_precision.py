@@ -12,6 +12,7 @@ import pytest
 from fpt_jax import build, freeze, optim, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import mixed
+from tests.settings import train_config
 
 TINY = dict(task="bit_xor", init="random", n_layer=2, n_head=2, n_embd=32, batch_size=8,
             eval_batches=2)
@@ -116,7 +117,7 @@ def _weight_dots(hlo: str, n_embd: int) -> list[tuple[list[str], str]]:
 
 @pytest.mark.parametrize("trainable", ["fpt", "full"])
 def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
-    cfg = TrainConfig(**TINY, trainable=trainable, dtype="bfloat16")
+    cfg = train_config(**TINY, trainable=trainable, dtype="bfloat16")
     g = build.build_group(cfg)
     step = steps.make_train_step(g.model, g.task, g.tx, axis_name=None)
     # A group of one: every leaf of the batch with the run axis [K=1, ...].
@@ -137,8 +138,8 @@ def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
 
 
 def test_frozen_part_is_the_float32_init_cast_once():
-    f32 = build.build_group(TrainConfig(**TINY, trainable="output", dtype="float32"))
-    bf16 = build.build_group(TrainConfig(**TINY, trainable="output", dtype="bfloat16"))
+    f32 = build.build_group(train_config(**TINY, trainable="output", dtype="float32"))
+    bf16 = build.build_group(train_config(**TINY, trainable="output", dtype="bfloat16"))
     for a, b in zip(jax.tree_util.tree_leaves(f32.frozen), jax.tree_util.tree_leaves(bf16.frozen)):
         assert b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(jnp.bfloat16))
@@ -174,10 +175,10 @@ def test_full_finetuning_step_updates_in_place_in_four_passes():
     (2.1x). Since the one loop (a single run is a group of one, its step vmapped over a run
     axis of 1, the learning rate in the optimizer state): 1.60x, no copy; run outside the
     vmap, the same step copied every first moment. Bound 1.65 until that is understood."""
-    from fpt_jax.bench.core import BenchConfig, Case, Shape
+    from fpt_jax.bench.core import Bench, BenchConfig, Case, Shape
     from fpt_jax.bench.jax_step import JaxRunner
-    bc = BenchConfig(base=TrainConfig(init="random", n_layer=2, n_head=4, n_embd=256,
-                                      num_devices=1), torch_reference=False)
+    bc = Bench(train_config(init="random", n_layer=2, n_head=4, n_embd=256, num_devices=1),
+               BenchConfig(torch_reference=False))
     r = JaxRunner(bc, Case(Shape("bit_xor", 4, 10, 1, 2), "full", "float32"))
     r.compile()
     hlo = r.fn.lower(*r._args()).compile().as_text()

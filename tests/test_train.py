@@ -15,6 +15,7 @@ from fpt_jax import build, checkpoint, freeze, guard, loop, parallel, runs, step
 from fpt_jax.config import TrainConfig
 from fpt_jax.models.fpt import make_model
 from fpt_jax.tasks import get_task
+from tests.settings import train_config
 
 TINY = dict(task="bit_xor", init="random", n_layer=2, n_head=2, n_embd=32, batch_size=8,
             log_every=1, eval_every=1000, eval_batches=2, checkpoint_every=1000)
@@ -55,7 +56,7 @@ def _run_steps(cfg: TrainConfig, n: int, num_devices: int):
                                              ("output,ln[-1:],attn[0]", "float32"),
                                              ("output,ln[-1:],attn[0]", "bfloat16")])
 def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable, dtype):
-    cfg = TrainConfig(**TINY, trainable=trainable, dtype=dtype)
+    cfg = train_config(**TINY, trainable=trainable, dtype=dtype)
     s, final, frozen_after, _ = _run_steps(cfg, 3, num_devices=4)
     # Frozen leaves are stored in the compute dtype (cast once at setup); trainable ones
     # stay float32 whatever the compute dtype.
@@ -74,7 +75,7 @@ def test_frozen_params_stay_bit_identical_and_trainable_ones_change(trainable, d
 
 
 def test_optimizer_state_holds_moments_for_trainable_params_only():
-    cfg = TrainConfig(**TINY)
+    cfg = train_config(**TINY)
     s = build.build_group(cfg)  # a group of one: every leaf has the run axis [1, ...]
     trainable = sum(x.size for x in jax.tree_util.tree_leaves(s.states.trainable))
     _, counts = freeze.count_table(_params_of_one(s), s.selection)
@@ -87,7 +88,7 @@ def test_optimizer_state_holds_moments_for_trainable_params_only():
 
 def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
     # Dropout off: its keys are per device, so masks differ between device counts by design.
-    cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
+    cfg = train_config(**{**TINY, "batch_size": 16}, dropout=0.0)
     _, final1, _, losses1 = _run_steps(cfg, 5, num_devices=1)
     _, final4, _, losses4 = _run_steps(cfg, 5, num_devices=4)
     # Tolerance: float32 reassociation of the mean over 4 partial batches.
@@ -98,7 +99,7 @@ def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    cfg = TrainConfig(**{**TINY, "batch_size": 16}, dropout=0.0)
+    cfg = train_config(**{**TINY, "batch_size": 16}, dropout=0.0)
     _, big, _, losses_big = _run_steps(cfg, 4, num_devices=2)
     _, acc, _, losses_acc = _run_steps(dataclasses.replace(cfg, grad_accum=4), 4, num_devices=2)
     np.testing.assert_allclose(losses_big, losses_acc, rtol=1e-5)
@@ -112,7 +113,7 @@ def _records(workdir):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(**{**TINY, "eval_every": 4, "checkpoint_every": 4}, steps=12,
+    cfg = train_config(**{**TINY, "eval_every": 4, "checkpoint_every": 4}, steps=12,
                       dropout=0.1)
     straight = tmp_path / "straight"
     loop.train_and_evaluate(cfg, str(straight))
@@ -131,7 +132,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_with_different_trainable_groups_is_refused(tmp_path):
-    cfg = TrainConfig(**TINY, steps=2)
+    cfg = train_config(**TINY, steps=2)
     loop.train_and_evaluate(cfg, str(tmp_path))
     with pytest.raises(ValueError, match="holds a checkpoint of a different run.*trainable"):
         loop.train_and_evaluate(dataclasses.replace(cfg, steps=4, trainable="full"),
@@ -139,7 +140,7 @@ def test_resume_with_different_trainable_groups_is_refused(tmp_path):
 
 
 def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
-    cfg = TrainConfig(task="bit_xor", init="random", n_layer=2, n_head=4, n_embd=128,
+    cfg = train_config(task="bit_xor", init="random", n_layer=2, n_head=4, n_embd=128,
                       trainable="fpt", batch_size=16, learning_rate=3e-3, dropout=0.0,
                       steps=1200, log_every=100, eval_every=1200, eval_batches=8,
                       eval_batch_size=64, checkpoint_every=1200, num_devices=1)
@@ -153,7 +154,8 @@ def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
     (dict(trainable="input,embeddings"), "unknown trainable group 'embeddings'"),
     (dict(batch_size=6), "batch_size=6 is not divisible by devices x grad_accum = 4 x 1"),
     (dict(n=5, patch_size=2), "patch_size=2 must divide n=5"),
-    (dict(max_length=64), "task bit_xor takes no setting max_length"),
+    (dict(task_options={"max_length": 64}), "task_options max_length: not options of task "
+                                            "bit_xor; its options: n, num_patterns, patch_size"),
     (dict(learning_rate=float("nan")), "learning_rate=nan; accepted"),
     (dict(dropout=1.5), "dropout=1.5; accepted"),
     (dict(schedule="linear"), "unknown schedule 'linear'; accepted"),
@@ -161,7 +163,7 @@ def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
 ])
 def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        cfg = TrainConfig(**{**TINY, **overrides})  # field checks raise here, others below
+        cfg = train_config(**{**TINY, **overrides})  # field checks raise here, others below
         loop.train_and_evaluate(cfg, str(tmp_path))
 
 
@@ -170,7 +172,7 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path):
     from fpt_jax.models.gpt2 import GPT2Config, init_params
     small = GPT2Config(n_layer=2, n_head=2, n_embd=32)
     weights.save_converted(tmp_path / "w", small, init_params(small, jax.random.PRNGKey(0)))
-    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+    cfg = train_config(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, weights=str(tmp_path / "w"), model="gpt2")
     with pytest.raises(ValueError, match="holds a GPT-2 with .*'n_layer': 2.*but model=gpt2 "
                                          "is .*'n_layer': 12"):
@@ -184,7 +186,7 @@ def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
     backbone = init_params(config, jax.random.PRNGKey(7))
     weights.save_converted(tmp_path / "w", config, backbone)
     hook = sys.unraisablehook
-    s = build.build_group(TrainConfig(task="bit_xor", init="pretrained",
+    s = build.build_group(train_config(task="bit_xor", init="pretrained",
                                       weights=str(tmp_path / "w"), model="auto", batch_size=4))
     assert sys.unraisablehook is hook  # a load that worked leaves the process's hook alone
     assert s.config.n_layer == 2
@@ -204,7 +206,7 @@ def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
 def test_pretrained_weights_of_the_wrong_shape_are_refused(tmp_path):
     from fpt_jax.models.gpt2 import GPT2Config
     config = GPT2Config(n_layer=1, n_head=2, n_embd=32)
-    s = build.build_group(TrainConfig(**{**TINY, "n_layer": 1, "n_embd": 32}))
+    s = build.build_group(train_config(**{**TINY, "n_layer": 1, "n_embd": 32}))
     wrong = jax.tree_util.tree_map(lambda x: np.zeros((*x.shape[:-1], x.shape[-1] + 1), x.dtype),
                                    _params_of_one(s)["transformer"])
     with pytest.raises(ValueError, match="do not match the model's architecture"):
@@ -214,7 +216,7 @@ def test_pretrained_weights_of_the_wrong_shape_are_refused(tmp_path):
 
 def test_seeds_share_the_random_backbone_that_backbone_seed_draws():
     def parts(**kw):
-        params = _params_of_one(build.build_group(TrainConfig(**{**TINY, **kw})))
+        params = _params_of_one(build.build_group(train_config(**{**TINY, **kw})))
         return params["transformer"], params["input"]
     backbone_a, input_a = parts(seed=1)
     backbone_b, input_b = parts(seed=2)
@@ -266,7 +268,7 @@ def _checkpoints(workdir, cfg: TrainConfig, learning_rates=None, seeds=None) -> 
 
 
 def test_a_nonfinite_loss_stops_a_single_run_and_keeps_its_last_good_checkpoint(tmp_path):
-    cfg = TrainConfig(**{**TINY, "checkpoint_every": 2}, steps=8, num_devices=1)
+    cfg = train_config(**{**TINY, "checkpoint_every": 2}, steps=8, num_devices=1)
     with pytest.raises(guard.DivergenceError,
                        match=r"non-finite train/loss nan.* at step 5; the run stopped and the "
                              r"last checkpoint \(step 4\) is kept"):
@@ -285,7 +287,7 @@ def test_a_nonfinite_loss_stops_a_single_run_and_keeps_its_last_good_checkpoint(
 def test_a_diverged_run_of_a_group_is_recorded_and_the_others_train_to_the_end(tmp_path):
     # Adam's first step moves every parameter by ~lr: at 1e30 (no clip) the next forward
     # pass of the full model overflows.
-    cfg = TrainConfig(**{**TINY, "n_layer": 1, "eval_every": 3, "checkpoint_every": 3},
+    cfg = train_config(**{**TINY, "n_layer": 1, "eval_every": 3, "checkpoint_every": 3},
                       steps=6, trainable="full", grad_clip=None, num_devices=1)
     lrs, seeds = (1e-3, 1e30), (0, 1)
     good, bad = loop.train_and_evaluate(cfg, str(tmp_path), lrs, seeds)

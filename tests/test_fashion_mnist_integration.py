@@ -1,3 +1,4 @@
+from tests.settings import train_config
 """Integration on REAL data: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 
 Prepares the four IDX files with the documented command's library function, checks the
@@ -42,7 +43,7 @@ def test_prepare_and_train_fashion_mnist(tmp_path):
                                                                   num_batches=None)])
     assert np.bincount(labels).tolist() == [1_000] * 10  # the real test split's balance
 
-    cfg = TrainConfig(
+    cfg = train_config(
         task="fashion_mnist", data_dir=str(tmp_path / "tfds"), image_size=28, patch_size=7,
         model="gpt2", init="random", n_layer=2, n_head=4, n_embd=128, trainable="fpt",
         learning_rate=3e-3, batch_size=32, steps=STEPS, eval_every=STEPS,

@@ -9,6 +9,7 @@ import pytest
 from fpt_jax import build, freeze, loop, parallel, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones, fnet, gpt2
+from tests.settings import train_config
 
 SMALL = fnet.FNetConfig(n_layer=2, n_embd=32, n_positions=64)
 
@@ -87,7 +88,7 @@ def test_config_refuses_heads_and_round_trips_through_its_config_json():
 
 
 def test_fnet_trains_in_the_pipeline_with_its_frozen_mlp_bit_identical(tmp_path):
-    cfg = TrainConfig(task="bit_xor", n=3, num_patterns=2, patch_size=1, model="fnet",
+    cfg = train_config(task="bit_xor", n=3, num_patterns=2, patch_size=1, model="fnet",
                       init="random", n_layer=2, n_embd=32, steps=6, eval_every=3,
                       eval_batches=1, checkpoint_every=3, batch_size=4, num_devices=1)
     (run,) = loop.train_and_evaluate(cfg, str(tmp_path))

@@ -13,6 +13,7 @@ from fpt_jax import build, checkpoint, freeze, loop, parallel, runs, steps
 from fpt_jax.config import TrainConfig
 from fpt_jax.protocol import BestStep
 from fpt_jax.tasks import get_task
+from tests.settings import train_config
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=32, batch_size=8,
             dropout=0.0, learning_rate=3e-3, log_every=2, eval_every=4, eval_batches=2,
@@ -36,7 +37,7 @@ class CountingTask:
 
 def test_test_split_is_read_once_at_the_selected_step(tmp_path):
     task = CountingTask()
-    (final,) = loop.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=task)
+    (final,) = loop.train_and_evaluate(train_config(**TINY), str(tmp_path), task=task)
     assert task.reads == {"validation": 3, "test": 1}
     (summary,) = runs.summary_runs(str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -51,12 +52,12 @@ def test_test_split_is_read_once_at_the_selected_step(tmp_path):
     # the best step's parameters, evaluated on test, are what the summary holds (below:
     # test_the_newest_checkpoint_holds_the_best_step_that_summary_json_reports)
     again = CountingTask()
-    loop.train_and_evaluate(TrainConfig(**TINY), str(tmp_path), task=again)
+    loop.train_and_evaluate(train_config(**TINY), str(tmp_path), task=again)
     assert again.reads == {}  # finished: nothing trained, nothing read, summary kept
 
 
 def test_resumed_run_selects_and_tests_as_an_uninterrupted_one(tmp_path):
-    cfg = TrainConfig(**{**TINY, "dropout": 0.1})
+    cfg = train_config(**{**TINY, "dropout": 0.1})
     loop.train_and_evaluate(cfg, str(tmp_path / "straight"))
     loop.train_and_evaluate(dataclasses.replace(cfg, steps=8), str(tmp_path / "resumed"))
     loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
@@ -66,7 +67,7 @@ def test_resumed_run_selects_and_tests_as_an_uninterrupted_one(tmp_path):
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
-    cfg = TrainConfig(**{**TINY, "learning_rate": 1e-12, "patience": 2, "steps": 40})
+    cfg = train_config(**{**TINY, "learning_rate": 1e-12, "patience": 2, "steps": 40})
     loop.train_and_evaluate(cfg, str(tmp_path))
     (summary,) = runs.summary_runs(str(tmp_path))
     # nothing learns at lr 1e-12: the first evaluation stays the best, two more end the run
@@ -133,7 +134,7 @@ def test_the_newest_checkpoint_holds_the_best_step_that_summary_json_reports(tmp
     # The best step's parameters travel inside every checkpoint, with the selection that
     # names them (one atomic write): a run killed after any checkpoint finds its best step.
     # (This replaces the ordering of best/ saves before checkpoints; there is no best/.)
-    cfg = TrainConfig(**TINY)
+    cfg = train_config(**TINY)
     (run,) = loop.train_and_evaluate(cfg, str(tmp_path))
     (summary,) = runs.summary_runs(str(tmp_path))
     assert not (tmp_path / "best").exists()

@@ -425,3 +425,25 @@ def test_end_to_end_tiny_sweep(tmp_path):
     assert second["rc"] == 0, second["stderr"][-3000:]
     assert second["stdout"].count("finished, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_every_sweep_setting_is_a_flag_that_reaches_the_sweep():
+    # issue 25: --sweep.<field> for every SweepConfig field, parsed as the entry point does
+    import dataclasses
+    from absl import flags
+    from experiments import cli
+    given = {"learning_rates": ("--sweep.learning_rates=3e-4,3e-3", (3e-4, 3e-3)),
+             "seeds": ("--sweep.seeds=4,5", (4, 5)),
+             "grid": ("--sweep.grid=trainable=output,ln|fpt; n_embd=16|32",
+                      "trainable=output,ln|fpt; n_embd=16|32")}
+    assert set(given) == {f.name for f in dataclasses.fields(sweep.SweepConfig)}
+    argv = ["x", *TINY, *(arg for arg, _ in given.values())]
+    fv = flags.FlagValues()
+    cli.settings_parser(("sweep", sweep.SweepConfig(), ""))(argv, fv)
+    for name, (_, value) in given.items():
+        assert getattr(fv.sweep, name) == value, name
+    cells = sweep.make_cells(fv.config, fv.sweep.grid)
+    assert [c.name for c in cells] == ["trainable=output,ln__n_embd=16",
+                                       "trainable=output,ln__n_embd=32",
+                                       "trainable=fpt__n_embd=16", "trainable=fpt__n_embd=32"]
+    assert fv.sweep.runs() == ([3e-4, 3e-4, 3e-3, 3e-3], [4, 5, 4, 5])

@@ -20,11 +20,12 @@ from fpt_jax import build, loop, runs, weights
 from fpt_jax.checkpoint import literal_path
 from fpt_jax.config import TrainConfig
 from fpt_jax.tasks import get_task
+from tests.settings import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "f28d936"
 # The settings the f28d936 fixtures were trained with (tests/fixtures/f28d936).
-TINY = TrainConfig(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16,
+TINY = train_config(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16,
                    batch_size=4, dropout=0.0, eval_every=2, eval_batches=1, log_every=1,
                    checkpoint_every=2, keep_checkpoints=1, steps=4)
 # Brackets, glob and separator characters, spaces, punctuation, non-ASCII: one name holds them
@@ -163,6 +164,26 @@ def test_a_sweep_cell_of_f28d936_resumes_where_it_stopped(tmp_path, capsys):
     assert loaded.cfg.learning_rate == 1e-2 and loaded.num_runs == 2
     with pytest.raises(ValueError, match="holds a checkpoint of a different run"):
         loop.train_and_evaluate(cfg, str(cell), [1e-3, 3e-2], seeds)
+
+
+def test_a_group_of_64da4ce_resumes_with_its_task_options_nested(tmp_path, capsys):
+    # tests/fixtures/64da4ce/group: written by 64da4ce (identity format 2: the task's options
+    # as top-level fields) with TINY's settings on 1 device, stopped at step 4
+    group = shutil.copytree(FIXTURES.parent / "64da4ce" / "group", tmp_path / "group")
+    lrs, seeds = [1e-3, 1e-2], [0, 0]
+    cfg = dataclasses.replace(TINY, log_every=2, steps=6, num_devices=1)
+    resumed = loop.train_and_evaluate(cfg, str(group), lrs, seeds)
+    assert "resumed from checkpoint at step 4" in capsys.readouterr().out
+    fresh = loop.train_and_evaluate(cfg, str(tmp_path / "fresh"), lrs, seeds)
+    for k in range(2):
+        np.testing.assert_allclose(_rows(group, k)[6]["train/loss"],
+                                   _rows(tmp_path / "fresh", k)[6]["train/loss"], rtol=1e-5)
+        assert resumed[k]["best_step"] == fresh[k]["best_step"]
+    loaded, _ = build.load_run(str(group), run=1)
+    assert loaded.cfg.task_options.n == 5 and loaded.cfg.learning_rate == 1e-2
+    other = dataclasses.replace(cfg, task_options={"n": 4, "num_patterns": 2, "patch_size": 1})
+    with pytest.raises(ValueError, match="task_options"):
+        loop.train_and_evaluate(other, str(group), lrs, seeds)
 
 
 def test_a_single_run_of_f28d936_is_refused_with_what_to_do(tmp_path):

@@ -84,8 +84,8 @@ def task_config(task: str, tb: ConfigDict, data_dir: str | None, report_dir: Pat
         options["data_dir"] = _listops_dir(tb, data_dir, report_dir, dry)
     elif data_dir and "data_dir" in options:
         options["data_dir"] = data_dir
-    try:
-        cfg = dataclasses.replace(cfg, **changes, task_options=options)
+    try:  # a bad setting is an error, never taken for missing data
+        cfg = dataclasses.replace(cfg, **changes, task_options=options).check()
     except (ValueError, TypeError) as e:
         raise ValueError(f"budget task {task}, overrides: {e}") from None
     data = cfg.task_options.get("data_dir")

@@ -51,7 +51,7 @@ class Row:
         changes = {**self.changes, **self.per_task.get(cfg.task, {})}
         options = {**cfg.task_options.to_dict(), **dict(overrides.pop("task_options", {}))}
         try:
-            out = dataclasses.replace(cfg, **changes, **overrides, task_options=options)
+            out = dataclasses.replace(cfg, **{**changes, **overrides}, task_options=options)
         except TypeError as e:  # a field TrainConfig does not have
             raise ValueError(f"row {self.name}: {e}") from None
         return out if "n_embd" in overrides else self.resolve(out)

@@ -52,6 +52,8 @@ def test_reproduce_and_task_configs_share_the_rows_per_task_settings(tmp_path):
     paper_cfg = reproduce.load_task_config("listops")
     reference = reproduce.row_config(paper_cfg, "scratch", {}, lambda cfg: None)
     assert reference.n_layer == 3 == reproduce.load_task_config("listops", "scratch").n_layer
+    # a budget's override of a per-task change wins (the cpu budget's 3 x 384)
+    assert rows.apply(paper_cfg, "scratch", {"n_layer": 2, "n_embd": 64}).n_layer == 2
 
 
 def test_a_budget_override_of_n_embd_wins_over_the_matched_width():

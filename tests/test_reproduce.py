@@ -193,6 +193,14 @@ def test_every_budget_setting_is_overridable_and_reaches_the_plan(tmp_path):
      "row lstm, ablation output,attn: trainable='output,attn': this model has no attn"),
     ([f"--budget={REPO / 'experiments/configs/bit_xor.py'}", "--report_dir=/tmp/x"],
      "returned TrainConfig"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x", "--budget.tasks.bit_xor.sweep.seeds=0,-1"],
+     "--budget.tasks.bit_xor.sweep.seeds=(0, -1): accepted: one or more integers >= 0"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x",
+      "--budget.tasks.bit_xor.sweep.learning_rates=0"], "sweep.learning_rates=(0,): accepted: one or more finite numbers > 0"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x",
+      "--budget.tasks.bit_xor.overrides.task_options.n=0"], "n and num_patterns must be >= 1"),
+    ([f"--budget={SMOKE}", "--report_dir=/tmp/x",
+      "--budget.tasks.bit_xor.overrides.task_options.n=abc"], "task_options.n=abc"),
 ])
 def test_bad_flags_exit_2_with_an_error(args, message):
     out = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args, "--plan_only"],

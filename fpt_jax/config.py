@@ -249,7 +249,9 @@ def describe(cls: type, flag: str) -> str:
     line (for `--helpfull`): `setting(default, help)` defines them."""
     lines = []
     for f in dataclasses.fields(cls):
-        kind = str(f.type).replace("typing.", "")
+        kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+        kind = kind.replace("typing.", "").replace("ml_collections.config_dict.config_dict.",
+                                                   "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{flag}.{f.name} ({kind}, default {default!r}): "
                      f"{f.metadata.get('help', '')}")

@@ -10,6 +10,7 @@ import pytest
 
 from fpt_jax import build, optim, parallel, steps
 from fpt_jax.config import TrainConfig
+from tests.settings import train_config
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=32, batch_size=8,
             dropout=0.1, log_every=1, eval_every=1000, eval_batches=1, checkpoint_every=1000)
@@ -48,7 +49,7 @@ def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
     learning rates and seeds, dropout on) equal those of the run built and trained as a
     group of one; with trainable='output' the frozen input layer is per run (from its
     seed), the backbone shared."""
-    cfg = TrainConfig(**TINY, trainable=trainable, grad_accum=grad_accum)
+    cfg = train_config(**TINY, trainable=trainable, grad_accum=grad_accum)
     devices = parallel.local_devices(DEVICES)
     sw = build.build_group(dataclasses.replace(cfg, backbone_seed=BACKBONE_SEED), LRS, SEEDS)
     assert ("input" in sw.frozen) == (trainable == "output")
@@ -84,7 +85,7 @@ def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
 def test_the_backbone_exists_once_whatever_the_number_of_runs():
     """The compiled step's argument bytes (per device) are the backbone once plus K x (one
     run's state, its frozen non-backbone parts, its batch and key): K=4 - K=1 < backbone."""
-    cfg = TrainConfig(**{**TINY, "n_layer": 2, "n_embd": 64}, trainable="output")
+    cfg = train_config(**{**TINY, "n_layer": 2, "n_embd": 64}, trainable="output")
     devices = parallel.local_devices(DEVICES)
     nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(t))  # noqa: E731
     args, backbone = {}, None
@@ -107,7 +108,7 @@ def test_the_backbone_exists_once_whatever_the_number_of_runs():
 def test_learning_rate_is_in_the_optimizer_state_not_the_program():
     """Two different learning-rate sets run on one compiled program (traced once), and the
     first Adam update scales with each run's learning rate."""
-    cfg = TrainConfig(**TINY)
+    cfg = train_config(**TINY)
     devices = parallel.local_devices(DEVICES)
     sw = build.build_group(dataclasses.replace(cfg, backbone_seed=BACKBONE_SEED), LRS, SEEDS)
     traces = []
@@ -156,7 +157,7 @@ def test_injected_optimizer_matches_the_plain_optimizer(schedule, optimizer, non
     learning rate in the program: bit-identical for the constant schedule, within float32
     rounding of the schedule (peak x unit schedule) otherwise. nonfinite_skips no longer
     wraps the optimizer (the step refuses non-finite updates): the same either way."""
-    cfg = TrainConfig(**TINY, schedule=schedule, optimizer=optimizer, warmup_steps=3,
+    cfg = train_config(**TINY, schedule=schedule, optimizer=optimizer, warmup_steps=3,
                       steps=8, weight_decay=0.01, nonfinite_skips=nonfinite_skips)
     lr = 3e-3
     ref = _plain_optimizer(dataclasses.replace(cfg, learning_rate=lr))
@@ -181,7 +182,7 @@ def test_injected_optimizer_matches_the_plain_optimizer(schedule, optimizer, non
 
 
 def test_build_group_shares_the_backbone_and_rejects_mismatched_axes():
-    cfg = TrainConfig(**TINY)
+    cfg = train_config(**TINY)
     group = lambda lrs, seeds, b: build.build_group(  # noqa: E731
         dataclasses.replace(cfg, backbone_seed=b), lrs, seeds)
     a = group(LRS, SEEDS, 0)

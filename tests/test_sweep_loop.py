@@ -7,6 +7,7 @@ import numpy as np
 
 from fpt_jax import loop, runs
 from fpt_jax.config import TrainConfig
+from tests.settings import train_config
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16, batch_size=8,
             dropout=0.1, log_every=2, eval_every=4, eval_batches=2, checkpoint_every=4,
@@ -19,7 +20,7 @@ def _rows(workdir):
 
 
 def test_a_sweep_selects_and_tests_each_run_and_resumes_exactly(tmp_path):
-    cfg = TrainConfig(**TINY)
+    cfg = train_config(**TINY)
     group = loop.train_and_evaluate(cfg, str(tmp_path / "straight"), LRS, SEEDS)
     assert [(r["learning_rate"], r["seed"]) for r in group] == list(zip(LRS, SEEDS))
     assert runs.summary_runs(str(tmp_path / "straight")) == group
@@ -48,7 +49,7 @@ def test_run_k_of_a_sweep_loop_equals_the_run_trained_alone(tmp_path):
     rate, 0 and 1 a seed) against the same run trained alone, a group of one, by the same
     loop: its training losses in metrics.jsonl, its validation accuracies and selected
     step, its test metrics, at float32 tolerance (the vmapped program may reassociate)."""
-    cfg = TrainConfig(**{**TINY, "steps": 8})
+    cfg = train_config(**{**TINY, "steps": 8})
     group = loop.train_and_evaluate(cfg, str(tmp_path / "sweep"), LRS, SEEDS)
     rows = _rows(tmp_path / "sweep")
     for k, (lr, seed) in enumerate(zip(LRS, SEEDS)):
@@ -78,7 +79,7 @@ def test_run_k_of_a_sweep_loop_equals_the_run_trained_alone(tmp_path):
 def test_a_sweep_reads_the_test_split_once_at_the_end(tmp_path):
     from tests.test_protocol import CountingTask
     task = CountingTask()
-    cfg = TrainConfig(**{**TINY, "steps": 8})
+    cfg = train_config(**{**TINY, "steps": 8})
     loop.train_and_evaluate(cfg, str(tmp_path), LRS, SEEDS, task=task)
     # validation at steps 4 and 8, each run its own seeded batches; test once, all runs
     assert task.reads == {"validation": 2 * len(SEEDS), "test": len(SEEDS)}

@@ -17,7 +17,8 @@ ListOps: generates {task}_train.tsv / _val.tsv / _test.tsv with LRA's grammar an
 
   python -m experiments.prepare_data --dataset=listops --data_dir=/data/listops
 
-Then train with --data_dir pointing at the same directory.
+Then train with --config.task_options.data_dir pointing at the same directory
+(experiments.reproduce: --data_dir).
 """
 from __future__ import annotations
 

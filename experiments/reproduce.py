@@ -8,9 +8,10 @@ report beside the paper's tables.
   python -m experiments.reproduce --budget=experiments/budgets/cpu.py --report_dir=/tmp/r \
       --data_dir=/data/fpt
 
-  # the paper's sizes and steps (GPU/TPU pods); any budget field can be overridden
-  python -m experiments.reproduce --budget=experiments/budgets/paper.py --report_dir=gs://.. \
-      --data_dir=/data/fpt --budget.tasks.cifar10.seeds='(0,1)'
+  # the paper's sizes and steps (for accelerators); any budget field can be overridden
+  python -m experiments.reproduce --budget=experiments/budgets/paper.py \
+      --report_dir=/shared/fpt_report --data_dir=/data/fpt \
+      --budget.tasks.cifar10.sweep.seeds=0,1
 
 A budget (experiments/budgets/*.py: `fpt_jax.reproduce`'s doc says what it holds) names
 the tasks, each with its overrides and its `SweepConfig` of learning rates and seeds, and

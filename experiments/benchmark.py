@@ -35,6 +35,7 @@ if __name__ == "__main__":  # first, before JAX loads
     from experiments import prologue
     prologue.start()
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -83,7 +84,13 @@ def main(argv):
 
 def run() -> None:
     """The entry point: settings parsed and checked first (bad ones: `error: ...`, rc 2)."""
-    app.run(main, flags_parser=cli.settings_parser(SETTINGS))
+    app.run(main, flags_parser=cli.settings_parser(SETTINGS, as_run=timed_config))
+
+
+def timed_config(cfg):
+    """The config as its step is timed: FLOPs and time do not depend on the weights, so the
+    benchmark always initialises at random."""
+    return dataclasses.replace(cfg, init="random", weights=None)
 
 
 if __name__ == "__main__":

@@ -88,12 +88,15 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return settings_parser()(argv, flag_values)
 
 
-def settings_parser(*configs: tuple[str, Any, str]) -> Callable[..., list[str]]:
+def settings_parser(*configs: tuple[str, Any, str],
+                    as_run: Callable[[TrainConfig], TrainConfig] = lambda cfg: cfg
+                    ) -> Callable[..., list[str]]:
     """`app.run`'s flags parser: `--config` (a TrainConfig) and the entry point's own configs,
     each `(name, default dataclass instance with validate(), help)`, e.g. the sweep's
     `--sweep`; every field `--<name>.<field>=<value>`. Everything is checked before the entry
     point runs: a bad flag, an unknown or badly typed field, a bad value, a missing config
-    file are `error: ...` naming it and what is accepted, exit code 2."""
+    file are `error: ...` naming it and what is accepted, exit code 2. `as_run`: the config
+    as the entry point runs it (the benchmark's always at random init), which is judged."""
     def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
         try:
             define_config_flag(flag_values, argv)
@@ -103,7 +106,8 @@ def settings_parser(*configs: tuple[str, Any, str]) -> Callable[..., list[str]]:
                     flag_values=flag_values, sys_argv=list(argv))
             rest = flag_values(argv)
             config = resolve_row(flag_values["config"], argv)
-            config.check()
+            if config.model != "auto" or as_run(config) is config:
+                as_run(config).check()  # 'auto' with random init: the benchmark says why
             for name, _, _ in configs:
                 try:
                     flag_values[name].value.validate()

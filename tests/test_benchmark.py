@@ -691,3 +691,15 @@ def test_a_bench_setting_that_is_not_a_field_is_an_error(capsys):
     assert info.value.code == 2
     assert ("error: --bench.shape: not a setting; accepted: --bench.<field> for the fields "
             "shapes, seq_lens,") in capsys.readouterr().err
+
+
+def test_the_benchmark_judges_its_config_at_random_init():
+    # the step timed is always at random init: resizing the preset needs no init=random
+    from absl import flags as absl_flags
+    from experiments import benchmark, cli
+    fv = absl_flags.FlagValues()
+    argv = ["x", "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=32"]
+    cli.settings_parser(benchmark.SETTINGS, as_run=benchmark.timed_config)(argv, fv)
+    assert (fv.config.init, fv.config.n_layer) == ("pretrained", 1)
+    with pytest.raises(SystemExit):  # train judges it as it runs: pretrained, resized
+        cli.settings_parser()(argv, absl_flags.FlagValues())

@@ -218,7 +218,8 @@ def stopped(e: BaseException) -> NoReturn:
 # --- several processes ----------------------------------------------------------------------
 
 def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """The multi-process flags of every entry point that trains (train, sweep, reproduce)."""
+    """The multi-process flags of the entry points that train on pods: train and sweep
+    (reproduce runs its cells in one process; a pod runs the sweep of a cell)."""
     f = dict(flag_values=flag_values)
     flags.DEFINE_enum(
         "distributed", "auto", list(parallel.DISTRIBUTED_MODES),

@@ -1,44 +1,30 @@
 """The bad-input tests' runner reports what the entry point's own process would: its exit
-code, its output, a traceback as a non-zero code, and a hang as a kill."""
-import sys
-import types
+code, its output, a traceback as a non-zero code, and a hang as a kill; and it forks each case
+from a server that never started a JAX backend (no fork of a multithreaded JAX process), even
+when the caller did."""
+import jax
+import jax.numpy as jnp
 
 from tests import entry_runner
 
-
-def _module(run) -> types.ModuleType:
-    module = types.ModuleType("fake_entry_point")
-    module.__file__ = "fake_entry_point.py"
-    module.run = run
-    return module
-
-
-def _exit_with(code):
-    def run():
-        print("out:", sys.argv[1:])
-        print("err: bad", file=sys.stderr)
-        raise SystemExit(code)
-    return run
+FAKE = "tests.fake_entry_point"
 
 
 def test_exit_codes_output_and_argv_reach_the_result():
-    results = entry_runner.run_cases(_module(_exit_with(2)), [["--a=1"], ["--b"]], 30, jobs=2)
-    assert [r["rc"] for r in results] == [2, 2]
-    assert results[0]["stdout"] == "out: ['--a=1']\n" and results[1]["stdout"] == "out: ['--b']\n"
-    assert all(r["stderr"] == "err: bad\n" for r in results)
-    assert entry_runner.run_cases(_module(_exit_with(None)), [[]], 30, 1)[0]["rc"] == 0
+    float(jnp.ones(2).sum())  # this (pytest's) process has a JAX backend: the cases must not
+    assert entry_runner._jax_backend_started()
+    results = entry_runner.run_cases(FAKE, [["--exit=2", "--a=1"], ["--exit=2", "--b"],
+                                            ["--exit=none"]], 30, jobs=2)
+    assert [r["rc"] for r in results] == [2, 2, 0]
+    assert results[0]["stdout"] == "out: ['--exit=2', '--a=1']\n"
+    assert results[1]["stdout"] == "out: ['--exit=2', '--b']\n"
+    assert all(r["stderr"] == "err: bad\n" for r in results)  # no fork warning
+    assert [r["jax_backend_at_fork"] for r in results] == [False] * 3
 
 
 def test_an_exception_is_a_traceback_and_rc_1_and_a_hang_is_killed():
-    def boom():
-        raise RuntimeError("a bug")
-
-    def hang():
-        import time
-        time.sleep(60)
-    crashed, = entry_runner.run_cases(_module(boom), [[]], 30, 1)
+    crashed, hung = entry_runner.run_cases(FAKE, [["--raise"], ["--hang"]], 2, 2)
     assert crashed["rc"] == 1 and "Traceback" in crashed["stderr"] and "a bug" in crashed["stderr"]
-    hung, = entry_runner.run_cases(_module(hang), [[]], 0.5, 1)
     assert hung["rc"] == -9
 
 
@@ -46,3 +32,5 @@ def test_the_real_entry_point_through_a_subprocess():
     result, = entry_runner.run_all("experiments.train", [["--config.steps=-1",
                                                           "--workdir=/tmp/unused"]])
     assert result["rc"] == 2 and "error: steps=-1" in result["stderr"]
+    assert result["jax_backend_at_fork"] is False  # the server imported it, computed nothing
+    assert "os.fork()" not in result["stderr"]

@@ -1,28 +1,34 @@
 """Runs one entry point on many command lines, fast and fork-safe: every command line in a
 process of its own, forked from a server that imported the entry point once.
 
-Used by the bad-input tests. Reads `{"module": ..., "cases": [[arg, ...], ...], "timeout":
-..., "jobs": ...}` as JSON on stdin and writes `[{"rc": ..., "stdout": ..., "stderr": ...,
-"jax_backend_at_fork": ...}, ...]` as JSON to stdout. Each case runs `module.run()` (the
-entry point's `app.run(...)`) with `sys.argv` set, `jobs` cases at a time, and is killed after
-`timeout` seconds (rc -9).
+Used by the bad-input tests: `run_all(module, cases)` gives `[{"rc": ..., "stdout": ...,
+"stderr": ..., "jax_backend_at_fork": ...}, ...]`. Each case runs `module.run()` (the entry
+point's `app.run(...)`, what its `__main__` block calls) with `sys.argv` set, `jobs` cases at
+a time, and is killed after `timeout` seconds (rc -9).
 
 The cases are forked by a multiprocessing 'forkserver': a fresh interpreter (spawned, not
-forked from this one or from pytest) that imports the entry point and then only forks. It
-never computes, so no JAX backend (and none of its threads) exists when a case is forked;
-each case reports whether one did (`jax_backend_at_fork`, checked by the tests). Importing
-the entry point is what the server pays once (JAX, flax, ... ~3 s); a case pays a fork.
+forked from pytest) that imports the entry point (and what the entry points import lazily
+once they train: tensorboardX, which pulls in torch where it is installed) and then only
+forks. It never computes, so no JAX backend (and none of its threads) exists when a case is
+forked; each case reports whether one did (`jax_backend_at_fork`, checked by the tests). The
+imports (~3-5 s) are paid once per entry point and test process: the server
+(`python -m tests.entry_runner MODULE`, one request a line on stdin) is kept for later calls
+with the same module and environment; a case pays a fork.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def _jax_backend_started() -> bool:
@@ -31,7 +37,7 @@ def _jax_backend_started() -> bool:
     return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
 
 
-def _child(module_name: str, args: list[str], out_path: str, err_path: str,
+def _child(module_name: str, function: str, args: list[str], out_path: str, err_path: str,
            meta_path: str) -> None:
     """One case, in a process forked by the server: the entry point, as its own process
     would run it, its output into the files."""
@@ -47,7 +53,7 @@ def _child(module_name: str, args: list[str], out_path: str, err_path: str,
     try:
         module = importlib.import_module(module_name)  # the server imported it: no cost
         sys.argv = [module.__file__, *args]
-        module.run()
+        getattr(module, function)()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - a traceback, as the real process prints
@@ -62,12 +68,13 @@ def _child(module_name: str, args: list[str], out_path: str, err_path: str,
 class _Case:
     """One case's process and its output files."""
 
-    def __init__(self, ctx, module_name: str, args: list[str], timeout: float, tmp: str,
-                 index: int):
+    def __init__(self, ctx, module_name: str, function: str, args: list[str], timeout: float,
+                 tmp: str, index: int):
         self.paths = [os.path.join(tmp, f"{index}.{n}") for n in ("out", "err", "meta")]
         for path in self.paths:
             open(path, "wb").close()
-        self.process = ctx.Process(target=_child, args=(module_name, args, *self.paths))
+        self.process = ctx.Process(target=_child,
+                                   args=(module_name, function, args, *self.paths))
         self.deadline = time.monotonic() + timeout
         self.process.start()
 
@@ -89,21 +96,25 @@ class _Case:
         return result
 
 
-def run_cases(module_name: str, cases: list[list[str]], timeout: float,
-              jobs: int) -> list[dict]:
+# Imported by the entry points only once they train (fpt_jax.metrics): preloaded as well.
+LAZY_IMPORTS = ["tensorboardX"]
+
+
+def run_cases(module_name: str, cases: list[list[str]], timeout: float, jobs: int,
+              function: str = "run") -> list[dict]:
     """Every case in a process of its own, forked by a forkserver that imported
     `module_name`, `jobs` at a time; results in the order of `cases`. The forkserver is this
     process's (multiprocessing keeps one per process): one entry point per process."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([module_name])
+    ctx.set_forkserver_preload([module_name, *LAZY_IMPORTS])
     results: list[dict | None] = [None] * len(cases)
     running: dict[int, _Case] = {}
     next_case = 0
     with tempfile.TemporaryDirectory(prefix="entry_runner") as tmp:
         while next_case < len(cases) or running:
             while next_case < len(cases) and len(running) < jobs:
-                running[next_case] = _Case(ctx, module_name, cases[next_case], timeout, tmp,
-                                           next_case)
+                running[next_case] = _Case(ctx, module_name, function, cases[next_case],
+                                           timeout, tmp, next_case)
                 next_case += 1
             multiprocessing.connection.wait([c.process.sentinel for c in running.values()],
                                             timeout=0.2)
@@ -115,30 +126,94 @@ def run_cases(module_name: str, cases: list[list[str]], timeout: float,
     return results
 
 
+# --- the client side: one server per entry point (and environment), kept for the session ---
+
+_SERVERS: dict[tuple, "_Server"] = {}
+MAX_SERVERS = 3  # per test process: the least recently used one is closed beyond
+
+
+class _Server:
+    """`python -m tests.entry_runner MODULE`: imports nothing itself; its forkserver imports
+    MODULE once, then every request's cases are forked from it."""
+
+    def __init__(self, module: str, env: dict, root: Path):
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.entry_runner", module],
+                                        cwd=root, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log)
+
+    def request(self, request: dict, wait: float) -> list[dict]:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            path = f.name
+        try:
+            self.process.stdin.write((json.dumps({**request, "result": path}) + "\n").encode())
+            self.process.stdin.flush()
+            ready, _, _ = select.select([self.process.stdout], [], [], wait)
+            line = self.process.stdout.readline() if ready else b""
+            if line.strip() != b"done":
+                self.close()
+                self.log.seek(0)
+                raise RuntimeError(f"entry_runner failed (rc {self.process.returncode}):\n"
+                                   f"{self.log.read().decode(errors='replace')[-3000:]}")
+            with open(path) as f:
+                return json.load(f)
+        finally:
+            os.unlink(path)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()  # the server ends at the end of its input
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@atexit.register
+def _close_servers() -> None:
+    for server in _SERVERS.values():
+        server.close()
+    _SERVERS.clear()
+
+
 def run_all(module: str, cases: list[list[str]], env: dict | None = None,
-            timeout: float = 180, jobs: int | None = None) -> list[dict]:
-    """The client side: runs `cases` of entry point `module` (e.g. 'experiments.train') in
-    one subprocess of this runner, from the repository root, `jobs` at a time (default: the
-    machine's cores; the cases must not depend on each other)."""
-    import subprocess
-    from pathlib import Path
+            timeout: float = 180, jobs: int | None = None, function: str = "run") -> list[dict]:
+    """The client side: runs `cases` of entry point `module` (e.g. 'experiments.train'),
+    calling `module.<function>()` as its `__main__` block does, from the repository root,
+    `jobs` at a time (default: the machine's cores; the cases must not depend on each
+    other). The server that forks them is kept for later calls with the same module and
+    environment (this process's, as of the call, with `env` on top)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FPT_JAX_HUGEPAGES": "0", "JAX_PLATFORMS": "cpu", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "tests.entry_runner"], cwd=root, env=env,
-                          input=json.dumps({"module": module, "cases": cases,
-                                            "timeout": timeout,
-                                            "jobs": jobs or os.cpu_count() or 1}),
-                          capture_output=True, text=True, timeout=timeout * len(cases) + 120)
-    if proc.returncode:
-        raise RuntimeError(f"entry_runner failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
+    key = (module, tuple(sorted(env.items())))
+    server = _SERVERS.pop(key, None)
+    if server is None or not server.alive():
+        server = _Server(module, env, root)
+    while len(_SERVERS) >= MAX_SERVERS:
+        _SERVERS.pop(next(iter(_SERVERS))).close()
+    _SERVERS[key] = server  # the most recently used last
+    return server.request({"cases": cases, "timeout": timeout, "function": function,
+                           "jobs": jobs or os.cpu_count() or 1},
+                          wait=timeout * len(cases) + 120)
 
 
 def main() -> None:
-    request = json.load(sys.stdin)
-    results = run_cases(request["module"], request["cases"], request.get("timeout", 180),
-                        request.get("jobs", 1))
-    sys.stdout.write(json.dumps(results))
+    """Serves one entry point (argv[1]): one JSON request a line on stdin ({cases, timeout,
+    jobs, function, result}); writes the results to the request's `result` path, then
+    `done` to stdout. Ends at the end of stdin."""
+    module = sys.argv[1]
+    for line in sys.stdin:
+        request = json.loads(line)
+        results = run_cases(module, request["cases"], request.get("timeout", 180),
+                            request.get("jobs", 1), request.get("function", "run"))
+        with open(request["result"], "w") as f:
+            json.dump(results, f)
+        sys.stdout.write("done\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ def run() -> None:
     print("err: bad", file=sys.stderr)
     code = next(a.split("=", 1)[1] for a in args if a.startswith("--exit="))
     raise SystemExit(None if code == "none" else int(code))
+
+
+def other_entry() -> None:
+    print("other entry")

@@ -1,8 +1,7 @@
 """The bad-input tests' runner reports what the entry point's own process would: its exit
-code, its output, a traceback as a non-zero code, and a hang as a kill; and it forks each case
+code, its output, a traceback as a non-zero code, and a hang as a kill; it forks each case
 from a server that never started a JAX backend (no fork of a multithreaded JAX process), even
-when the caller did."""
-import jax
+when the caller did; and it keeps that server for later calls with the same environment."""
 import jax.numpy as jnp
 
 from tests import entry_runner
@@ -26,6 +25,19 @@ def test_an_exception_is_a_traceback_and_rc_1_and_a_hang_is_killed():
     crashed, hung = entry_runner.run_cases(FAKE, [["--raise"], ["--hang"]], 2, 2)
     assert crashed["rc"] == 1 and "Traceback" in crashed["stderr"] and "a bug" in crashed["stderr"]
     assert hung["rc"] == -9
+
+
+def test_a_server_is_kept_per_module_and_environment_and_runs_the_named_function():
+    first, = entry_runner.run_all(FAKE, [["--exit=3"]])
+    server = next(s for (m, _), s in entry_runner._SERVERS.items() if m == FAKE)
+    again, = entry_runner.run_all(FAKE, [["--exit=4"]])
+    assert (first["rc"], again["rc"]) == (3, 4)
+    assert next(s for (m, _), s in entry_runner._SERVERS.items() if m == FAKE) is server
+    other, = entry_runner.run_all(FAKE, [["--exit=5"]], env={"FPT_JAX_TEST_OTHER": "1"})
+    assert other["rc"] == 5 and server.alive()
+    assert sum(m == FAKE for m, _ in entry_runner._SERVERS) == 2  # a server per environment
+    named, = entry_runner.run_all(FAKE, [[]], function="other_entry")
+    assert named["rc"] == 0 and named["stdout"] == "other entry\n"
 
 
 def test_the_real_entry_point_through_a_subprocess():

@@ -189,6 +189,7 @@ def run_all(module: str, cases: list[list[str]], env: dict | None = None,
     environment (this process's, as of the call, with `env` on top)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FPT_JAX_HUGEPAGES": "0", "JAX_PLATFORMS": "cpu", **(env or {})}
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, changes with every test
     key = (module, tuple(sorted(env.items())))
     server = _SERVERS.pop(key, None)
     if server is None or not server.alive():

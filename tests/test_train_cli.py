@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.entry_runner import run_all
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
         "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16", "--config.batch_size=4",
@@ -53,10 +55,12 @@ def test_bad_flag_exits_with_a_clear_message(tmp_path, flag, message):
     args = [a for a in TINY if not (extra and a.startswith(("--config.n_", "--config.init")))]
     if flag.startswith("--config="):
         args = []
-    result = _train([*args, *extra, flag, f"--workdir={tmp_path}"])
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    # the entry point's own process, forked from a server that imported it once
+    result, = run_all("experiments.train", [[*args, *extra, flag, f"--workdir={tmp_path}"]],
+                      env=_env(), timeout=300)
+    assert result["rc"] == 2, result["stderr"][-2000:]
+    assert message in result["stderr"]
+    assert "Traceback" not in result["stderr"]
 
 
 def _records(workdir):

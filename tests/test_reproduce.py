@@ -14,6 +14,7 @@ from ml_collections.config_flags import config_path
 
 from fpt_jax import paper, reproduce, reproduce_report, rows
 from fpt_jax.sweep import SweepConfig
+from tests.entry_runner import run_all
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "budgets" / "smoke.py"
@@ -203,7 +204,7 @@ def test_every_budget_setting_is_overridable_and_reaches_the_plan(tmp_path):
       "--budget.tasks.bit_xor.overrides.task_options.n=abc"], "task_options.n=abc"),
 ])
 def test_bad_flags_exit_2_with_an_error(args, message):
-    out = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args, "--plan_only"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "error:" in out.stderr and message in out.stderr
+    # the entry point's own process, forked from a server that imported it once
+    out, = run_all("experiments.reproduce", [[*args, "--plan_only"]], function="run_main")
+    assert out["rc"] == 2, out["stderr"][-2000:]
+    assert "error:" in out["stderr"] and message in out["stderr"]

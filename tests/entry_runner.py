@@ -1,19 +1,19 @@
-"""Runs one entry point on many command lines, fast and fork-safe: every command line in a
-process of its own, forked from a server that imported the entry point once.
+"""Runs the entry points on many command lines, fast and fork-safe: every command line in a
+process of its own, forked from a server that imported their dependencies once.
 
 Used by the bad-input tests: `run_all(module, cases)` gives `[{"rc": ..., "stdout": ...,
-"stderr": ..., "jax_backend_at_fork": ...}, ...]`. Each case runs `module.run()` (the entry
-point's `app.run(...)`, what its `__main__` block calls) with `sys.argv` set, `jobs` cases at
-a time, and is killed after `timeout` seconds (rc -9).
+"stderr": ..., "jax_backend_at_fork": ...}, ...]`. Each case imports `module` and runs
+`module.run()` (the entry point's `app.run(...)`, what its `__main__` block calls) with
+`sys.argv` set, `jobs` cases at a time, and is killed after `timeout` seconds (rc -9).
 
 The cases are forked by a multiprocessing 'forkserver': a fresh interpreter (spawned, not
-forked from pytest) that imports the entry point (and what the entry points import lazily
-once they train: tensorboardX, which pulls in torch where it is installed) and then only
-forks. It never computes, so no JAX backend (and none of its threads) exists when a case is
-forked; each case reports whether one did (`jax_backend_at_fork`, checked by the tests). The
-imports (~3-5 s) are paid once per entry point and test process: the server
-(`python -m tests.entry_runner MODULE`, one request a line on stdin) is kept for later calls
-with the same module and environment; a case pays a fork.
+forked from pytest) that imports what the entry points import (PRELOAD: all but the entry
+modules themselves, whose absl flags clash: each case imports its own) and then only forks.
+It never computes, so no JAX backend (and none of its threads) exists when a case is forked;
+each case reports whether one did (`jax_backend_at_fork`, checked by the tests). The imports
+(~4 s) are paid once per test process and environment: the server (`python -m
+tests.entry_runner`, one request a line on stdin) is kept for later calls; a case pays a fork
+and the import of its entry module.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _child(module_name: str, function: str, args: list[str], out_path: str, err_
     sys.stderr = os.fdopen(2, "w", closefd=False)
     code = 0
     try:
-        module = importlib.import_module(module_name)  # the server imported it: no cost
+        module = importlib.import_module(module_name)  # its dependencies are imported
         sys.argv = [module.__file__, *args]
         getattr(module, function)()
     except SystemExit as e:
@@ -96,17 +96,22 @@ class _Case:
         return result
 
 
-# Imported by the entry points only once they train (fpt_jax.metrics): preloaded as well.
-LAZY_IMPORTS = ["tensorboardX"]
+# What the entry points (experiments/*.py) import, and tensorboardX, which they import once
+# they train (fpt_jax.metrics; it pulls in torch where torch is installed). A module missing
+# here is imported by each case itself: slower, the same result.
+PRELOAD = ["experiments.cli", "fpt_jax.loop", "fpt_jax.results", "fpt_jax.sweep",
+           "fpt_jax.weights", "fpt_jax.models.backbones", "fpt_jax.tasks.listops",
+           "fpt_jax.tasks.tfds_builders", "fpt_jax.bench.settings", "fpt_jax.reproduce",
+           "fpt_jax.reproduce_report", "tensorboardX"]
 
 
 def run_cases(module_name: str, cases: list[list[str]], timeout: float, jobs: int,
               function: str = "run") -> list[dict]:
-    """Every case in a process of its own, forked by a forkserver that imported
-    `module_name`, `jobs` at a time; results in the order of `cases`. The forkserver is this
-    process's (multiprocessing keeps one per process): one entry point per process."""
+    """Every case in a process of its own, forked by this process's forkserver (started on
+    the first call, with PRELOAD imported), `jobs` at a time; results in the order of
+    `cases`."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([module_name, *LAZY_IMPORTS])
+    ctx.set_forkserver_preload(PRELOAD)
     results: list[dict | None] = [None] * len(cases)
     running: dict[int, _Case] = {}
     next_case = 0
@@ -126,19 +131,19 @@ def run_cases(module_name: str, cases: list[list[str]], timeout: float, jobs: in
     return results
 
 
-# --- the client side: one server per entry point (and environment), kept for the session ---
+# --- the client side: one server per environment, kept for the session ---
 
 _SERVERS: dict[tuple, "_Server"] = {}
-MAX_SERVERS = 3  # per test process: the least recently used one is closed beyond
+MAX_SERVERS = 2  # per test process: the least recently used one is closed beyond
 
 
 class _Server:
-    """`python -m tests.entry_runner MODULE`: imports nothing itself; its forkserver imports
-    MODULE once, then every request's cases are forked from it."""
+    """`python -m tests.entry_runner`: imports nothing itself; its forkserver imports PRELOAD
+    once, then every request's cases are forked from it."""
 
-    def __init__(self, module: str, env: dict, root: Path):
+    def __init__(self, env: dict, root: Path):
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.entry_runner", module],
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.entry_runner"],
                                         cwd=root, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.log)
 
@@ -185,31 +190,31 @@ def run_all(module: str, cases: list[list[str]], env: dict | None = None,
     """The client side: runs `cases` of entry point `module` (e.g. 'experiments.train'),
     calling `module.<function>()` as its `__main__` block does, from the repository root,
     `jobs` at a time (default: the machine's cores; the cases must not depend on each
-    other). The server that forks them is kept for later calls with the same module and
-    environment (this process's, as of the call, with `env` on top)."""
+    other). The server that forks them is kept for later calls with the same environment
+    (this process's, as of the call, with `env` on top)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FPT_JAX_HUGEPAGES": "0", "JAX_PLATFORMS": "cpu", **(env or {})}
     env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, changes with every test
-    key = (module, tuple(sorted(env.items())))
+    key = tuple(sorted(env.items()))
     server = _SERVERS.pop(key, None)
     if server is None or not server.alive():
-        server = _Server(module, env, root)
+        server = _Server(env, root)
     while len(_SERVERS) >= MAX_SERVERS:
         _SERVERS.pop(next(iter(_SERVERS))).close()
     _SERVERS[key] = server  # the most recently used last
-    return server.request({"cases": cases, "timeout": timeout, "function": function,
+    return server.request({"module": module, "cases": cases, "timeout": timeout,
+                           "function": function,
                            "jobs": jobs or os.cpu_count() or 1},
                           wait=timeout * len(cases) + 120)
 
 
 def main() -> None:
-    """Serves one entry point (argv[1]): one JSON request a line on stdin ({cases, timeout,
-    jobs, function, result}); writes the results to the request's `result` path, then
-    `done` to stdout. Ends at the end of stdin."""
-    module = sys.argv[1]
+    """The server: one JSON request a line on stdin ({module, cases, timeout, jobs, function,
+    result}); writes the results to the request's `result` path, then `done` to stdout. Ends
+    at the end of stdin."""
     for line in sys.stdin:
         request = json.loads(line)
-        results = run_cases(module, request["cases"], request.get("timeout", 180),
+        results = run_cases(request["module"], request["cases"], request.get("timeout", 180),
                             request.get("jobs", 1), request.get("function", "run"))
         with open(request["result"], "w") as f:
             json.dump(results, f)

@@ -4,7 +4,11 @@ from a server that never started a JAX backend (no fork of a multithreaded JAX p
 when the caller did; and it keeps that server for later calls with the same environment."""
 import jax.numpy as jnp
 
+import pytest
+
 from tests import entry_runner
+
+pytestmark = pytest.mark.slow  # starts processes (servers, forked cases)
 
 FAKE = "tests.fake_entry_point"
 
@@ -27,15 +31,16 @@ def test_an_exception_is_a_traceback_and_rc_1_and_a_hang_is_killed():
     assert hung["rc"] == -9
 
 
-def test_a_server_is_kept_per_module_and_environment_and_runs_the_named_function():
+def test_one_server_per_environment_serves_every_module_and_the_named_function():
     first, = entry_runner.run_all(FAKE, [["--exit=3"]])
-    server = next(s for (m, _), s in entry_runner._SERVERS.items() if m == FAKE)
+    server, = entry_runner._SERVERS.values()
     again, = entry_runner.run_all(FAKE, [["--exit=4"]])
-    assert (first["rc"], again["rc"]) == (3, 4)
-    assert next(s for (m, _), s in entry_runner._SERVERS.items() if m == FAKE) is server
+    real, = entry_runner.run_all("experiments.convert", [["--no_such_flag"]])
+    assert (first["rc"], again["rc"], real["rc"]) == (3, 4, 2)
+    assert "no_such_flag" in real["stderr"]
+    assert list(entry_runner._SERVERS.values()) == [server]  # the same server for all three
     other, = entry_runner.run_all(FAKE, [["--exit=5"]], env={"FPT_JAX_TEST_OTHER": "1"})
-    assert other["rc"] == 5 and server.alive()
-    assert sum(m == FAKE for m, _ in entry_runner._SERVERS) == 2  # a server per environment
+    assert other["rc"] == 5 and server.alive() and len(entry_runner._SERVERS) == 2
     named, = entry_runner.run_all(FAKE, [[]], function="other_entry")
     assert named["rc"] == 0 and named["stdout"] == "other entry\n"
 

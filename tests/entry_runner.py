@@ -2,9 +2,9 @@
 process of its own, forked from a server that imported their dependencies once.
 
 Used by the bad-input tests: `run_all(module, cases)` gives `[{"rc": ..., "stdout": ...,
-"stderr": ..., "jax_backend_at_fork": ...}, ...]`. Each case imports `module` and runs
-`module.run()` (the entry point's `app.run(...)`, what its `__main__` block calls) with
-`sys.argv` set, `jobs` cases at a time, and is killed after `timeout` seconds (rc -9).
+"stderr": ..., "jax_backend_at_fork": ...}, ...]`. Each case runs `module` as `python -m
+module` does (its `__main__` block: the prologue, then `app.run(...)`) with `sys.argv` set,
+`jobs` cases at a time, and is killed after `timeout` seconds (rc -9).
 
 The cases are forked by a multiprocessing 'forkserver': a fresh interpreter (spawned, not
 forked from pytest) that imports what the entry points import (PRELOAD: all but the entry
@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import runpy
 import select
 import subprocess
 import sys
@@ -37,8 +38,8 @@ def _jax_backend_started() -> bool:
     return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
 
 
-def _child(module_name: str, function: str, args: list[str], out_path: str, err_path: str,
-           meta_path: str) -> None:
+def _child(module_name: str, function: str | None, args: list[str], out_path: str,
+           err_path: str, meta_path: str) -> None:
     """One case, in a process forked by the server: the entry point, as its own process
     would run it, its output into the files."""
     with open(meta_path, "w") as f:  # the server's state, as this fork inherited it
@@ -51,9 +52,13 @@ def _child(module_name: str, function: str, args: list[str], out_path: str, err_
     sys.stderr = os.fdopen(2, "w", closefd=False)
     code = 0
     try:
-        module = importlib.import_module(module_name)  # its dependencies are imported
-        sys.argv = [module.__file__, *args]
-        getattr(module, function)()
+        if function is None:  # as `python -m module_name` (its dependencies are imported)
+            sys.argv = [module_name, *args]  # run_module puts the module's path first
+            runpy.run_module(module_name, run_name="__main__", alter_sys=True)
+        else:
+            module = importlib.import_module(module_name)
+            sys.argv = [module.__file__, *args]
+            getattr(module, function)()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - a traceback, as the real process prints
@@ -68,7 +73,8 @@ def _child(module_name: str, function: str, args: list[str], out_path: str, err_
 class _Case:
     """One case's process and its output files."""
 
-    def __init__(self, ctx, module_name: str, function: str, args: list[str], timeout: float,
+    def __init__(self, ctx, module_name: str, function: str | None, args: list[str],
+                 timeout: float,
                  tmp: str, index: int):
         self.paths = [os.path.join(tmp, f"{index}.{n}") for n in ("out", "err", "meta")]
         for path in self.paths:
@@ -106,7 +112,7 @@ PRELOAD = ["experiments.cli", "fpt_jax.loop", "fpt_jax.results", "fpt_jax.sweep"
 
 
 def run_cases(module_name: str, cases: list[list[str]], timeout: float, jobs: int,
-              function: str = "run") -> list[dict]:
+              function: str | None = None) -> list[dict]:
     """Every case in a process of its own, forked by this process's forkserver (started on
     the first call, with PRELOAD imported), `jobs` at a time; results in the order of
     `cases`."""
@@ -186,9 +192,11 @@ def _close_servers() -> None:
 
 
 def run_all(module: str, cases: list[list[str]], env: dict | None = None,
-            timeout: float = 180, jobs: int | None = None, function: str = "run") -> list[dict]:
-    """The client side: runs `cases` of entry point `module` (e.g. 'experiments.train'),
-    calling `module.<function>()` as its `__main__` block does, from the repository root,
+            timeout: float = 180, jobs: int | None = None,
+            function: str | None = None) -> list[dict]:
+    """The client side: runs `cases` of entry point `module` (e.g. 'experiments.train') as
+    `python -m module` does (or, given `function`, calls `module.<function>()` instead),
+    from the repository root,
     `jobs` at a time (default: the machine's cores; the cases must not depend on each
     other). The server that forks them is kept for later calls with the same environment
     (this process's, as of the call, with `env` on top)."""
@@ -215,7 +223,7 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         results = run_cases(request["module"], request["cases"], request.get("timeout", 180),
-                            request.get("jobs", 1), request.get("function", "run"))
+                            request.get("jobs", 1), request.get("function"))
         with open(request["result"], "w") as f:
             json.dump(results, f)
         sys.stdout.write("done\n")

@@ -21,3 +21,7 @@ def run() -> None:
 
 def other_entry() -> None:
     print("other entry")
+
+
+if __name__ == "__main__":
+    run()

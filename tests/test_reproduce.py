@@ -47,6 +47,7 @@ def _table(text: str, heading: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_the_smoke_report_has_every_section_and_every_row(smoke):
     report_dir, budget, plan, text = smoke
     for section in ("## Main table", "## Adding parameter groups one at a time",
@@ -70,6 +71,7 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
         assert 0 < int(trainable.replace(",", "")) <= int(total.replace(",", ""))
 
 
+@pytest.mark.slow
 def test_the_plots_decode_and_are_not_blank(smoke):
     from matplotlib import image
     report_dir, _, _, text = smoke
@@ -81,6 +83,7 @@ def test_the_plots_decode_and_are_not_blank(smoke):
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and float(np.std(pixels)) > 0.01
 
 
+@pytest.mark.slow
 def test_the_published_numbers_in_the_report_are_the_papers(smoke):
     _, _, _, text = smoke
     for row in _table(text, "### bit_xor"):
@@ -96,6 +99,7 @@ def test_the_published_numbers_in_the_report_are_the_papers(smoke):
     assert all(text.count(c) for c in paper.CITATIONS.values())
 
 
+@pytest.mark.slow
 def test_a_second_reproduction_reuses_equal_cells_and_plans_new_ones_for_changes(smoke):
     report_dir, budget, plan, _ = smoke
     again = reproduce.plan(budget, report_dir)
@@ -180,6 +184,7 @@ def test_every_budget_setting_is_overridable_and_reaches_the_plan(tmp_path):
         [3, 4], 5, 32, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     ([f"--report_dir=/tmp/x"], "--budget is required"),
     ([f"--budget={SMOKE}"], "--report_dir is required"),
@@ -205,6 +210,6 @@ def test_every_budget_setting_is_overridable_and_reaches_the_plan(tmp_path):
 ])
 def test_bad_flags_exit_2_with_an_error(args, message):
     # the entry point's own process, forked from a server that imported it once
-    out, = run_all("experiments.reproduce", [[*args, "--plan_only"]], function="run_main")
+    out, = run_all("experiments.reproduce", [[*args, "--plan_only"]])
     assert out["rc"] == 2, out["stderr"][-2000:]
     assert "error:" in out["stderr"] and message in out["stderr"]

@@ -32,6 +32,7 @@ def loaded(run_dir):
     return build.load_run(str(run_dir))
 
 
+@pytest.mark.slow
 def test_a_tiny_gpt2_has_causal_attention_distributions_per_layer_and_head(loaded):
     r, params = loaded
     x, length, labels = attention_maps.example(r.task, "test", 0, seed=r.cfg.seed)
@@ -45,6 +46,7 @@ def test_a_tiny_gpt2_has_causal_attention_distributions_per_layer_and_head(loade
     assert length is None and labels == [str(int(b)) for b in x.reshape(-1)]
 
 
+@pytest.mark.slow
 def test_the_attention_map_of_a_tiny_trained_model_has_one_panel_per_layer_and_head(
         loaded, run_dir, tmp_path):
     import matplotlib.image
@@ -65,6 +67,7 @@ def test_the_attention_map_of_a_tiny_trained_model_has_one_panel_per_layer_and_h
     assert all(s in name for s in ("gpt2", "bit_xor", f"step {r.step}", "test accuracy"))
 
 
+@pytest.mark.slow
 def test_best_loads_the_selected_step_and_last_the_newest_checkpoint(loaded, run_dir):
     best, best_params = loaded
     last, last_params = build.load_run(str(run_dir), which="last")
@@ -96,6 +99,7 @@ def test_best_loads_the_selected_step_and_last_the_newest_checkpoint(loaded, run
                               last_params["output"]["proj"]["kernel"])
 
 
+@pytest.mark.slow
 def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path):
     cell = tmp_path / "cell"
     cfg = train_config(**{**TINY, "n_layer": 1, "steps": 2})
@@ -113,6 +117,7 @@ def test_a_sweep_cell_renders_a_chosen_run_and_refuses_one_out_of_range(tmp_path
             build.load_run(str(cell), run=bad)
 
 
+@pytest.mark.slow
 def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
     cfg = train_config(**{**TINY, "model": "lstm", "trainable": "full", "n_layer": 1,
                          "n_head": None, "n_embd": 8})
@@ -128,6 +133,7 @@ def test_an_lstm_run_is_refused_as_having_no_attention(tmp_path):
         attention_maps.render(str(tmp_path), tmp_path / "a.png", which="last")
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_bad_flags_and_names_its_default_png_by_step(tmp_path, run_dir):
     *bad, good = run_all("experiments.attention", [
         [f"--workdir={tmp_path / 'missing'}"], [f"--workdir={tmp_path}"],

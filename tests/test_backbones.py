@@ -88,6 +88,7 @@ def test_every_family_config_keeps_the_contract_of_the_base_class(name):
         cls.from_hf({"model_type": "other", "n_layer": 1, "n_head": 1, "n_embd": 8})
 
 
+@pytest.mark.slow
 def test_a_gpt2_backbone_imports_no_other_family():
     import subprocess
     import sys
@@ -113,6 +114,7 @@ def test_a_family_declaration_is_checked_at_import():
         dataclasses.replace(gpt, hub_repos={"gpt3": "x/y"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_family_trains_under_fpt_with_its_frozen_part_bit_identical(name):
     cfg = train_config(**TINY, model=PRESETS[name], trainable="fpt")
@@ -227,6 +229,7 @@ def test_a_checkpoint_missing_a_layer_or_with_a_foreign_key_is_a_clear_error(tmp
         weights.load(directory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["bert-base"])  # ViT shares the path (family-agnostic)
 def test_other_families_run_in_the_benchmark(tmp_path, model):
     from fpt_jax.bench.core import Bench, BenchConfig, Case, Shape
@@ -262,6 +265,7 @@ def test_minilm_preset_loads_the_installed_language_pretrained_bert():
     assert [getattr(config_r, a) for a in arch] == [getattr(config, a) for a in arch]
 
 
+@pytest.mark.slow
 def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
     source_dir = tmp_path / "bit_memory"
     # AdamW with skipped non-finite updates: an optimizer state that the follow-up run's
@@ -304,6 +308,7 @@ def test_a_finished_runs_backbone_is_the_init_of_the_next(tmp_path):
         train_config(task="bit_xor", init="nowhere")
 
 
+@pytest.mark.slow
 def test_a_run_of_a_group_is_the_init_of_the_next_when_named_by_run(tmp_path):
     group_dir = tmp_path / "group"
     source = train_config(**{**TINY, "n_layer": 1, "eval_every": 1}, trainable="full", steps=1)
@@ -365,6 +370,7 @@ _PADDED_TASK_CONFIGS = {  # one small config per family, dropout off
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_PADDED_TASK_CONFIGS))
 def test_fpt_token_logits_do_not_depend_on_right_padding_in_any_family(name):
     config = _PADDED_TASK_CONFIGS[name]()

@@ -15,8 +15,11 @@ import shutil
 from pathlib import Path
 
 import jax
+import pytest
 
 from tests.entry_runner import run_all
+
+pytestmark = pytest.mark.slow  # each case is an entry point's process
 
 TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
         "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16",

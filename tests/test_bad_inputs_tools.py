@@ -25,6 +25,8 @@ from tests.entry_runner import run_all
 from tests.test_homology import make_records, write_lmdb
 from tests.test_prepare_data import write_cifar_raw, write_mnist_raw
 
+pytestmark = pytest.mark.slow  # each case is an entry point's process
+
 # (id, arguments, substrings that stderr must hold, optional check of the case's aftermath)
 Case = tuple[str, list[str], list[str], Callable[[], str | None] | None]
 

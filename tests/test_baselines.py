@@ -11,6 +11,7 @@ CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experi
                                         "configs", "*.py")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_task_config_offers_every_row(path):
     get_config = runpy.run_path(path)["get_config"]

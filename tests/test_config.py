@@ -99,6 +99,7 @@ def test_a_config_file_then_overrides_on_top():
             parsed.task_options.bucket_size) == ("remote_homology", 1024, 3e-4, None)
 
 
+@pytest.mark.slow
 def test_helpfull_lists_every_config_field_once():
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--helpfull"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 RAW = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # slow: end to end, real data
     not (RAW / "train-images-idx3-ubyte.gz").exists(),
     reason=f"real Fashion-MNIST absent: {RAW} comes from `apt-get install -y "
-           f"dataset-fashion-mnist` (Debian)")
+           f"dataset-fashion-mnist` (Debian)")]
 
 STEPS = 600
 MIN_ACCURACY = 0.55

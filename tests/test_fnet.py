@@ -56,6 +56,7 @@ def test_parameters_are_gpt2s_minus_attention_in_groups_pos_ln_mlp():
     assert fnet.torch_name_to_path("h.0.mlp.c_fc.weight")[0] == "<unexpected>"
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     config = SMALL.with_dropout(0.1)  # remat must also redraw the same dropout masks
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, SMALL.n_embd))
@@ -87,6 +88,7 @@ def test_config_refuses_heads_and_round_trips_through_its_config_json():
     assert backbones.family_of_preset("fnet").module_cls is fnet.FNet
 
 
+@pytest.mark.slow
 def test_fnet_trains_in_the_pipeline_with_its_frozen_mlp_bit_identical(tmp_path):
     cfg = train_config(task="bit_xor", n=3, num_patterns=2, patch_size=1, model="fnet",
                       init="random", n_layer=2, n_embd=32, steps=6, eval_every=3,

@@ -14,6 +14,7 @@ def _init(model, x, **kw):
     return model.init(jax.random.PRNGKey(0), x, **kw)["params"]
 
 
+@pytest.mark.slow
 def test_patches_rows_and_regroups_last_row_outputs():
     # Bit XOR layout: 2 rows of 5 bits, 1 feature per token -> 10 tokens, 5 outputs of 2.
     model = FPT(CONFIG, input_dim=1, output_dim=2)
@@ -37,6 +38,7 @@ def test_feature_size_not_a_multiple_of_patch_size_is_an_error():
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 5)))
 
 
+@pytest.mark.slow
 def test_input_layer_is_orthogonal_with_gain_and_zero_bias():
     model = FPT(CONFIG, input_dim=8, output_dim=4, orth_gain=1.41)
     params = _init(model, jnp.zeros((1, 3, 8)))
@@ -45,6 +47,7 @@ def test_input_layer_is_orthogonal_with_gain_and_zero_bias():
     assert not np.any(params["input"]["proj"]["bias"])
 
 
+@pytest.mark.slow
 def test_hidden_layer_sizes_build_mlps_on_both_ends():
     model = FPT(CONFIG, input_dim=4, output_dim=3, in_layer_sizes=(32,), out_layer_sizes=(8, 8))
     params = _init(model, jnp.zeros((1, 2, 4)))
@@ -54,6 +57,7 @@ def test_hidden_layer_sizes_build_mlps_on_both_ends():
         [(16, 8), (8, 8), (8, 3)]
 
 
+@pytest.mark.slow
 def test_token_inputs_read_the_last_real_token_ignoring_padding():
     model = FPT(CONFIG, input_dim=20, output_dim=4, input_kind="tokens")
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 1, 20)
@@ -92,6 +96,7 @@ def test_return_all_positions_and_attention_weights():
     np.testing.assert_allclose(attentions[1].sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_weights_cover_every_position_and_leave_the_logits_unchanged():
     # The head reads the last row's 3 patches; with the weights requested the last block is
     # computed everywhere (not trimmed), so every map is [batch, heads, 12, 12].
@@ -114,6 +119,7 @@ def _loss_and_grads(model, params, x, length=None, rng=None):
     return jax.value_and_grad(loss)(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["patches", "tokens_with_length"])
 def test_last_block_at_the_read_positions_only_equals_the_whole_block(kind):
     # FPT computes its last block only where the head reads (the last row's patches, or
@@ -135,6 +141,7 @@ def test_last_block_at_the_read_positions_only_equals_the_whole_block(kind):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_last_block_trim_saves_its_unread_positions_flops():
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
     batch, seq = 4, 32
@@ -154,6 +161,7 @@ def test_last_block_trim_saves_its_unread_positions_flops():
     assert full - trimmed >= 0.9 * 2 * 9 * d * d * batch * (seq - 1), (full, trimmed)
 
 
+@pytest.mark.slow
 def test_unrolled_threefry_on_cpu_gives_the_same_bits_without_while_loops():
     from jax._src.random import threefry2x32 as threefry
     from fpt_jax import fast_rng

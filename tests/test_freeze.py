@@ -41,6 +41,7 @@ def test_param_group_rejects_unknown_path():
         freeze.param_group(("transformer", "wte", "embedding"))
 
 
+@pytest.mark.slow
 def test_every_parameter_of_the_model_has_a_group(params):
     groups = {freeze.param_group(p)[0]
               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -157,6 +157,7 @@ def test_inputs_of_wrong_width_raise_naming_expected_width(tiny_params):
         GPT2(TINY).apply({"params": tiny_params[TINY]}, jnp.zeros((2, 5, 48)))
 
 
+@pytest.mark.slow
 @CONFIGS
 def test_attention_weights_are_causal_and_normalised(config, tiny_params):
     _, attn = forward(tiny_params[config], inputs(config), config=config,
@@ -202,6 +203,7 @@ def _query_positions(config, seed=0):
     return jnp.array([[t - 1, rng.integers(t - 1)], [rng.integers(1, t), 0]])
 
 
+@pytest.mark.slow
 @CONFIGS
 @pytest.mark.parametrize("queries", ["every_position", "query_positions"])
 def test_fused_attention_equals_explicit_softmax_within_1e6(config, queries, tiny_params):
@@ -224,6 +226,7 @@ def test_fused_attention_equals_explicit_softmax_within_1e6(config, queries, tin
             rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @CONFIGS
 def test_fused_and_explicit_attention_agree_under_bfloat16(config, tiny_params):
     # Both take float32 logits of bfloat16 q, k and a float32 softmax, and round the
@@ -311,6 +314,7 @@ def test_bfloat16_compute_stays_close_to_float32(config, tiny_params):
 
 # --- remat ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_remat_gives_same_output_and_gradients(tiny_params):
     config = TINY
     params = tiny_params[config]
@@ -344,6 +348,7 @@ def test_remat_with_dropout_matches_non_remat_for_same_rng(tiny_params):
 
 # --- dropout ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["embd_pdrop", "attn_pdrop", "resid_pdrop"])
 def test_each_dropout_changes_output_when_not_deterministic(which, tiny_params):
     rates = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)

@@ -28,6 +28,7 @@ def _run(**env_changes) -> list[str]:
     return out.strip().rsplit(" ", 1)[0].split(" ", 1) + [out.strip().rsplit(" ", 1)[1]]
 
 
+@pytest.mark.slow
 def test_reexecutes_the_same_command_with_the_huge_page_tunable():
     tunables, argv, huge_kib = _run()
     assert tunables == hugepages.TUNABLE
@@ -37,6 +38,7 @@ def test_reexecutes_the_same_command_with_the_huge_page_tunable():
         assert int(huge_kib) > 0  # a 64 MiB malloc is backed by huge pages
 
 
+@pytest.mark.slow
 def test_leaves_a_users_tunables_and_the_opt_out_alone():
     assert _run(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")[0] == "glibc.malloc.hugetlb=0"
     tunables, _, huge_kib = _run(**{hugepages.OPT_OUT: "0"})
@@ -46,6 +48,7 @@ def test_leaves_a_users_tunables_and_the_opt_out_alone():
         assert int(huge_kib) == 0  # malloc alone asks for no huge page
 
 
+@pytest.mark.slow
 def test_reexecutes_at_most_once_and_never_a_program_read_from_stdin():
     # the loader may drop GLIBC_TUNABLES (glibc >= 2.39 in secure mode): the marker still
     # stops a second restart

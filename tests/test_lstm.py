@@ -56,6 +56,7 @@ def _random_params(cfg, x):
                                                for l, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_ln_lstm_layers_equal_a_numpy_reference():
     cfg = lstm.LSTMConfig(n_layer=2, n_embd=6, dropout=0.0)
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 6))
@@ -79,6 +80,7 @@ def test_bfloat16_keeps_the_state_in_float32_and_stays_near_float32():
     assert float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32))) < 0.05
 
 
+@pytest.mark.slow
 def test_the_lstm_learns_a_tiny_task(tmp_path):
     # two one-bit strings: the XOR of the first with the second needs the first kept
     cfg = rows.apply(train_config(
@@ -90,6 +92,7 @@ def test_the_lstm_learns_a_tiny_task(tmp_path):
     assert run["test"]["test"]["test/accuracy"] == 1.0, run
 
 
+@pytest.mark.slow
 def test_the_matched_width_counts_within_one_percent_and_the_table_prints_both():
     base = dict(task="bit_xor", n=5, num_patterns=2, patch_size=1, model="lstm",
                 init="random", trainable="full")
@@ -144,6 +147,7 @@ def test_bad_matches_are_clear_errors(model, match, message):
         baselines.match(train_config(task="bit_xor", model=model, init="random"), task, *match)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_the_recurrences_gradient_equals_autodiff_of_the_scan(dtype, tol):
     # The custom VJP (W_h's gradient as one product after the loop) against JAX's own

@@ -115,6 +115,7 @@ def _weight_dots(hlo: str, n_embd: int) -> list[tuple[list[str], str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable", ["fpt", "full"])
 def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
     cfg = train_config(**TINY, trainable=trainable, dtype="bfloat16")
@@ -163,6 +164,7 @@ def test_scalar_clip_equals_optax_clip_by_global_norm(max_norm):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(clipped))
 
 
+@pytest.mark.slow
 def test_full_finetuning_step_updates_in_place_in_four_passes():
     """The full fine-tuning step's bytes (XLA's cost analysis) against the minimum a step
     must touch (`bench.core.minimum_step_bytes`: 2 reads of the weights for the forward and

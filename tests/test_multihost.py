@@ -156,6 +156,7 @@ def runs(tmp_path_factory):
             "ref_metrics": _metrics(ref), "first": cluster}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     got, want = runs["multi_metrics"], runs["ref_metrics"]
     assert max(got) == FIRST_STEPS
@@ -168,6 +169,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert "step 1/" not in out1 and "final:" not in out1
 
 
+@pytest.mark.slow
 def test_checkpoint_is_written_once_and_restored_in_every_process(runs):
     ckpt_dir = runs["multi"] / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [str(FIRST_STEPS)]
@@ -196,6 +198,7 @@ def test_checkpoint_is_written_once_and_restored_in_every_process(runs):
             np.testing.assert_array_equal(r[k], restored[0][k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_in_every_process_then_a_dead_process_fails_the_run(runs):
     """The second run resumes from the checkpoint (its losses continue the reference's),
     then process 1 is killed: process 0 must exit non-zero with a clear error in time."""
@@ -305,6 +308,7 @@ def test_pmap_devices_of_one_process_are_its_local_devices():
         parallel.pmap_devices(99)
 
 
+@pytest.mark.slow
 def test_processes_that_disagree_on_the_config_fail_naming_the_difference(tmp_path):
     cluster = Cluster(tmp_path / "logs", [*RUN_FLAGS, "--config.steps=2",
                                           f"--workdir={tmp_path / 'run'}"],
@@ -325,6 +329,7 @@ def test_processes_that_disagree_on_the_config_fail_naming_the_difference(tmp_pa
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any step
 
 
+@pytest.mark.slow
 def test_a_group_of_runs_over_two_processes_matches_one_process(tmp_path):
     """experiments.sweep with the multi-process flags: one cell, a group of 2 learning rates
     x 1 seed trained by both processes together (4 devices), equals the same group trained

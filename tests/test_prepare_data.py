@@ -94,6 +94,7 @@ def _sorted_by_id(images, labels):
 
 # --- images -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_cli_idx_files_roundtrip(tmp_path):
     """The documented command on real-format IDX .gz files; tfds.data_source reads back
     exactly the raw images and labels (TFDS shuffles the record order)."""
@@ -201,6 +202,7 @@ def test_malformed_cifar_pickles_name_the_file(tmp_path):
         tfds_builders.read_cifar10_split(tmp_path / "cifar-10-batches-py" / "nothing", "test")
 
 
+@pytest.mark.slow
 def test_prepare_cli_reports_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "experiments.prepare_data", "--dataset=mnist",
@@ -212,6 +214,7 @@ def test_prepare_cli_reports_errors(tmp_path):
 
 # --- listops ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_cli_listops(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "experiments.prepare_data", "--dataset=listops",

@@ -35,6 +35,7 @@ class CountingTask:
         return self.inner.eval_batches(split, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_test_split_is_read_once_at_the_selected_step(tmp_path):
     task = CountingTask()
     (final,) = loop.train_and_evaluate(train_config(**TINY), str(tmp_path), task=task)
@@ -56,6 +57,7 @@ def test_test_split_is_read_once_at_the_selected_step(tmp_path):
     assert again.reads == {}  # finished: nothing trained, nothing read, summary kept
 
 
+@pytest.mark.slow
 def test_resumed_run_selects_and_tests_as_an_uninterrupted_one(tmp_path):
     cfg = train_config(**{**TINY, "dropout": 0.1})
     loop.train_and_evaluate(cfg, str(tmp_path / "straight"))
@@ -130,6 +132,7 @@ def _test_metrics(workdir, cfg: TrainConfig, which: str = "best") -> dict[str, f
             for n, v in totals.items()}
 
 
+@pytest.mark.slow
 def test_the_newest_checkpoint_holds_the_best_step_that_summary_json_reports(tmp_path):
     # The best step's parameters travel inside every checkpoint, with the selection that
     # names them (one atomic write): a run killed after any checkpoint finds its best step.

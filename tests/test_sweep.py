@@ -43,6 +43,7 @@ def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
             {name: v[0] for name, v in sums.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable,grad_accum", [("fpt", 1), ("output", 2)])
 def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
     """Loss curve, final trainable parameters and evaluation of each of K=3 runs (different
@@ -82,6 +83,7 @@ def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
     assert len({round(float(x), 6) for x in losses[:, -1]}) == len(SEEDS)
 
 
+@pytest.mark.slow
 def test_the_backbone_exists_once_whatever_the_number_of_runs():
     """The compiled step's argument bytes (per device) are the backbone once plus K x (one
     run's state, its frozen non-backbone parts, its batch and key): K=4 - K=1 < backbone."""

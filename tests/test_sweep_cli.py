@@ -365,6 +365,7 @@ TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
         "--config.log_every=2", "--config.checkpoint_every=2", "--config.num_devices=1"]
 
 
+@pytest.mark.slow
 def test_bad_command_lines(tmp_path):
     (tmp_path / "a_file").write_text("x")
     wd = f"--workdir={tmp_path / 'wd'}"
@@ -402,6 +403,7 @@ def test_bad_command_lines(tmp_path):
     assert not (tmp_path / "wd" / "cells").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_sweep(tmp_path):
     wd = tmp_path / "sweep"
     args = [*TINY, "--config.dropout=0", "--sweep.grid=trainable=output|fpt",

@@ -4,10 +4,13 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from fpt_jax import loop, runs
 from fpt_jax.config import TrainConfig
 from tests.settings import train_config
+
+pytestmark = pytest.mark.slow  # whole trainings of groups, resumed
 
 TINY = dict(task="bit_xor", init="random", n_layer=1, n_head=2, n_embd=16, batch_size=8,
             dropout=0.1, log_every=2, eval_every=4, eval_batches=2, checkpoint_every=4,

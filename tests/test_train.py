@@ -52,6 +52,7 @@ def _run_steps(cfg: TrainConfig, n: int, num_devices: int):
     return g, parallel.unreplicate(state), parallel.unreplicate(frozen), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable,dtype", [("fpt", "float32"),
                                              ("output,ln[-1:],attn[0]", "float32"),
                                              ("output,ln[-1:],attn[0]", "bfloat16")])
@@ -86,6 +87,7 @@ def test_optimizer_state_holds_moments_for_trainable_params_only():
     assert opt_elements == 2 * trainable + 3
 
 
+@pytest.mark.slow
 def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
     # Dropout off: its keys are per device, so masks differ between device counts by design.
     cfg = train_config(**{**TINY, "batch_size": 16}, dropout=0.0)
@@ -98,6 +100,7 @@ def test_same_global_batch_gives_same_losses_on_1_and_4_devices():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = train_config(**{**TINY, "batch_size": 16}, dropout=0.0)
     _, big, _, losses_big = _run_steps(cfg, 4, num_devices=2)
@@ -112,6 +115,7 @@ def _records(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = train_config(**{**TINY, "eval_every": 4, "checkpoint_every": 4}, steps=12,
                       dropout=0.1)
@@ -131,6 +135,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert glob.glob(str(straight / "tensorboard" / "events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_with_different_trainable_groups_is_refused(tmp_path):
     cfg = train_config(**TINY, steps=2)
     loop.train_and_evaluate(cfg, str(tmp_path))
@@ -139,6 +144,7 @@ def test_resume_with_different_trainable_groups_is_refused(tmp_path):
                                 str(tmp_path))
 
 
+@pytest.mark.slow
 def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
     cfg = train_config(task="bit_xor", init="random", n_layer=2, n_head=4, n_embd=128,
                       trainable="fpt", batch_size=16, learning_rate=3e-3, dropout=0.0,
@@ -267,6 +273,7 @@ def _checkpoints(workdir, cfg: TrainConfig, learning_rates=None, seeds=None) -> 
         ckpts.close()
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_a_single_run_and_keeps_its_last_good_checkpoint(tmp_path):
     cfg = train_config(**{**TINY, "checkpoint_every": 2}, steps=8, num_devices=1)
     with pytest.raises(guard.DivergenceError,
@@ -284,6 +291,7 @@ def test_a_nonfinite_loss_stops_a_single_run_and_keeps_its_last_good_checkpoint(
     assert runs.read_summary(str(tmp_path)) is None  # no summary of a run that failed
 
 
+@pytest.mark.slow
 def test_a_diverged_run_of_a_group_is_recorded_and_the_others_train_to_the_end(tmp_path):
     # Adam's first step moves every parameter by ~lr: at 1e30 (no clip) the next forward
     # pass of the full model overflows.

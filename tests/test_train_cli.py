@@ -11,6 +11,8 @@ import pytest
 
 from tests.entry_runner import run_all
 
+pytestmark = pytest.mark.slow  # the entry point's processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=experiments/configs/bit_xor.py", "--config.init=random",
         "--config.n_layer=1", "--config.n_head=2", "--config.n_embd=16", "--config.batch_size=4",

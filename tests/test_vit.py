@@ -133,6 +133,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
 
 
+@pytest.mark.slow
 @HF_CASES
 def test_equals_transformers_vit_encoder_within_1e5(config, seq, tmp_path):
     model = hf_model(config, seed=seq)
@@ -323,6 +324,7 @@ def assert_gradients_close(actual, expected):
                                    err_msg=name)
 
 
+@pytest.mark.slow
 def test_read_positions_equal_the_full_output_there_with_the_same_gradients(tiny_params):
     x, rp = inputs(TINY, seed=4), read_positions(TINY.n_positions)
     w = np.random.default_rng(5).standard_normal((2, 2, TINY.n_embd)).astype(np.float32)
@@ -405,6 +407,7 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_params):
     assert np.abs(diff).max() <= 0.08, np.abs(diff).max()
 
 
+@pytest.mark.slow
 def test_remat_gives_same_output_and_gradients(tiny_params):
     x = inputs(TINY, seed=5)
 
@@ -425,6 +428,7 @@ def test_remat_gives_same_output_and_gradients(tiny_params):
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["hidden_dropout_prob", "attention_probs_dropout_prob"])
 def test_each_dropout_changes_output_when_not_deterministic(which, tiny_params):
     cfg = dataclasses.replace(TINY, **{which: 0.1})

@@ -271,6 +271,7 @@ def converted(small, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_orbax_checkpoint_that_restores_bit_identical(small, converted):
     assert (converted / "params").is_dir()
     assert (converted / "params" / "_CHECKPOINT_METADATA").is_file()  # written by orbax
@@ -281,6 +282,7 @@ def test_convert_cli_writes_orbax_checkpoint_that_restores_bit_identical(small, 
     assert_matches_reference(small, config, params)
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_with_mismatched_config_raises_naming_parameter(
         small, converted, tmp_path):
     bad = tmp_path / "bad"
@@ -437,6 +439,7 @@ def test_unsupported_attention_option_raises_naming_it(small, tmp_path, option, 
         load_gpt2(tmp_path)
 
 
+@pytest.mark.slow
 def test_bfloat16_safetensors_load_as_float32(tmp_path):
     import ml_dtypes
     from safetensors.flax import save_file as save_flax  # numpy cannot write bfloat16

@@ -42,6 +42,7 @@ def _rows(workdir: Path, run: int = 0) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_any_workdir_path_trains_checkpoints_resumes_and_tests(tmp_path, capsys):
     workdir = tmp_path / ODD_NAME / f"run {ODD_NAME}"  # the parent holds them too
     (first,) = loop.train_and_evaluate(TINY, str(workdir))
@@ -97,6 +98,7 @@ class _SignalsAtStep:
         return self.task.batch(split, step, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_group_stopped_by_sigint_checkpoints_and_resumes_exactly(tmp_path):
     cfg = dataclasses.replace(TINY, steps=8, checkpoint_every=100)
     lrs, seeds = [1e-3, 1e-2], [0, 1]
@@ -120,6 +122,7 @@ def test_a_group_stopped_by_sigint_checkpoints_and_resumes_exactly(tmp_path):
             assert straight[k][key] == resumed[k][key], key
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_train_command_with_a_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/bit_xor.py",
@@ -148,6 +151,7 @@ def test_sigterm_stops_the_train_command_with_a_checkpoint(tmp_path):
 
 # --- workdirs of f28d936 ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_sweep_cell_of_f28d936_resumes_where_it_stopped(tmp_path, capsys):
     cell = shutil.copytree(FIXTURES / "sweep_cell", tmp_path / "cell")
     lrs, seeds = [1e-3, 1e-2], [0, 0]  # its 2 learning rates x 1 seed
@@ -166,6 +170,7 @@ def test_a_sweep_cell_of_f28d936_resumes_where_it_stopped(tmp_path, capsys):
         loop.train_and_evaluate(cfg, str(cell), [1e-3, 3e-2], seeds)
 
 
+@pytest.mark.slow
 def test_a_group_of_64da4ce_resumes_with_its_task_options_nested(tmp_path, capsys):
     # tests/fixtures/64da4ce/group: written by 64da4ce (identity format 2: the task's options
     # as top-level fields) with TINY's settings on 1 device, stopped at step 4

@@ -160,6 +160,7 @@ def _bert(tmp_path):
     return hf, transformers.BertModel(hf).eval(), _hf_dir(tmp_path, transformers.BertModel(hf))
 
 
+@pytest.mark.slow
 def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
     hf, _, directory = _bert(tmp_path)
     cfg = train_config(**{**TINY, "init": "pretrained", "n_layer": None, "n_head": None,
@@ -177,6 +178,7 @@ def test_a_pretrained_bert_directory_is_the_backbone_of_fpt(tmp_path):
         weights.load_gpt2(directory)
 
 
+@pytest.mark.slow
 def test_a_vit_directory_loads_with_a_fresh_position_table(tmp_path):
     directory = _vit(tmp_path)
     config, params = weights.load(directory)

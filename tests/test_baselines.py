@@ -57,6 +57,7 @@ def test_reproduce_and_task_configs_share_the_rows_per_task_settings(tmp_path):
     assert rows.apply(paper_cfg, "scratch", {"n_layer": 2, "n_embd": 64}).n_layer == 2
 
 
+@pytest.mark.slow
 def test_a_budget_override_of_n_embd_wins_over_the_matched_width():
     cfg = reproduce.load_task_config("bit_xor")
     matched = rows.apply(cfg, "lstm_matched")

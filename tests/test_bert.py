@@ -295,6 +295,7 @@ def test_attention_takes_the_fused_path_unless_weights_or_attention_dropout(
 
 # --- bfloat16, remat, dropout ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SMALL, CAUSAL], ids=["2x32h4", "2x64h4i100causal"])
 def test_bfloat16_compute_stays_close_to_float32(config):
     # Measured on SMALL, ODD, CAUSAL (3 seeds each): relative Frobenius error 0.0039-0.0047

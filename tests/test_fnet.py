@@ -28,6 +28,7 @@ def test_mixing_is_the_real_part_of_the_2d_fft():
     assert _rel_err(full, want) < 1e-5
 
 
+@pytest.mark.slow
 def test_with_lengths_each_example_is_transformed_over_its_own_length_only():
     x = np.random.RandomState(1).randn(3, 9, 8).astype(np.float32)
     lengths = np.array([9, 4, 1])
@@ -119,6 +120,7 @@ def test_fnet_trains_in_the_pipeline_with_its_frozen_mlp_bit_identical(tmp_path)
                for k, v in flax.traverse_util.flatten_dict(g.states.trainable).items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalized", [False, True])
 def test_a_block_adds_the_mixing_of_its_layer_norm_orthonormal_when_asked(normalized):
     cfg = fnet.FNetConfig(n_layer=1, n_embd=12, normalized=normalized, resid_pdrop=0.0)

@@ -85,6 +85,7 @@ def test_too_many_tokens_after_patching_is_an_error():
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 13)))
 
 
+@pytest.mark.slow
 def test_return_all_positions_and_attention_weights():
     model = FPT(CONFIG, input_dim=2, output_dim=3, return_last_only=False)
     x = jnp.ones((2, 4, 2))

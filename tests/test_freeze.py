@@ -18,7 +18,8 @@ N_LAYER = 4
 def params():
     config = GPT2Config(n_layer=N_LAYER, n_head=2, n_embd=16, n_positions=32)
     model = FPT(config, input_dim=3, output_dim=5)
-    return model.init(jax.random.PRNGKey(0), np.zeros((1, 4, 3), np.float32))["params"]
+    # jitted: one compile instead of one per operation
+    return jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 4, 3), np.float32))["params"]
 
 
 @pytest.mark.parametrize("path, expected", [

@@ -261,6 +261,7 @@ def test_attention_takes_the_fused_path_unless_weights_or_attention_dropout(
     assert len(calls) == (TINY.n_layer if expected == "fused" else 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
 def test_requesting_attention_weights_leaves_the_output_unchanged(remat, tiny_params):
     params, x = tiny_params[TINY], inputs(TINY, seed=13)
@@ -291,6 +292,7 @@ def test_attention_weights_with_read_positions_cover_the_read_rows_of_the_last_b
 
 # --- bfloat16 compute ------------------------------------------------------------------
 
+@pytest.mark.slow
 @CONFIGS
 def test_bfloat16_compute_stays_close_to_float32(config, tiny_params):
     # Measured on these two configs (all weights random with std 0.1, unit-normal inputs,
@@ -337,6 +339,7 @@ def test_remat_gives_same_output_and_gradients(tiny_params):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_remat_with_dropout_matches_non_remat_for_same_rng(tiny_params):
     params = tiny_params[TINY]
     x = inputs(TINY, seed=6)

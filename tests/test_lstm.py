@@ -69,6 +69,7 @@ def test_ln_lstm_layers_equal_a_numpy_reference():
     np.testing.assert_array_equal(at[:, 0], ours[jnp.arange(3), read[:, 0]])
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_the_state_in_float32_and_stays_near_float32():
     cfg = lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 16))

@@ -138,6 +138,7 @@ def test_bfloat16_step_multiplies_bfloat16_operands_into_float32(trainable):
     assert all(ops == ["bf16", "bf16"] and out == "f32" for ops, out in dots), dots
 
 
+@pytest.mark.slow
 def test_frozen_part_is_the_float32_init_cast_once():
     f32 = build.build_group(train_config(**TINY, trainable="output", dtype="float32"))
     bf16 = build.build_group(train_config(**TINY, trainable="output", dtype="bfloat16"))

@@ -107,6 +107,7 @@ def test_the_backbone_exists_once_whatever_the_number_of_runs():
     assert args[4] - args[1] == 3 * per_run < backbone
 
 
+@pytest.mark.slow
 def test_learning_rate_is_in_the_optimizer_state_not_the_program():
     """Two different learning-rate sets run on one compiled program (traced once), and the
     first Adam update scales with each run's learning rate."""
@@ -183,6 +184,7 @@ def test_injected_optimizer_matches_the_plain_optimizer(schedule, optimizer, non
     assert float(optim.learning_rate(s)) == np.float32(lr)
 
 
+@pytest.mark.slow
 def test_build_group_shares_the_backbone_and_rejects_mismatched_axes():
     cfg = train_config(**TINY)
     group = lambda lrs, seeds, b: build.build_group(  # noqa: E731

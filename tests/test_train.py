@@ -173,6 +173,7 @@ def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
         loop.train_and_evaluate(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_pretrained_weights_of_another_preset_are_refused(tmp_path):
     from fpt_jax import weights
     from fpt_jax.models.gpt2 import GPT2Config, init_params
@@ -185,6 +186,7 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path):
         build.build_group(cfg)
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_is_loaded_into_the_fpt(tmp_path):
     from fpt_jax import weights
     from fpt_jax.models.gpt2 import GPT2Config, init_params
@@ -220,6 +222,7 @@ def test_pretrained_weights_of_the_wrong_shape_are_refused(tmp_path):
                           jax.random.PRNGKey(0), wrong)
 
 
+@pytest.mark.slow
 def test_seeds_share_the_random_backbone_that_backbone_seed_draws():
     def parts(**kw):
         params = _params_of_one(build.build_group(train_config(**{**TINY, **kw})))

@@ -347,6 +347,7 @@ def test_read_positions_equal_the_full_output_there_with_the_same_gradients(tiny
     assert_gradients_close(gp1, gp0)
 
 
+@pytest.mark.slow
 def test_attention_weights_are_bidirectional_normalised_in_layer_order(tiny_params):
     x, t = inputs(TINY, seed=6), TINY.n_positions
     fused = np.asarray(forward(tiny_params, x, config=TINY))
@@ -393,6 +394,7 @@ def test_attention_takes_the_fused_path_unless_weights_or_attention_dropout(
 
 # --- bfloat16, remat, dropout ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(tiny_params):
     # Measured (std-0.1 random weights, unit-normal inputs, 4 seeds): relative Frobenius error
     # 0.0043-0.0047 (~1.2 bfloat16 unit roundoffs 2**-8), max abs error 0.017-0.023 on

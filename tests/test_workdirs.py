@@ -69,6 +69,7 @@ def test_literal_path_reaches_the_directory_itself(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_converted_weights_under_a_bracketed_path_load(tmp_path):
     from fpt_jax.models.gpt2 import GPT2Config, init_params
     config = GPT2Config(n_layer=1, n_head=2, n_embd=16)

@@ -214,9 +214,10 @@ RUN = [*TINY[:-4], "--config.steps=6", "--config.eval_every=2", "--config.log_ev
 def test_faults_are_survived_or_stop_cleanly(tmp_path):
     straight, torn, damaged, gone = (tmp_path / n for n in ("straight", "torn", "damaged",
                                                              "all_damaged"))
-    first = run_all("experiments.train", [[*RUN, f"--workdir={d}"] for d in
-                                          (straight, torn, damaged, gone)])
-    assert all(r["rc"] == 0 for r in first), [r["stderr"][-800:] for r in first]
+    (first,) = run_all("experiments.train", [[*RUN, f"--workdir={straight}"]])
+    assert first["rc"] == 0, first["stderr"][-800:]
+    for workdir in (torn, damaged, gone):  # the same finished run, damaged below
+        shutil.copytree(straight, workdir)
 
     # a torn last line of metrics.jsonl (a kill during a write): dropped with a warning
     with open(torn / "metrics.jsonl", "a") as f:

@@ -7,9 +7,10 @@ accuracy far above chance (10%).
 
 The model is an FPT in the paper's sense: random-init GPT-2 blocks (2 layers, width 128)
 frozen, only input, positions, layer norms and output trained ('fpt'). 7x7 patches of the
-28x28 images (16 tokens of 49 features), batch 32, Adam 3e-3, 600 steps. Measured on the
-2-core CPU: 58.7% test accuracy in about 50 s (chance is 10%; training the output layer alone
-on a frozen random model reaches about 25% on MNIST in the paper). With every parameter
+28x28 images (16 tokens of 49 features), batch 32, Adam 3e-3, 300 steps. Measured on a
+2-core Xeon: 55.5% validation and 54.3% test accuracy in about 20 s (600 steps: 58.7%;
+chance and the majority class are 10%; training the output layer alone on a frozen random
+model reaches about 25% on MNIST in the paper). With every parameter
 trained the same budget reaches 72-73%; ENVIRONMENT.md: frozen, 4 layers, 3,000 steps: 79%.
 """
 import os
@@ -24,8 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # slow: end to end, real da
     reason=f"real Fashion-MNIST absent: {RAW} comes from `apt-get install -y "
            f"dataset-fashion-mnist` (Debian)")]
 
-STEPS = 600
-MIN_ACCURACY = 0.55
+STEPS = 300
+MIN_ACCURACY = 0.45  # 4.5x chance, 10 points under what it reaches
 
 
 def test_prepare_and_train_fashion_mnist(tmp_path):

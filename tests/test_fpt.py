@@ -11,7 +11,7 @@ CONFIG = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64)
 
 
 def _init(model, x, **kw):
-    return model.init(jax.random.PRNGKey(0), x, **kw)["params"]
+    return jax.jit(lambda x, kw: model.init(jax.random.PRNGKey(0), x, **kw))(x, kw)["params"]
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ def _loss_and_grads(model, params, x, length=None, rng=None):
         logits = model.apply({"params": p}, x, length)
         w = jax.random.normal(jax.random.PRNGKey(9), logits.shape)
         return jnp.sum(w * logits)
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)  # one program, not op by op
 
 
 @pytest.mark.slow

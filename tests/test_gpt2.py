@@ -267,7 +267,8 @@ def test_requesting_attention_weights_leaves_the_output_unchanged(remat, tiny_pa
     params, x = tiny_params[TINY], inputs(TINY, seed=13)
     plain = np.asarray(forward(params, x, config=TINY))
     out, weights = forward(params, x, config=TINY, remat=remat, output_attentions=True)
-    np.testing.assert_allclose(np.asarray(out), plain, rtol=0, atol=1e-6)
+    # two programs (with and without the weights as outputs): a few ulp apart at most
+    np.testing.assert_allclose(np.asarray(out), plain, rtol=4e-6, atol=1e-6)
     _, reference = forward(params, x, config=TINY, output_attentions=True)
     assert len(weights) == TINY.n_layer
     for a, b in zip(weights, reference):  # under remat too, the same weights in layer order

@@ -46,6 +46,12 @@ REF_CONFIG = train_config(task="bit_xor", init="random", n_layer=1, n_embd=32, n
 FIRST_STEPS = 4  # the first multi-process run; the resumed one continues past REF_CONFIG.steps
 
 
+def _cache(fallback: Path) -> Path:
+    """The session's compilation cache (conftest.py) when there is one, so that every cluster
+    of this file reuses what the ones before it compiled."""
+    return Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or fallback / "jax_cache")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,11 +66,14 @@ class Cluster:
                  module: str = "tests.multihost_worker"):
         env = dict(os.environ)
         env.update({
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+            # the suite's XLA flags (conftest.py), with this process's share of the devices
+            "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+                                   *(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                     if "device_count" not in f)]),
             "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
             # the second run reuses the first run's compilations
             "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
         port = _free_port()
         # process 0's coordinator listens on loopback only (JAX's default is every interface)
         env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
@@ -146,7 +155,7 @@ def runs(tmp_path_factory):
     cluster = Cluster(root / "logs_first", [*RUN_FLAGS, f"--config.steps={FIRST_STEPS}",
                                             f"--workdir={multi}",
                                             f"--restored_to={root}/restored_{{process}}.npz"],
-                      root / "jax_cache", timeout=120)
+                      _cache(root), timeout=120)
     try:
         loop.train_and_evaluate(REF_CONFIG, str(ref))
         cluster.wait(timeout=300)
@@ -205,7 +214,7 @@ def test_resume_in_every_process_then_a_dead_process_fails_the_run(runs):
     multi = runs["multi"]
     cluster = Cluster(runs["root"] / "logs_resume", [*RUN_FLAGS, "--config.steps=1000000",
                                                      f"--workdir={multi}"],
-                      runs["root"] / "jax_cache", timeout=DEATH_TIMEOUT)
+                      _cache(runs["root"]), timeout=DEATH_TIMEOUT)
     try:
         deadline = time.monotonic() + 300
         while REF_CONFIG.steps not in _metrics(multi) or "eval/loss" not in _metrics(
@@ -312,7 +321,7 @@ def test_pmap_devices_of_one_process_are_its_local_devices():
 def test_processes_that_disagree_on_the_config_fail_naming_the_difference(tmp_path):
     cluster = Cluster(tmp_path / "logs", [*RUN_FLAGS, "--config.steps=2",
                                           f"--workdir={tmp_path / 'run'}"],
-                      tmp_path / "jax_cache", timeout=60,
+                      _cache(tmp_path), timeout=60,
                       per_process=[[], ["--config.n_embd=64"]])
     try:
         for p in cluster.procs:
@@ -340,7 +349,7 @@ def test_a_group_of_runs_over_two_processes_matches_one_process(tmp_path):
     lrs, seeds, steps = (1e-3, 3e-2), (3,), 4
     flags = [*RUN_FLAGS, f"--config.steps={steps}", "--sweep.learning_rates=" + ",".join(map(str, lrs)),
              "--sweep.seeds=" + ",".join(map(str, seeds)), f"--workdir={tmp_path / 'multi'}"]
-    cluster = Cluster(tmp_path / "logs", flags, tmp_path / "jax_cache", timeout=120,
+    cluster = Cluster(tmp_path / "logs", flags, _cache(tmp_path), timeout=120,
                       module="experiments.sweep")
     try:
         import dataclasses

@@ -54,7 +54,11 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
                     "## Steps to converge", "## Parameter counts", "## Skipped", "## Plots",
                     "## Sources", "## Budget"):
         assert section in text, section
-    shown = {row[0] for row in _table(text, "### bit_xor")}
+    table = _table(text, "### bit_xor")
+    trivial_rows = [row for row in table if row[0].startswith("trivial: ")]
+    assert [row[0] for row in trivial_rows] == ["trivial: majority class"]  # Bit XOR: chance
+    assert abs(float(trivial_rows[0][1]) - 50) < 2.5  # computed from the data, not typed in
+    shown = {row[0] for row in table if row not in trivial_rows}
     skipped = {row for task, row, _ in plan.skipped}
     for row in budget.rows:
         label = rows.get(row).label
@@ -62,8 +66,14 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
         if row in skipped:
             assert re.search(rf"- bit_xor / {row}: \S", text)
     # every row trained as a sweep cell (each baseline in the sweep): mean +- s.e. of 2 seeds
-    for row in _table(text, "### bit_xor"):
+    for row in (row for row in table if row not in trivial_rows):
         assert re.fullmatch(r"\d+\.\d \+- \d+\.\d \(n=2\)", row[1]), row
+        low, high = map(float, re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", row[2]).groups())
+        mean, se = map(float, re.findall(r"[\d.]+", row[1])[:2])
+        assert low <= mean <= high and high - low >= 2 * 12.7 * se - 0.2  # t(0.975, 1)
+        assert re.fullmatch(r"(above|below) majority class|\*\*not above majority class\*\*",
+                            row[4]), row
+        assert re.match(r"[\d.e-]+ of 0\.001\.\.0\.003 \(2\)", row[3]), row
     assert (report_dir / "results.csv").read_text().count("\n") > len(plan.cells)
     counts = _table(text, "## Parameter counts")
     assert len(counts) == len(shown)
@@ -87,10 +97,13 @@ def test_the_plots_decode_and_are_not_blank(smoke):
 def test_the_published_numbers_in_the_report_are_the_papers(smoke):
     _, _, _, text = smoke
     for row in _table(text, "### bit_xor"):
+        if row[0].startswith("trivial: "):
+            assert row[5] == row[6] == "-"
+            continue
         key = next(k for k, v in rows.ROWS.items() if v.label == row[0])
         lu = paper.MAIN.get(rows.get(key).paper_row, {}).get("bit_xor")
-        assert row[3] == ("-" if lu is None else f"{lu:g}")
-        assert row[4] == "-"  # Rothermel et al. have no bit tasks
+        assert row[5] == ("-" if lu is None else f"{lu:g}")
+        assert row[6] == "-"  # Rothermel et al. have no bit tasks
     ablation = _table(text, "## Adding parameter groups one at a time")
     random_row = next(r for r in ablation if r[1] == rows.get("random").label)
     published = [float(re.search(r"\(paper ([\d.]+)\)", c).group(1)) for c in random_row[2:]]

@@ -2,11 +2,12 @@
 
 `match(cfg, task, model, kind)`: the LSTM width whose whole parameter count (input layer,
 LSTM, head: all trained) is nearest the transformer `model`'s count on the same task, as
-FPT, counted as the count table counts it: 'trainable' under trainable='fpt' (the whole
-position table included, although a task reads only its first rows), or 'total'. Integer
+FPT, by one of MATCH_COUNTS (below): its trainable count (whole position table, or
+`effective`: the rows the task reads), its total, or its frozen part (matched by the
+frozen recurrence of an LSTM that trains FROZEN_LSTM_TRAINABLE). Integer
 widths step the count by about 2 / width of itself, so small targets (width below ~200) can
 miss by more than 1%; `Match.lines()` prints both counts and the difference. The row that
-uses it is `lstm_matched` (fpt_jax/rows.py).
+use it are `lstm_matched` and `lstm_frozen_matched` (fpt_jax/rows.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,15 @@ from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import make_model
 
-MATCH_COUNTS = ("trainable", "total")
+# What of the transformer (as FPT on the task) a matched LSTM's width matches:
+#   trainable: its trainable count under trainable='fpt' (the whole position table);
+#   effective: the same with only the position rows the task reads (the paper's "positions
+#              used": 64 x 768 on CIFAR-10, not 1,024 x 768);
+#   total:     every parameter;
+#   frozen:    its frozen part (attention and MLPs), matched by the LSTM's frozen
+#              recurrence under FROZEN_LSTM_TRAINABLE (a reservoir of the same size).
+MATCH_COUNTS = ("trainable", "effective", "total", "frozen")
+FROZEN_LSTM_TRAINABLE = "input,ln,output"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,20 +42,18 @@ class Match:
     target: int  # the transformer's count
     model: str
     kind: str  # 'trainable' or 'total'
-    other: int = 0  # the transformer's other count (total, or trainable), for the table
+    other: int = 0  # the transformer's total count, for the table
 
     @property
     def difference(self) -> float:
         return self.count / self.target - 1
 
     def lines(self) -> str:
-        counts = {self.kind: self.target,
-                  "total" if self.kind == "trainable" else "trainable": self.other}
+        mine = ("frozen recurrence" if self.kind == "frozen" else "every parameter trained")
         text = (f"parameter-matched LSTM: width {self.width}, matching {self.model} as FPT on "
                 f"this task, its {self.kind} count\n"
-                f"  {self.model}: trainable (trainable='fpt') {counts['trainable']:,}, total "
-                f"{counts['total']:,}\n"
-                f"  this LSTM (every parameter trained): {self.count:,} "
+                f"  {self.model}: {self.kind} {self.target:,}, total {self.other:,}\n"
+                f"  this LSTM ({mine}): {self.count:,} "
                 f"({100 * self.difference:+.2f}% of the {self.kind} count)")
         if abs(self.difference) > 0.01:
             text += ("\n  (more than 1% off: integer widths step the count by about "
@@ -56,7 +63,7 @@ class Match:
 
 def match(cfg: TrainConfig, task, model: str, kind: str = "trainable") -> Match:
     """The width of `cfg`'s LSTM (model=lstm) that matches the transformer preset `model`
-    on `task`, by its `kind` of count ('trainable' as FPT, or 'total')."""
+    on `task`, by its `kind` of count (one of MATCH_COUNTS)."""
     if kind not in MATCH_COUNTS:
         raise ValueError(f"match count {kind!r}; accepted: {list(MATCH_COUNTS)}")
     families = {p: backbones.family_of_preset(p).name for p in backbones.preset_names()}
@@ -78,13 +85,20 @@ def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
     cfg = TrainConfig(model=model, in_layer_sizes=in_layer_sizes,
                       out_layer_sizes=out_layer_sizes)
     transformer = backbones.family_of_preset(match_model).config_cls.preset(match_model)
-    target = count(cfg, task, transformer, "fpt" if match_count == "trainable" else "full")
-    other = count(cfg, task, transformer, "full" if match_count == "trainable" else "fpt")
+    total = count(cfg, task, transformer, "full")
+    target = {"total": lambda: total,
+              "trainable": lambda: count(cfg, task, transformer, "fpt"),
+              "effective": lambda: count(cfg, task, transformer, "fpt")
+              - unread_positions(task, transformer) * transformer.n_embd,
+              "frozen": lambda: total - count(cfg, task, transformer, "fpt")}[match_count]()
     lstm_cls = backbones.family_of_preset(cfg.model).config_cls
     layers = {} if n_layer is None else {"n_layer": n_layer}
 
     def at(width: int) -> int:
-        return count(cfg, task, lstm_cls.preset(cfg.model, n_embd=width, **layers), "full")
+        lstm = lstm_cls.preset(cfg.model, n_embd=width, **layers)
+        full = count(cfg, task, lstm, "full")
+        return (full - count(cfg, task, lstm, FROZEN_LSTM_TRAINABLE)
+                if match_count == "frozen" else full)
     # Every parameter's size is at most quadratic in the width: three counts fix it.
     c4, c8, c12 = at(4), at(8), at(12)
     a = (c12 - 2 * c8 + c4) / 32
@@ -93,7 +107,20 @@ def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
     w = (-b + math.sqrt(max(b * b - 4 * a * (c0 - target), 0.0))) / (2 * a)
     candidates = {max(1, math.floor(w)), max(1, math.ceil(w))}
     best = min(candidates, key=lambda x: abs(at(x) - target))
-    return Match(best, at(best), target, match_model, match_count, other)
+    return Match(best, at(best), target, match_model, match_count, total)
+
+
+def tokens(task) -> int:
+    """The sequence length FPT feeds its backbone for one of `task`'s examples: token ids
+    as they are; real features cut into `input_dim`-feature tokens row by row."""
+    if task.input_kind == "tokens":
+        return int(task.example_shape[0])
+    return math.prod(task.example_shape) // task.input_dim
+
+
+def unread_positions(task, config: Any) -> int:
+    """Rows of `config`'s position table that `task`'s sequences never read."""
+    return max(config.n_positions - tokens(task), 0)
 
 
 @dataclasses.dataclass(frozen=True)

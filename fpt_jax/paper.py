@@ -44,6 +44,19 @@ MAIN: dict[str, dict[str, float]] = {
     "vit_pretrained": {"bit_memory": 100.0, "bit_xor": 100.0, "listops": 37.4, "mnist": 97.8,
                        "cifar10": 72.5, "cifar10_lra": 43.0, "remote_homology": 7.5},
 }
+# Numbers of Lu et al. that docs/paper.md does not carry, each with where it was read.
+# Frozen random LSTM (input, layer norms, output trained) beside the frozen random
+# transformer's 61.7 on CIFAR-10; the other columns are not transcribed here.
+QUOTED: dict[str, dict[str, float]] = {"lstm_frozen": {"cifar10": 34.0}}
+QUOTED_SOURCE = {"lstm_frozen": "Lu et al.'s frozen random LSTM, as quoted in fpt-jax issue "
+                                "#26 (not in docs/paper.md; other tasks not transcribed)"}
+
+
+def published(row: str | None, task: str) -> float | None:
+    """Lu et al.'s number for `row` (a MAIN or QUOTED row) on `task`, if any."""
+    return {**MAIN, **QUOTED}.get(row, {}).get(task) if row else None
+
+
 MAIN_LABELS = {
     "fpt": "FPT (`gpt2`, frozen)",
     "fpt_large": "FPT (`gpt2-large`)",
@@ -127,6 +140,7 @@ NOTES = {
     "full_layers": "Lu et al.'s full transformer has 3 layers for CIFAR-10, ListOps and C10-LRA.",
     "homology_scale": ("Lu et al.'s homology accuracies are multiplied by 0.9739 (sequences "
                        "longer than 1,024 dropped, keeping 97.39%)."),
+    "quoted": QUOTED_SOURCE["lstm_frozen"] + ".",
     "rothermel_protocol": ("Rothermel et al.: learning rate swept 1e-6..1e-2 (log), 3 seeds, "
                            "validation-based early stopping, batch 8, `gpt2`; mean +- s.e."),
 }

@@ -162,7 +162,7 @@ def main_table(rows: Sequence[Row], found: dict[str, list[trivial.Baseline]] | N
         for r in (r for r in rows if r.task == task and r.selection is None):
             ours = (_pct(r.test, r.picked.n_seeds) if r.test else
                     "not finished" if r.picked is None else "no test result")
-            lu = None if proxy else paper.MAIN.get(get_row(r.row).paper_row, {}).get(task)
+            lu = None if proxy else paper.published(get_row(r.row).paper_row, task)
             ro = None if proxy else paper.ROTHERMEL.get(get_row(r.row).rothermel_row,
                                                         {}).get(task)
             lines.append(f"| {get_row(r.row).label} | {ours} | {_interval(r)} | {_lr(r)} | "
@@ -170,8 +170,8 @@ def main_table(rows: Sequence[Row], found: dict[str, list[trivial.Baseline]] | N
                          f"{'; '.join(differences(r)) or 'as the paper'} |")
         if proxy:
             published = [f"{get_row(r.row).label} {_paper(v)}" for r in rows
-                         if r.task == task and r.selection is None and (v := paper.MAIN.get(
-                             get_row(r.row).paper_row, {}).get(proxy)) is not None]
+                         if r.task == task and r.selection is None and (v := paper.published(
+                             get_row(r.row).paper_row, proxy)) is not None]
             lines += ["", f"The paper's {proxy} numbers, another dataset (a linear model "
                       f"scores about 92% on MNIST and 84% on Fashion-MNIST), for orientation "
                       f"only: {'; '.join(published) or 'none for these rows'}."]
@@ -257,7 +257,7 @@ def plot_main(rows: Sequence[Row], path: Path,
             ax.bar(x, 100 * r.test[0], width, yerr=100 * r.test[1], capsize=2,
                    color=f"C{j}", label=get_row(name).label if i == 0 else None)
             lu = (None if task in PROXY_TASK else
-                  paper.MAIN.get(get_row(name).paper_row, {}).get(task))
+                  paper.published(get_row(name).paper_row, task))
             if lu is not None:
                 ax.plot(x, lu, "k_", markersize=12, markeredgewidth=2)
     for i, task in enumerate(tasks):

@@ -22,12 +22,15 @@ from absl import logging
 from fpt_jax.config import TrainConfig
 
 LSTM_LEARNING_RATE = 3e-4  # the paper's, for its LSTMs
+FROZEN_LSTM_TRAINABLE = "input,ln,output"  # a reservoir LSTM (fpt_jax.baselines: the same)
 
 
 @dataclasses.dataclass(frozen=True)
 class Match:
-    """The LSTM's width chosen so that its parameters (all trained) match `model`'s count on
-    the same task as FPT: 'trainable' (under trainable='fpt') or 'total'."""
+    """The LSTM's width chosen so that its parameters match `model`'s count on the same task
+    as FPT, by one of fpt_jax.baselines.MATCH_COUNTS ('trainable', 'effective': only the
+    position rows the task reads, 'total', 'frozen': the LSTM's frozen recurrence against
+    the transformer's frozen part)."""
     model: str = "gpt2"
     count: str = "trainable"
 
@@ -91,6 +94,15 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("lstm_matched", "LSTM, parameter-matched to FPT",
         {"model": "lstm", "init": "random", "trainable": "full",
          "learning_rate": LSTM_LEARNING_RATE}, match=Match("gpt2", "trainable")),
+    Row("lstm_matched_effective", "LSTM, matched to the FPT parameters the task reads",
+        {"model": "lstm", "init": "random", "trainable": "full",
+         "learning_rate": LSTM_LEARNING_RATE}, match=Match("gpt2", "effective")),
+    Row("lstm_frozen", "frozen random LSTM (input, layer norms, output trained)",
+        {"model": "lstm", "init": "random", "trainable": FROZEN_LSTM_TRAINABLE,
+         "learning_rate": LSTM_LEARNING_RATE}, paper_row="lstm_frozen"),
+    Row("lstm_frozen_matched", "frozen random LSTM, recurrence as large as GPT-2's frozen part",
+        {"model": "lstm", "init": "random", "trainable": FROZEN_LSTM_TRAINABLE,
+         "learning_rate": LSTM_LEARNING_RATE}, match=Match("gpt2", "frozen")),
     Row("fnet", "FNet reservoir (frozen Fourier mixing)", {"model": "fnet", "init": "random"}),
     Row("fnet_orthonormal", "FNet reservoir, orthonormal mixing",
         {"model": "fnet-orthonormal", "init": "random"}),

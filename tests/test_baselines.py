@@ -7,6 +7,10 @@ import pytest
 
 from fpt_jax import baselines, paper, reproduce, rows
 
+def _config(task: str):
+    return reproduce.load_task_config(task)
+
+
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments",
                                         "configs", "*.py")))
 
@@ -42,7 +46,7 @@ def test_every_task_config_offers_every_row(path):
 
 def test_rows_name_published_rows_that_exist():
     for row in rows.ROWS.values():
-        assert row.paper_row is None or row.paper_row in paper.MAIN, row.name
+        assert row.paper_row is None or row.paper_row in {**paper.MAIN, **paper.QUOTED}, row.name
         assert row.rothermel_row is None or row.rothermel_row in paper.ROTHERMEL, row.name
         assert row.label and row.name in rows.ROWS
 
@@ -69,3 +73,30 @@ def test_a_budget_override_of_n_embd_wins_over_the_matched_width():
 
 # Each baseline in the sweep: tests/test_reproduce.py runs every row (lstm, lstm_matched,
 # fnet, scratch, ...) as a sweep cell of the smoke budget.
+
+
+def test_the_effective_count_reads_only_the_position_rows_the_task_uses():
+    cfg = rows.apply(_config("bit_xor"), "lstm_matched_effective")
+    m = rows.get("lstm_matched_effective").matched(cfg)
+    d, blocks = 768, 12
+    # input (1 feature -> d), the 10 positions Bit XOR reads, 2 layer norms per block and the
+    # final one (scale and bias), output (d -> 2 logits)
+    assert m.kind == "effective"
+    assert m.target == (d + d) + 10 * d + (2 * blocks + 1) * 2 * d + (2 * d + 2) == 49_154
+    assert abs(m.difference) < 0.05 and cfg.n_embd == m.width  # width 44: a 4.5% step
+
+
+def test_a_frozen_lstm_trains_its_input_layer_norms_and_output_and_can_match_gpt2s_frozen_part():
+    from fpt_jax import build
+    cfg = rows.apply(_config("bit_xor"), "lstm_frozen")
+    task = cfg.make_task()
+    config = build.backbone(cfg, task)[0]
+    # 3 x 768: input 1,536 + 3 layers' norms (LN_x, LN_h: 4H each; LN_c: H; scale and bias)
+    # + output 1,538: the original code's default trainable set
+    assert baselines.count(cfg, task, config, cfg.trainable) == 44_546
+    matched = rows.apply(_config("bit_xor"), "lstm_frozen_matched")
+    m = rows.get("lstm_frozen_matched").matched(matched)
+    attn, mlp = 768 * 2304 + 2304 + 768 * 768 + 768, 2 * 768 * 3072 + 3072 + 768
+    assert m.target == 12 * (attn + mlp) == 85_017_600  # GPT-2's frozen attention and MLPs
+    assert abs(m.difference) < 0.001 and matched.n_embd == m.width
+    assert matched.trainable == cfg.trainable == baselines.FROZEN_LSTM_TRAINABLE

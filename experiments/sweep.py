@@ -8,9 +8,11 @@ r"""A sweep: a grid over config settings x learning rates x seeds, selected on v
 
 `--config` (with `--config.<field>` overrides) is the base config of every cell, as for
 experiments/train.py; its `learning_rate` and `seed` are not used. `--sweep` is a
-`fpt_jax.sweep.SweepConfig`: `--sweep.learning_rates`, `--sweep.seeds` and `--sweep.grid`
+`fpt_jax.sweep.SweepConfig`: `--sweep.learning_rates`, `--sweep.seeds`, `--sweep.grid`
 (axes '<setting>=<v1>|<v2>; ...' over config fields and `task_options.<option>`; `--helpfull`
-lists them). Every cell trains its learning rates x seeds as one group
+lists them) and `--sweep.extend_edges=N` (a cell whose selected learning rate is the top or
+bottom of its grid gets up to N more beyond it, in WORKDIR/cells/<name>/extend_<lr>/; a
+selection left at an edge is logged as a warning and marked in results.md). Every cell trains its learning rates x seeds as one group
 (`fpt_jax.loop.train_and_evaluate`) in WORKDIR/cells/<name>/; cells run one after another.
 `--process_cells=i/n` runs only every n-th cell from cell i (one process per share; then
 `--results_only` once all are done). With the multi-process flags (docs/multihost.md) every
@@ -52,7 +54,7 @@ def main(argv):
         workdir = cli.writable_dir(F.workdir, "--workdir")
         if not F.results_only:
             sweep.run_sweep(cells, workdir, F.sweep.learning_rates, F.sweep.seeds,
-                            process_cells)
+                            process_cells, extend_edges=F.sweep.extend_edges)
         if jax.process_index() != 0:
             return  # process 0 writes and prints the results
         paths = results.write_results(workdir)

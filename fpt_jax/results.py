@@ -16,7 +16,10 @@ A sweep workdir holds one directory per grid cell, `WORKDIR/cells/<name>/`, with
   that learning rate the test accuracy as mean +- standard error over seeds, with the
   number of seeds. The standard error is `std(ddof=1) / sqrt(n)`; with one seed it is 0
   (no spread can be measured).
-  Then every learning rate's mean validation accuracy per cell.
+  Then every learning rate's mean validation accuracy per cell. Each cell's learning-rate
+  grid is shown, and a selection at its top or bottom edge (or of a single learning rate)
+  marked as not bracketed (`fpt_jax.edges`); the points `--sweep.extend_edges` added beyond
+  the grid (`cells/<name>/extend_<lr>/`) are read with the cell's runs, everywhere.
 - `WORKDIR/curves.png`: validation accuracy against step per cell at its selected
   learning rate: the mean over seeds, and a band from the lowest to the highest seed.
 - `WORKDIR/lr.png`: mean best validation accuracy (+- standard error) against learning
@@ -35,6 +38,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from fpt_jax import edges
 
 CELLS = "cells"
 CELL_FILE = "cell.json"
@@ -68,6 +73,9 @@ class Selection:
     run_ids: list[int]  # the runs of the selected learning rate
     steps_to_converge: list[int | None]
     trainable_params: int | None
+    grid: tuple[float, ...] = ()  # every learning rate the cell trained, added ones included
+    edge: str | None = None  # edges.edge: "low", "high", "single" (not bracketed) or None
+    added: tuple[float, ...] = ()  # the learning rates a sweep added beyond the grid
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -92,6 +100,7 @@ def load_cells(workdir: str | os.PathLike) -> list[Cell]:
             continue
         summary = _read_json(d / "summary.json")
         runs = summary.get("runs", []) if isinstance(summary, dict) else []
+        runs = edges.cell_runs(d, runs) if runs else []  # with the points added beyond
         cells.append(Cell(meta.get("name", d.name), dict(meta.get("settings", {})),
                           list(runs), d, int(meta.get("index", 0)),
                           dict(meta.get("config") or {})))
@@ -151,7 +160,9 @@ def split_names(cells: Sequence[Cell]) -> list[str]:
 def select(cell: Cell) -> Selection:
     """The learning rate with the best mean best-validation-accuracy over seeds (ties: the
     smaller one). A learning rate competes only if all of its runs have a validation
-    accuracy; the number of seeds is that of the selected learning rate."""
+    accuracy; the number of seeds is that of the selected learning rate. `grid` holds every
+    learning rate trained (competing or not: one that diverged above the selection brackets
+    it as well), `edge` where the selection sits in it (`fpt_jax.edges.edge`)."""
     by_lr: dict[float, list[dict]] = {}
     for run in cell.runs:
         by_lr.setdefault(float(run["learning_rate"]), []).append(run)
@@ -166,8 +177,9 @@ def select(cell: Cell) -> Selection:
         per_lr[lr] = (mean, se, len(vals))
         if best is None or mean > per_lr[best][0]:
             best = lr
+    grid, added = tuple(sorted(by_lr)), edges.added(cell.runs)
     if best is None:
-        return Selection(cell, None, 0, None, None, {}, per_lr, [], [], None)
+        return Selection(cell, None, 0, None, None, {}, per_lr, [], [], None, grid, None, added)
     runs = sorted(by_lr[best], key=lambda r: int(r.get("seed", 0)))
     test = {}
     for split in split_names([cell]):
@@ -177,7 +189,8 @@ def select(cell: Cell) -> Selection:
     params = {r.get("trainable_params") for r in runs}
     return Selection(cell, best, len(runs), per_lr[best][0], per_lr[best][1], test, per_lr,
                      [int(r["run"]) for r in runs], [r.get("steps_to_converge") for r in runs],
-                     params.pop() if len(params) == 1 else None)
+                     params.pop() if len(params) == 1 else None, grid, edges.edge(grid, best),
+                     added)
 
 
 # --- tables ---------------------------------------------------------------------------------
@@ -198,7 +211,7 @@ def run_rows(cells: Sequence[Cell]) -> tuple[list[str], list[dict[str, Any]]]:
     for split in splits:
         header += [_split_column(split, "accuracy"), _split_column(split, "loss")]
     header += ["steps_to_converge", "stopped_early", "diverged_step", "last_step",
-               "trainable_params", "wall_s"]
+               "trainable_params", "wall_s", "lr_added"]
     rows = []
     for cell in cells:
         for run in sorted(cell.runs, key=lambda r: int(r.get("run", 0))):
@@ -207,6 +220,7 @@ def run_rows(cells: Sequence[Cell]) -> tuple[list[str], list[dict[str, Any]]]:
                       "steps_to_converge", "stopped_early", "diverged_step", "last_step",
                       "trainable_params", "wall_s"):
                 row[k] = run.get(k)
+            row["lr_added"] = bool(run.get("group"))  # trained beyond the grid (edges)
             for split in splits:
                 row[_split_column(split, "accuracy")] = _test_metric(run, split, "accuracy")
                 row[_split_column(split, "loss")] = _test_metric(run, split, "loss")
@@ -250,15 +264,19 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
              "(each run's best evaluation); test accuracy at each run's best step, "
              "mean +- standard error over seeds (std with ddof=1 / sqrt(n); 0 with one seed). "
              "Accuracies in %. Converged: seeds whose validation accuracy reached "
-             "converge_at, and their mean first step ('-': converge_at not set).", ""]
-    head = ["cell", *fields, "selected lr", "seeds", "val acc"]
+             "converge_at, and their mean first step ('-': converge_at not set). "
+             "A selected lr at the top or bottom edge of its cell's grid is not bracketed "
+             "(the best may lie beyond: --sweep.extend_edges adds points there); nor is the "
+             "one lr of a single-lr grid. lr grid: the learning rates trained; +: added "
+             "beyond the grid by --sweep.extend_edges.", ""]
+    head = ["cell", *fields, "selected lr", "lr grid", "seeds", "val acc"]
     head += [f"test acc ({s})" if s != "test" else "test acc" for s in splits]
     head += ["converged (seeds)", "trainable params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sel in selections:
         row = [sel.cell.name, *(str(_plain(sel.cell.settings.get(k, ""))) for k in fields)]
         if sel.learning_rate is None:
-            row += ["-", "0", "-"] + ["-"] * len(splits) + ["-", "-"]
+            row += ["-", _grid(sel), "0", "-"] + ["-"] * len(splits) + ["-", "-"]
         else:
             conv = [s for s in sel.steps_to_converge if s is not None]
             converged = (f"{len(conv)}/{sel.n_seeds}"
@@ -267,7 +285,7 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
                         for r in sel.cell.runs]
             if not conv and all(c is None for c in recorded):
                 converged = "-"  # not recorded (converge_at not set)
-            row += [f"{sel.learning_rate:g}", str(sel.n_seeds), _pct(sel.val_mean, sel.val_se)]
+            row += [_selected(sel), _grid(sel), str(sel.n_seeds), _pct(sel.val_mean, sel.val_se)]
             row += [_pct(*sel.test[s]) if s in sel.test else "-" for s in splits]
             row += [converged, "-" if sel.trainable_params is None
                     else f"{sel.trainable_params:,}"]
@@ -279,7 +297,8 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
                   "selected learning rate; - a learning rate with a run that has no "
                   "validation accuracy (it diverged before its first evaluation): not "
                   "selectable. (d: runs that diverged later; their best finite "
-                  "evaluation counts.)", ""]
+                  "evaluation counts.) (added): a learning rate added beyond the cell's grid.",
+                  ""]
         head = ["cell", *(f"{lr:g}" for lr in lrs)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for sel in selections:
@@ -289,11 +308,25 @@ def markdown(cells: Sequence[Cell], selections: Sequence[Selection] | None = Non
                 mark = "*" if lr == sel.learning_rate else ""
                 div = sum(1 for r in sel.cell.runs if float(r["learning_rate"]) == lr
                           and r.get("diverged_step") is not None)
-                row.append(_pct(mean, se) + mark + (f" ({div}d)" if div else ""))
+                row.append(_pct(mean, se) + mark + (f" ({div}d)" if div else "")
+                           + (" (added)" if lr in sel.added else ""))
             lines.append("| " + " | ".join(row) + " |")
     if pending:
         lines += ["", "Not finished (no summary yet): " + ", ".join(pending) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _selected(sel: Selection) -> str:
+    """The selected learning rate, marked when nothing brackets it."""
+    text = f"{sel.learning_rate:g}"
+    if sel.edge in edges.SIDES:
+        side = "top" if sel.edge == "high" else "bottom"
+        return text + f" ({side} edge of {sel.grid[0]:g}..{sel.grid[-1]:g})"
+    return text + (" (single lr)" if sel.edge == edges.SINGLE else "")
+
+
+def _grid(sel: Selection) -> str:
+    return ", ".join(("+" if lr in sel.added else "") + f"{lr:g}" for lr in sel.grid) or "-"
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -308,11 +341,16 @@ def plot_curves(selections: Sequence[Selection], path: str | os.PathLike) -> Non
     for sel in selections:
         if sel.learning_rate is None:
             continue
-        rows = read_eval_rows(sel.cell.path / "metrics.jsonl")
+        # an added learning rate's runs log to their own group's metrics.jsonl
+        sources = [edges.metrics_source(sel.cell.path, r) for r in sel.cell.runs
+                   if int(r["run"]) in sel.run_ids]
         by_step: dict[int, list[float]] = {}
-        for row in rows:
-            if int(row.get("run", 0)) in sel.run_ids:
-                by_step.setdefault(int(row["step"]), []).append(float(row["eval/accuracy"]))
+        for source in sorted({p for p, _ in sources}):
+            ids = {k for p, k in sources if p == source}
+            for row in read_eval_rows(source):
+                if int(row.get("run", 0)) in ids:
+                    by_step.setdefault(int(row["step"]), []).append(
+                        float(row["eval/accuracy"]))
         steps = sorted(by_step)
         if not steps:
             continue
@@ -329,7 +367,8 @@ def plot_curves(selections: Sequence[Selection], path: str | os.PathLike) -> Non
 
 
 def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike) -> None:
-    """lr.png: mean best validation accuracy (+- s.e.) vs learning rate per cell, log x."""
+    """lr.png: mean best validation accuracy (+- s.e.) vs learning rate per cell, log x; the
+    points a sweep added beyond the grid hollow, a selection at an edge named."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,7 +378,12 @@ def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike
         if not points:
             continue
         lrs, means, ses = zip(*points)
-        ax.errorbar(lrs, means, yerr=ses, marker="o", capsize=3, label=sel.cell.name)
+        mark = {"low": " (bottom edge)", "high": " (top edge)"}.get(sel.edge, "")
+        bars = ax.errorbar(lrs, means, yerr=ses, marker="o", capsize=3,
+                           label=sel.cell.name + mark)
+        extra = [(lr, m) for lr, m, _ in points if lr in sel.added]
+        if extra:  # the added points hollow, so the grid the sweep was given stays visible
+            ax.plot(*zip(*extra), "o", mfc="white", color=bars.lines[0].get_color())
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy (mean over seeds)")

@@ -13,6 +13,14 @@ when replaced). The budgets of reproduce reuse `SweepConfig` per task.
 On disk a cell holds cell.json (its settings and config), the group's checkpoints,
 metrics.jsonl and summary.json (`fpt_jax.results`). Running a sweep again skips finished
 cells and resumes an interrupted one.
+
+A cell whose selected learning rate is the smallest or largest of its grid is logged with a
+warning (not bracketed). With `extend_edges=N` the sweep then trains the next point beyond
+that edge (`fpt_jax.edges`), as a group of every seed in `cells/<name>/extend_<lr>/`, selects
+again over all of the cell's runs, and repeats until the selection is interior or N points
+were added to the cell. A finished point is never trained again: each is re-derived from
+the runs on disk, so the same command resumes an interrupted one and gives the same
+selection.
 """
 
 import dataclasses
@@ -29,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from fpt_jax import loop, results, runs
+from fpt_jax import edges, loop, results, runs
 from fpt_jax.config import TrainConfig, setting
 from fpt_jax.weights import WeightsError
 
@@ -58,6 +66,11 @@ class SweepConfig:
         "", "Axes '<setting>=<v1>|<v2>; <setting>=...' over the fields of --config and "
         "task_options.<option>; values separated by '|', parsed to the setting's type "
         "('none' for None); cells are the product of the axes. '': one cell, the base config.")
+    extend_edges: int = setting(
+        0, "Up to this many learning rates added per cell while its selection is at the top "
+        "or bottom edge of its grid: the next point beyond, the outermost spacing continued "
+        "in log space, trained with every seed (cells/<name>/extend_<lr>/). 0: none; > 0 "
+        "needs >= 2 learning_rates.")
 
     def validate(self) -> "SweepConfig":
         """Raises ValueError naming the field and what is accepted."""
@@ -78,6 +91,13 @@ class SweepConfig:
         if not isinstance(self.grid, str):
             raise ValueError(f"grid={self.grid!r}; accepted: a string "
                              "'<setting>=<v1>|<v2>; <setting>=...'")
+        n = self.extend_edges
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"extend_edges={n!r}: accepted: an integer >= 0 (learning rates "
+                             "added per cell beyond an edge selection; 0: none)")
+        if n and len(self.learning_rates) < 2:  # one point has no spacing to continue
+            raise ValueError(f"extend_edges={n}: needs >= 2 learning_rates, whose outermost "
+                             f"spacing it continues (learning_rates={self.learning_rates!r})")
         self.learning_rates = tuple(float(v) for v in self.learning_rates)
         return self
 
@@ -318,14 +338,71 @@ def _write_meta(cell: GridCell, workdir: Path) -> None:
     os.replace(tmp, d / results.CELL_FILE)
 
 
+def _train(train_fn: Callable, cfg: TrainConfig, workdir: Path, lrs: Sequence[float],
+           seeds: Sequence[int], where: str) -> list[dict] | None:
+    """One group trained (or resumed); its runs as the loop returns them."""
+    try:
+        out = train_fn(cfg, str(workdir), list(lrs), list(seeds))
+    except (ValueError, WeightsError, OSError) as e:
+        raise ValueError(f"{where}: {e}") from e
+    return out if isinstance(out, list) else None
+
+
+def bracket(cell: GridCell, workdir: Path, seeds: Sequence[int], limit: int,
+            train_fn: Callable, own: list[dict] | None = None,
+            log: Callable[[str], None] = print, where: str = "") -> bool:
+    """A finished cell's selection at the edge of its grid: up to `limit` learning rates
+    added beyond it (`fpt_jax.edges`, every seed, `extend_<lr>/` in the cell), a warning if
+    it stays at an edge. `own`: the cell's runs if its group trained in this call (its added
+    points then go on too, e.g. to more steps). Returns whether anything trained."""
+    d = workdir / results.CELLS / cell.name
+    where = where or f"cell {cell.name}"
+    known: dict[str, list[dict] | None] = {}  # groups trained here: the loop's return
+    if own is not None:
+        for sub in edges.extension_dirs(d):
+            lr = edges.extension_lr(sub)
+            known[sub.name] = _train(train_fn, cell.cfg, sub, [lr] * len(seeds), seeds, where)
+    own = own or runs.summary_runs(str(d))  # a train_fn that returned nothing: its summary
+    tried: set[float] = set()
+    while True:
+        merged = edges.cell_runs(d, own, known)
+        sel = results.select(results.Cell(cell.name, cell.settings, merged, d))
+        have = edges.added(merged)
+        if sel.edge not in edges.SIDES or len(have) >= limit:
+            break
+        lr = edges.beyond(sel.grid, sel.edge)
+        if lr in tried:  # a train_fn that left no runs: never loop on it
+            raise ValueError(f"{where}: the added learning rate {lr:g} left no runs")
+        tried.add(lr)
+        log(f"{where}: selected lr {sel.learning_rate:g} at the {_side(sel)}: adding lr "
+            f"{lr:g} ({len(have) + 1}/{limit}), {len(seeds)} runs")
+        start = time.time()
+        sub = edges.extension_dir(d, lr)
+        known[sub.name] = _train(train_fn, cell.cfg, sub, [lr] * len(seeds), seeds, where)
+        log(f"{where}: lr {lr:g} done in {time.time() - start:.1f} s")
+    if sel.edge in edges.SIDES:
+        log(f"warning: {where}: selected lr {sel.learning_rate:g} is at the {_side(sel)}: "
+            "not bracketed, the best may lie beyond" + (
+                f" ({len(have)} lr(s) added, extend_edges={limit} reached)" if limit else
+                " (the sweep's extend_edges=N adds learning rates beyond it)"))
+    return bool(known)
+
+
+def _side(sel: results.Selection) -> str:
+    return (f"{'top' if sel.edge == 'high' else 'bottom'} edge of its grid "
+            f"{sel.grid[0]:g}..{sel.grid[-1]:g}")
+
+
 def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
               learning_rates: Sequence[float], seeds: Sequence[int],
               process_cells: tuple[int, int] = (0, 1), train_fn: Callable | None = None,
-              log: Callable[[str], None] = print, write_results: bool = True
-              ) -> dict[str, str]:
+              log: Callable[[str], None] = print, write_results: bool = True,
+              extend_edges: int = 0) -> dict[str, str]:
     """Trains this process's share of `cells` one after another (finished ones skipped), then
     writes the results. Every cell is checked against the workdir before the first trains.
-    `train_fn` defaults to `fpt_jax.loop.train_and_evaluate`. Returns {cell: status}."""
+    `train_fn` defaults to `fpt_jax.loop.train_and_evaluate`. After each cell, `bracket`
+    (up to `extend_edges` learning rates added beyond an edge selection). Returns {cell:
+    status}: "trained" when anything of it trained."""
     workdir = Path(workdir)
     share, count = process_cells
     mine = [c for c in cells if c.index % count == share]
@@ -339,20 +416,21 @@ def run_sweep(cells: Sequence[GridCell], workdir: str | os.PathLike,
             _write_meta(cell, workdir)
     for n, cell in enumerate(mine, 1):
         where = f"cell {n}/{len(mine)} {cell.name}"
+        own = None  # the cell's runs, when its group trains now
         if statuses[cell.name] == "finished":
             log(f"{where}: finished, skipped")
-            continue
-        log(f"{where}: {statuses[cell.name]}, {len(lrs)} runs "
-            f"({len(learning_rates)} learning rates x {len(seeds)} seeds)")
-        if main:
-            _write_meta(cell, workdir)
-        start = time.time()
-        try:
-            train_fn(cell.cfg, str(workdir / results.CELLS / cell.name), lrs, run_seeds)
-        except (ValueError, WeightsError, OSError) as e:
-            raise ValueError(f"{where}: {e}") from e
-        statuses[cell.name] = "trained"
-        log(f"{where}: done in {time.time() - start:.1f} s")
-        if write_results and main:  # tables and plots of every cell so far
+        else:
+            log(f"{where}: {statuses[cell.name]}, {len(lrs)} runs "
+                f"({len(learning_rates)} learning rates x {len(seeds)} seeds)")
+            if main:
+                _write_meta(cell, workdir)
+            start = time.time()
+            own = _train(train_fn, cell.cfg, workdir / results.CELLS / cell.name, lrs,
+                         run_seeds, where) or []
+            statuses[cell.name] = "trained"
+            log(f"{where}: done in {time.time() - start:.1f} s")
+        if bracket(cell, workdir, seeds, extend_edges, train_fn, own, log, where):
+            statuses[cell.name] = "trained"
+        if write_results and main and statuses[cell.name] == "trained":  # every cell so far
             results.write_results(workdir)
     return statuses

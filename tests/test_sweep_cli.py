@@ -125,9 +125,13 @@ def test_write_results(synthetic):
     table = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
              if line.startswith("| trainable=")}
     # the first table's rows come first: selected lr, seeds, val, test, converged, params
-    assert "| 0.001 | 3 | 70.00 +- 5.77 | 60.00 +- 5.77 | 2/3 (mean step 3) | 100 |" in md
-    assert "| trainable=fpt | fpt | 0.001 | 2 | 80.00 +- 0.00 | 80.00 +- 0.00 |" in md
-    assert "| trainable=output,ln | output,ln | 0.0001 | 1 | 55.00 +- 0.00 | 52.00 +- 0.00 |" in md
+    # (selected lr, lr grid: every selection of a 2-point grid is at an edge, marked)
+    assert ("| 0.001 (bottom edge of 0.001..0.01) | 0.001, 0.01 | 3 | 70.00 +- 5.77 | "
+            "60.00 +- 5.77 | 2/3 (mean step 3) | 100 |") in md
+    assert ("| trainable=fpt | fpt | 0.001 (bottom edge of 0.001..0.01) | 0.001, 0.01 | 2 | "
+            "80.00 +- 0.00 | 80.00 +- 0.00 |") in md
+    assert ("| trainable=output,ln | output,ln | 0.0001 (bottom edge of 0.0001..0.01) | "
+            "0.0001, 0.01 | 1 | 55.00 +- 0.00 | 52.00 +- 0.00 |") in md
     assert "66.67 +- 12.02" in md and "70.00 +- 5.77*" in md  # per-lr table, selected marked
     assert "Not finished (no summary yet): trainable=full." in md
     assert "| trainable=output,ln | 55.00 +- 0.00* | - | - (1d) |" in md
@@ -306,7 +310,8 @@ def test_run_sweep_skips_finished_cells(tmp_path):
     meta = json.loads((tmp_path / "cells/trainable=fpt/cell.json").read_text())
     assert meta["settings"] == {"trainable": "fpt"} and meta["config"]["n_embd"] == 16
     md = (tmp_path / "results.md").read_text()
-    assert "| trainable=fpt | fpt | 0.01 | 2 | 70.50 +- 0.50 | 65.50 +- 0.50 |" in md
+    assert ("| trainable=fpt | fpt | 0.01 (top edge of 0.001..0.01) | 0.001, 0.01 | 2 | "
+            "70.50 +- 0.50 | 65.50 +- 0.50 |") in md
     # again: nothing trains
     status = sweep.run_sweep(_cells(), tmp_path, [1e-3, 1e-2], [0, 1], train_fn=fake,
                                  log=log.append)
@@ -379,6 +384,11 @@ def test_bad_command_lines(tmp_path):
         ([wd, "--sweep.learning_rates=abc"], ["--sweep.learning_rates", "abc"]),
         ([wd, "--sweep.seeds=0,-1"], ["--sweep.seeds", "not -1"]),
         ([wd, "--sweep.seeds=0,0"], ["--sweep.seeds", "repeated"]),
+        ([wd, "--sweep.extend_edges=-1"], ["--sweep.extend_edges=-1", "an integer >= 0"]),
+        ([wd, "--sweep.extend_edges=abc"], ["--sweep.extend_edges", "abc"]),
+        ([wd, "--sweep.extend_edges=1.5"], ["--sweep.extend_edges", "1.5"]),
+        ([wd, "--sweep.extend_edges=2", "--sweep.learning_rates=1e-3"],
+         ["--sweep.extend_edges=2", "needs >= 2 learning_rates"]),
         ([wd, "--sweep.nope=1"], ["--sweep.nope: not a setting", "learning_rates, seeds, grid"]),
         ([wd, "--grid=trainable=output"], ["grid"]),
         ([wd, "--process_cells=2/2"], ["--process_cells=2/2"]),
@@ -392,7 +402,8 @@ def test_bad_command_lines(tmp_path):
                   + [[*TINY, "--results_only", f"--workdir={done}"]], timeout=120)
     good = out.pop()
     assert good["rc"] == 0, good
-    assert "| trainable=fpt | fpt | 0.001 | 1 | 80.00 +- 0.00 | 70.00 +- 0.00 |" in good["stdout"]
+    assert ("| trainable=fpt | fpt | 0.001 (single lr) | 0.001 | 1 | 80.00 +- 0.00 | "
+            "70.00 +- 0.00 |") in good["stdout"]
     assert (done / "results.csv").exists() and (done / "lr.png").exists()
     for (args, words), result in zip(cases, out):
         assert result["rc"] == 2, (args, result)
@@ -437,7 +448,8 @@ def test_every_sweep_setting_is_a_flag_that_reaches_the_sweep():
     given = {"learning_rates": ("--sweep.learning_rates=3e-4,3e-3", (3e-4, 3e-3)),
              "seeds": ("--sweep.seeds=4,5", (4, 5)),
              "grid": ("--sweep.grid=trainable=output,ln|fpt; n_embd=16|32",
-                      "trainable=output,ln|fpt; n_embd=16|32")}
+                      "trainable=output,ln|fpt; n_embd=16|32"),
+             "extend_edges": ("--sweep.extend_edges=2", 2)}
     assert set(given) == {f.name for f in dataclasses.fields(sweep.SweepConfig)}
     argv = ["x", *TINY, *(arg for arg, _ in given.values())]
     fv = flags.FlagValues()

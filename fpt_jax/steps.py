@@ -34,10 +34,12 @@ import numpy as np
 import optax
 
 from fpt_jax import freeze, parallel
+from fpt_jax.models.fpt import NOISE_RNG
 from fpt_jax.tasks import Task
 
 BACKBONE = "transformer"  # the top-level key of the shared (backbone) parameters
 MAX_STEPS_IN_FLIGHT = 2  # an unbounded queue of pmapped collectives deadlocks XLA:CPU
+_NOISE_SALT = 0x6E6F6973  # folded into a step's dropout key: its noise key ("nois")
 
 
 @flax.struct.dataclass
@@ -85,8 +87,10 @@ def make_train_step(model, task: Task, tx: optax.GradientTransformation, grad_ac
     limit = nonfinite_skips or 0
 
     def loss_fn(trainable, frozen, batch, rng):
+        # the noise key is unused (and compiled away) unless the backbone draws noise
+        rngs = {"dropout": rng, NOISE_RNG: jax.random.fold_in(rng, _NOISE_SALT)}
         logits = model.apply({"params": freeze.merge(trainable, frozen)}, batch["x"],
-                             batch.get("length"), deterministic=False, rngs={"dropout": rng})
+                             batch.get("length"), deterministic=False, rngs=rngs)
         means = _weighted_means(task.per_example_metrics(logits, batch), batch)
         return means["loss"], means
 
@@ -137,14 +141,26 @@ def make_train_step(model, task: Task, tx: optax.GradientTransformation, grad_ac
     return group_step
 
 
+def eval_noise_key(x: jax.Array) -> jax.Array:
+    """The noise key of an evaluation batch (`models.fpt.NOISE_RNG`): a function of its
+    inputs only, so evaluating is deterministic, each batch gets its own draw, and a
+    validation batch gets the same draw at every evaluation (selection compares parameters,
+    not noise). Every input bit counts, weighted by its position."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1)
+    odd = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+    return jax.random.fold_in(jax.random.PRNGKey(0), jnp.sum(bits * odd, dtype=jnp.uint32))
+
+
 def make_eval_step(model, task: Task, batch_axis: int | None = None,
                    axis_name: str | None = parallel.AXIS) -> Callable:
     """`(trainable[K], frozen, batch) -> {'<metric>_sum', 'count'}[K]`, summed over devices.
     `batch_axis=None`: one batch for every run (a dataset's split); 0: a batch per run (a
-    generated task's evaluation batches depend on the run's seed)."""
+    generated task's evaluation batches depend on the run's seed). A backbone that draws
+    noise at evaluation draws it from `eval_noise_key(batch['x'])`."""
     def eval_step(trainable, frozen, batch):
         logits = model.apply({"params": freeze.merge(trainable, frozen)}, batch["x"],
-                             batch.get("length"), deterministic=True)
+                             batch.get("length"), deterministic=True,
+                             rngs={NOISE_RNG: eval_noise_key(batch["x"])})
         per_example = task.per_example_metrics(logits, batch)
         weight = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
         sums = {f"{k}_sum": (v * weight).sum() for k, v in per_example.items()}

@@ -22,6 +22,11 @@ from fpt_jax.models import mixed
 from fpt_jax.models import backbones
 from fpt_jax.models.gpt2 import weights_requested
 
+# The rng stream of noise a backbone draws at every forward pass, evaluation included (the
+# original LSTM's random initial state; dropout is "dropout", drawn in training only). The
+# steps pass it to every model: a family that draws none leaves it unused.
+NOISE_RNG = "noise"
+
 # PyTorch's nn.Linear default, which the original's output head uses.
 _torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 

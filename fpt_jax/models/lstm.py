@@ -12,13 +12,25 @@ in the order i, f, o, g:
     c_t = LN_c(sigmoid(f_t) * c_{t-1} + sigmoid(i_t) * tanh(g_t))   (the normalised cell
     h_t = sigmoid(o_t) * tanh(c_t)                                    is the one carried)
 
-Where it differs from the original, on purpose: the initial state is zero (the original
-draws a random Xavier-normal (h_0, c_0) at every forward pass, noise in every prediction);
-layer norms use the biased variance with scale 1 and bias 0 at init (the original's
-`torch.var` is unbiased and a blanket reset draws its scales from U(+-1/sqrt(n))); dropout
-is applied between layers, on each layer's output sequence (the original drops h_t in place
-inside the recurrence, which also perturbs the carried state). Weights and biases start
-from U(+-1/sqrt(H)) as in PyTorch's LSTM.
+By default it differs from the original on purpose, and each difference is an
+`LSTMConfig` option that restores the original's behaviour (the preset `lstm-original` has
+all four; the row `lstm_original` in fpt_jax/rows.py also freezes the recurrence as the
+original code does):
+  * `initial_state`: 'zero' (default), or 'random' as the original, a Xavier-normal (h_0, c_0)
+    (std sqrt(2 / (H + H)), 0.036 at H=768) drawn per layer at every forward pass,
+    evaluation included, from the rng stream `models.fpt.NOISE_RNG` (noise in every
+    prediction);
+  * `norm_init`: 'ones' (scale 1, bias 0; default), or 'uniform' as the original's blanket
+    reset, scales and biases from U(+-1/sqrt(n)) for a norm over n features;
+  * `unbiased_variance`: False (default), or True as the original's `torch.var`;
+  * `mask_carried_state` (state dropout): False (default: dropout between layers, on each
+    layer's output sequence), or True as the original: every layer's h_t dropped inside the
+    recurrence, so the dropped h_t is both the layer's output and the carried state.
+Weights and biases start from U(+-1/sqrt(H)) as in PyTorch's LSTM either way. Presets
+with one option each (`lstm-random-state`, `lstm-uniform-norm`, `lstm-unbiased-var`,
+`lstm-state-dropout`) measure which of them matters. Any option but `norm_init` takes the
+recurrence off its custom VJP (below), which starts from zeros and drops nothing inside the
+loop, onto `plain_recurrence`, a `lax.scan` differentiated by autodiff.
 
 Speed: each layer's input projection `LN_x(W_x x + b_x)` is one product over every time step
 before the recurrence; `lax.scan` then runs only the `[b, H] x [H, 4H]` product, two layer
@@ -50,10 +62,12 @@ from einops import rearrange
 from flax.typing import Dtype
 
 from fpt_jax.models import backbones, layers, mixed
-from fpt_jax.models.fpt import torch_uniform_init
+from fpt_jax.models.fpt import NOISE_RNG, torch_uniform_init
 
 _NO_POSITION_LIMIT = 2 ** 31 - 1  # a recurrence reads any length
 Norms = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # LN_h scale, bias; LN_c scale, bias
+INITIAL_STATES = ("zero", "random")  # LSTMConfig.initial_state, the default first
+NORM_INITS = ("ones", "uniform")  # LSTMConfig.norm_init, the default first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +81,69 @@ class LSTMConfig(backbones.BackboneConfig):
 
     n_layer: int = 3
     n_embd: int = 768  # the hidden (and cell) width of every layer
-    dropout: float = 0.1  # between layers
+    dropout: float = 0.1  # between layers (inside the recurrence: mask_carried_state)
     layer_norm_epsilon: float = 1e-6  # the original's
     n_head: int = 1  # no heads; the generic backbone interface names it
+    # The original code's behaviours (module docstring), off by default:
+    initial_state: str = "zero"  # or 'random': drawn at every forward pass, evaluation too
+    norm_init: str = "ones"  # or 'uniform': layer-norm scales and biases from U(+-1/sqrt(n))
+    unbiased_variance: bool = False  # True: layer norms divide by n - 1 (torch.var)
+    # True: dropout on every h_t inside the recurrence (carried too), not between layers
+    mask_carried_state: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, accepted in (("initial_state", INITIAL_STATES), ("norm_init", NORM_INITS)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"LSTMConfig.{name}={getattr(self, name)!r}; accepted: "
+                                 f"{', '.join(map(repr, accepted))}")
 
     @property
     def n_positions(self) -> int:
         return _NO_POSITION_LIMIT
 
+    @property
+    def autodiff_recurrence(self) -> bool:
+        """Whether the recurrence is `plain_recurrence`: the custom VJP of `recurrence`
+        starts from zeros, uses the biased variance and drops nothing inside the loop."""
+        return self.initial_state == "random" or self.unbiased_variance or self.mask_carried_state
 
-LSTM_PRESETS: dict[str, LSTMConfig] = {"lstm": LSTMConfig()}
+
+LSTM_PRESETS: dict[str, LSTMConfig] = {
+    "lstm": LSTMConfig(),
+    # the original code's LayerNormLSTM (rows.py's lstm_original also freezes its recurrence)
+    "lstm-original": LSTMConfig(initial_state="random", norm_init="uniform",
+                                unbiased_variance=True, mask_carried_state=True),
+    # one of the original's differences each, to measure which one matters
+    "lstm-random-state": LSTMConfig(initial_state="random"),
+    "lstm-uniform-norm": LSTMConfig(norm_init="uniform"),
+    "lstm-unbiased-var": LSTMConfig(unbiased_variance=True),
+    "lstm-state-dropout": LSTMConfig(mask_carried_state=True),
+}
 
 
-def _layer_norm(cfg: LSTMConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=jnp.float32, name=name)
+def _norm_inits(cfg: LSTMConfig, n: int) -> tuple[Callable, Callable]:
+    """A layer norm's (scale, bias) initialisers over `n` features."""
+    if cfg.norm_init == "uniform":  # the original's reset of every LayerNorm parameter
+        return torch_uniform_init(n), torch_uniform_init(n)
+    return nn.initializers.ones, nn.initializers.zeros
+
+
+def _norm_params(cfg: LSTMConfig, n: int, name: str) -> tuple[jax.Array, jax.Array]:
+    scale, bias = _norm_inits(cfg, n)
+    p = _Leaves((("scale", (n,), scale), ("bias", (n,), bias)), name=name)()
+    return p["scale"], p["bias"]
+
+
+def _input_norm(cfg: LSTMConfig, x: jax.Array) -> jax.Array:
+    """LN_x over every step at once (`ln_i2h`)."""
+    if cfg.unbiased_variance:
+        scale, bias = _norm_params(cfg, x.shape[-1], "ln_i2h")
+        return _normalize(x, scale, bias, cfg.layer_norm_epsilon, unbiased=True)
+    scale_init, bias_init = _norm_inits(cfg, x.shape[-1])
+    # flax's LayerNorm, as before the options existed: the default's numerics unchanged
+    return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=jnp.float32, scale_init=scale_init,
+                        bias_init=bias_init, name="ln_i2h")(x)
 
 
 def _projection(cfg: LSTMConfig, dtype: Dtype, name: str) -> mixed.Dense:
@@ -89,19 +152,22 @@ def _projection(cfg: LSTMConfig, dtype: Dtype, name: str) -> mixed.Dense:
                        out_dtype=jnp.float32, name=name)
 
 
-def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """`nn.LayerNorm` (biased variance) in float32."""
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+               unbiased: bool = False) -> jax.Array:
+    """`nn.LayerNorm` in float32; with `unbiased`, the variance divided by n - 1."""
     mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    sq = jnp.square(x - mean)
+    var = sq.sum(-1, keepdims=True) / (x.shape[-1] - 1) if unbiased else sq.mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) \
         + bias.astype(jnp.float32)
 
 
-def cell_step(norms: Norms, z: jax.Array, c: jax.Array, a_x: jax.Array, eps: float
-              ) -> tuple[jax.Array, jax.Array]:
+def cell_step(norms: Norms, z: jax.Array, c: jax.Array, a_x: jax.Array, eps: float,
+              unbiased: bool = False) -> tuple[jax.Array, jax.Array]:
     """One step after the recurrent product `z = W_h h_{t-1} + b_h`: `(h_t, c_t)`."""
-    i, f, o, g = jnp.split(a_x + _normalize(z, *norms[:2], eps), 4, axis=-1)
-    c = _normalize(jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g), *norms[2:], eps)
+    i, f, o, g = jnp.split(a_x + _normalize(z, *norms[:2], eps, unbiased), 4, axis=-1)
+    c = _normalize(jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g), *norms[2:], eps,
+                   unbiased)
     return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
@@ -167,6 +233,28 @@ def _recurrence_bwd(dtype, eps, residuals, d_hs):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+def plain_recurrence(dtype: Any, eps: float, unbiased: bool, kernel: jax.Array,
+                     bias: jax.Array, norms: Norms, a_x: jax.Array, h0: jax.Array,
+                     c0: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """Every h_t [t, b, H] over time-major `a_x` [t, b, 4H] as the original code runs it:
+    from `(h0, c0)` [b, H], the variance unbiased if asked, and each h_t multiplied by
+    `keep[t]` (dropout's mask over 1 - rate) before it is carried. Autodiff's gradient: the
+    original's setting trains none of the recurrence's products, so the custom VJP's saving
+    on W_h would not apply."""
+    w, b = kernel.astype(dtype), bias.astype(jnp.float32)
+
+    def step(carry, xs):
+        h, c = carry
+        a_x_t, keep_t = xs
+        z = jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32) + b
+        h, c = cell_step(norms, z, c, a_x_t, eps, unbiased)
+        if keep_t is not None:
+            h = h * keep_t  # the dropped h_t is the output and the next step's state
+        return (h, c), h
+
+    return jax.lax.scan(step, (h0, c0), (a_x, keep))[1]
+
+
 class _Leaves(nn.Module):
     """Parameters only, `{name: array}` under this module's name: the recurrence reads its
     weights as arrays, kept under the names and initialisation of the layers they are."""
@@ -185,17 +273,47 @@ class Cell(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, a_x: jax.Array) -> jax.Array:
-        width, init = 4 * self.config.n_embd, torch_uniform_init(self.config.n_embd)
-        h2h = _Leaves((("kernel", (self.config.n_embd, width), init),
+    def __call__(self, a_x: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        width, init = 4 * cfg.n_embd, torch_uniform_init(cfg.n_embd)
+        h2h = _Leaves((("kernel", (cfg.n_embd, width), init),
                        ("bias", (width,), init)), name="h2h")()
-        norms = [_Leaves((("scale", (n,), nn.initializers.ones),
-                          ("bias", (n,), nn.initializers.zeros)), name=name)()
-                 for name, n in (("ln_h2h", width), ("ln_cell", self.config.n_embd))]
-        norms = (norms[0]["scale"], norms[0]["bias"], norms[1]["scale"], norms[1]["bias"])
-        hs = recurrence(jnp.dtype(self.dtype).type, self.config.layer_norm_epsilon,
-                        h2h["kernel"], h2h["bias"], norms, rearrange(a_x, "b t k -> t b k"))
+        norms = (*_norm_params(cfg, width, "ln_h2h"), *_norm_params(cfg, cfg.n_embd, "ln_cell"))
+        dtype, a_x = jnp.dtype(self.dtype).type, rearrange(a_x, "b t k -> t b k")
+        if not cfg.autodiff_recurrence:
+            hs = recurrence(dtype, cfg.layer_norm_epsilon, h2h["kernel"], h2h["bias"], norms,
+                            a_x)
+        else:
+            h0, c0 = self.initial_state(a_x.shape[1])
+            hs = plain_recurrence(dtype, cfg.layer_norm_epsilon, cfg.unbiased_variance,
+                                  h2h["kernel"], h2h["bias"], norms, a_x, h0, c0,
+                                  self.state_dropout(a_x.shape[:2], deterministic))
         return rearrange(hs, "t b h -> b t h")
+
+    def initial_state(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """(h_0, c_0) [batch, H]: zeros, or the original's draw at every forward pass."""
+        n, zeros = self.config.n_embd, jnp.zeros((2, batch, self.config.n_embd), jnp.float32)
+        if self.config.initial_state == "zero":
+            return zeros[0], zeros[1]
+        if not self.has_rng(NOISE_RNG):
+            if self.is_initializing():  # shapes only: no draw, and no key taken from 'params'
+                return zeros[0], zeros[1]
+            raise ValueError(f"LSTM initial_state='random' draws (h_0, c_0) at every forward "
+                             f"pass, evaluation included: apply with rngs={{{NOISE_RNG!r}: key}}")
+        # Xavier-normal of the layer's [input, hidden] = [H, H], as the original's init_hidden
+        std = (2 / (n + n)) ** 0.5
+        h0, c0 = std * jax.random.normal(self.make_rng(NOISE_RNG), (2, batch, n), jnp.float32)
+        return h0, c0
+
+    def state_dropout(self, steps_batch: tuple[int, int], deterministic: bool
+                      ) -> jax.Array | None:
+        """`[t, b, H]` multipliers of each h_t (mask / (1 - rate)), or None: no dropout."""
+        rate = self.config.dropout
+        if not self.config.mask_carried_state or deterministic or rate == 0:
+            return None
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - rate,
+                                    (*steps_batch, self.config.n_embd))
+        return keep.astype(jnp.float32) / (1 - rate)
 
 
 class Layer(nn.Module):
@@ -204,10 +322,10 @@ class Layer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        a_x = _layer_norm(cfg, "ln_i2h")(_projection(cfg, self.dtype, "i2h")(x))
-        return Cell(cfg, self.dtype, name="cell")(a_x).astype(self.dtype)
+        a_x = _input_norm(cfg, _projection(cfg, self.dtype, "i2h")(x))
+        return Cell(cfg, self.dtype, name="cell")(a_x, deterministic).astype(self.dtype)
 
 
 class LSTM(nn.Module):
@@ -228,9 +346,9 @@ class LSTM(nn.Module):
                              "[batch, 4 * width] gate vector per step); set remat=False")
         x = inputs_embeds.astype(self.dtype)
         for i in range(cfg.n_layer):
-            if i:
+            if i and not cfg.mask_carried_state:  # state dropout drops inside the recurrence
                 x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-            x = Layer(cfg, self.dtype, name=f"lstm_{i}")(x)
+            x = Layer(cfg, self.dtype, name=f"lstm_{i}")(x, deterministic)
         if read_positions is not None:
             x = jnp.take_along_axis(x, read_positions[:, :, None], axis=1)
         return x

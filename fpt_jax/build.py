@@ -15,7 +15,10 @@ reader that rebuilds a finished run. Nothing here imports the loop.
 Seeds: run k's seed sets its initialisation of everything outside the backbone, its dropout
 keys and its data order; the backbone is the same for every run of a group: the pretrained
 checkpoint, or for `init='random'` one drawn from `backbone_seed` (its trainable parts, layer
-norms and positions, start from it too).
+norms and positions, start from it too). With `backbone_draw='per_seed'` each run draws its
+own from `backbone_seed` and its seed (runs of one seed at several learning rates share it),
+kept per run under `transformer@per_run` (`freeze.PER_RUN`): K copies, vmapped over the run
+axis like the other per-run parts, in the same one compiled step.
 """
 from __future__ import annotations
 
@@ -182,15 +185,21 @@ def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
     config, pretrained = backbone(cfg, task)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
     model = make_model(cfg, task, config)
-    if pretrained is None:  # init='random': one backbone for every run, from its own seed
+    per_seed = cfg.backbone_draw == "per_seed"
+    if pretrained is None and not per_seed:  # one random backbone for every run
         pretrained = init_params(model, task, jax.random.PRNGKey(cfg.backbone_seed))[BACKBONE]
     tx = optim.make_optimizer(cfg)
     trainables, others, table, shared = [], [], "", None
     for seed in seeds:
+        if per_seed:  # this seed's own backbone (its trainable parts start from it too)
+            pretrained = init_params(model, task, jax.random.fold_in(
+                jax.random.PRNGKey(cfg.backbone_seed), seed))[BACKBONE]
         params = init_params(model, task, jax.random.PRNGKey(seed), pretrained)
         if not table:
             table, _ = freeze.count_table(params, selection)
         trainable, frozen = freeze.partition(params, selection)
+        if per_seed and BACKBONE in frozen:  # stacked over runs with the other per-run parts
+            frozen[BACKBONE + freeze.PER_RUN] = frozen.pop(BACKBONE)
         shared = frozen.pop(BACKBONE, None) if shared is None else shared
         frozen.pop(BACKBONE, None)
         trainables.append(trainable)
@@ -292,5 +301,6 @@ def load_run(workdir: str, run: int | None = None, which: str = "best", what: st
 
 
 def _run_frozen(frozen: dict) -> dict:
-    """A group of one's frozen tree without its run axis (the backbone has none)."""
-    return {k: v if k == BACKBONE else unstack(v, 0) for k, v in frozen.items()}
+    """A group of one's frozen tree without its run axis (a shared backbone has none)."""
+    return {k.removesuffix(freeze.PER_RUN): v if k == BACKBONE else unstack(v, 0)
+            for k, v in frozen.items()}

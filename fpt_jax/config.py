@@ -26,6 +26,7 @@ from fpt_jax.models.gpt2 import GPT2_PRESETS
 
 DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
+BACKBONE_DRAWS = ("shared", "per_seed")
 SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -107,6 +108,11 @@ class TrainConfig:
     backbone_seed: int = setting(0, "init='random': seed of the random backbone, apart from "
                                   "`seed`, so that runs of several seeds share one backbone "
                                   "as runs from one pretrained checkpoint do.")
+    backbone_draw: str = setting("shared", f"init='random': {BACKBONE_DRAWS}; 'shared': one "
+                                 "backbone (from backbone_seed) for every run of a group; "
+                                 "'per_seed': each seed its own backbone (drawn from "
+                                 "backbone_seed and the run's seed; the paper drew a fresh "
+                                 "GPT-2 per run), K copies in memory.")
     dtype: str = setting("float32", f"Compute dtype {DTYPES}; trainable parameters stay "
                                      "float32, frozen ones are stored in it.")
     remat: bool = setting(False, "Activation checkpointing per block (long sequences).")
@@ -142,6 +148,7 @@ class TrainConfig:
             raise ValueError(f"init={self.init!r}; accepted: {', '.join(INITS)}, or the "
                              "workdir of a finished run (an existing directory)")
         _one_of("dtype", self.dtype, DTYPES)
+        _one_of("backbone_draw", self.backbone_draw, BACKBONE_DRAWS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("model", self.model, (*backbones.preset_names(), "auto"))
@@ -211,6 +218,9 @@ class TrainConfig:
             raise ValueError(f"init={self.init} takes the backbone of that run; architecture "
                              f"overrides and weights do not apply (got "
                              f"{ {**overrides, 'weights': self.weights} })")
+        if self.backbone_draw != "shared" and self.init != "random":
+            raise ValueError(f"backbone_draw={self.backbone_draw!r} draws random backbones; "
+                             f"init={self.init!r} loads one (accepted with it: 'shared')")
         if self.model == "auto":
             if self.init == "random":
                 raise ValueError("model='auto' takes the architecture from pretrained "

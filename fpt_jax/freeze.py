@@ -157,9 +157,16 @@ def cast_frozen(frozen: dict, dtype) -> dict:
     return jax.tree_util.tree_map(cast, frozen)
 
 
+# A frozen top-level key `<name>` + PER_RUN holds a run's own copy of the subtree `<name>`
+# (a random backbone drawn per seed): stacked over runs like every other per-run part, and
+# named `<name>` again when merged into the model's tree.
+PER_RUN = "@per_run"
+
+
 def merge(trainable: dict, frozen: dict) -> dict:
     """The whole parameter tree again (no copy: the leaves are the same arrays)."""
-    flat = traverse_util.flatten_dict(frozen)
+    flat = {(k[0].removesuffix(PER_RUN), *k[1:]): v
+            for k, v in traverse_util.flatten_dict(frozen).items()}
     flat.update(traverse_util.flatten_dict(trainable))
     return traverse_util.unflatten_dict(flat)
 

@@ -299,7 +299,8 @@ def _test_at_best(g: build.Group, workdir: str, devices, p_eval, best, frozen,
             "last_step": last_step, "wall_s": wall_s, "trainable_params": n_trainable,
             "eval_split": g.cfg.eval_split or g.task.eval_split, "final": final[i]})
     if jax.process_index() == 0:
-        runs.write_summary(workdir, {"runs": out, "backbone_seed": g.cfg.backbone_seed})
+        runs.write_summary(workdir, {"runs": out, "backbone_seed": g.cfg.backbone_seed,
+                                     "backbone_draw": g.cfg.backbone_draw})
         for r in out:
             if r["best_step"] is None:
                 continue

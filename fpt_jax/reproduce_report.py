@@ -70,6 +70,9 @@ def differences(r: Row) -> list[str]:
     ours, theirs = _architecture(r.cfg, r.row), _architecture(r.reference, r.row)
     if ours != theirs:
         out.append(f"model {ours} (paper's setting: {theirs})")
+    if r.cfg.init == "random" and r.cfg.backbone_draw == "shared":
+        out.append("one random backbone shared by its seeds (backbone_draw=shared; the "
+                   "paper drew a fresh one per run: per_seed)")
     settings = [(n, r.cfg.task_options.get(n), r.reference.task_options.get(n))
                 for n in _COMPARED_OPTIONS]
     settings += [(n, getattr(r.cfg, n), getattr(r.reference, n)) for n in _COMPARED]

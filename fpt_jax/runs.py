@@ -33,7 +33,7 @@ FORMAT = 3
 # What defines a run's model and its initial parameters (the data's location does not).
 IDENTITY_FIELDS = ("task", "task_options", "model", "init", "weights", "n_layer", "n_head",
                    "n_embd", "orth_gain", "in_layer_sizes", "out_layer_sizes", "trainable",
-                   "backbone_seed")
+                   "backbone_seed", "backbone_draw")
 # Format 2 kept the task's options as top-level fields, and the matched LSTM's settings.
 _FORMAT2_TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_size", "augment",
                         "source", "validation_fraction", "task_name", "max_length",
@@ -131,6 +131,8 @@ def check_identity(saved: dict, current: dict, workdir: str) -> None:
     saved = _json(saved)
     if saved.get("format") == 2:
         saved = _upgrade(saved, workdir)
+    if saved.get("format") == FORMAT:  # written before backbone_draw existed: one backbone
+        saved["config"].setdefault("backbone_draw", "shared")
     if saved.get("format") != FORMAT:  # a sweep cell of f28d936: compare its own fields
         cfg = current["config"]
         now = {**{k: cfg.get(k) for k in _LEGACY_KEYS}, **{k: current[k] for k in (
@@ -138,6 +140,8 @@ def check_identity(saved: dict, current: dict, workdir: str) -> None:
         saved = {"family": "gpt2", **saved}
         saved["task_options"] = _options(saved["task"], saved.get("task_options", {}))
         diff = {k: (saved.get(k), now[k]) for k in _LEGACY_KEYS if saved.get(k) != now[k]}
+        if cfg.get("backbone_draw", "shared") != "shared":  # those drew one backbone
+            diff["backbone_draw"] = ("shared", cfg["backbone_draw"])
     else:
         flat = lambda i: {**i["config"], **{k: v for k, v in i.items()  # noqa: E731
                                             if k not in ("config", "format")}}

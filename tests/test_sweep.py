@@ -2,13 +2,14 @@
 trained alone (a group of one), the backbone exists once, the learning rate lives in the
 optimizer state."""
 import dataclasses
+import re
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from fpt_jax import build, optim, parallel, steps
+from fpt_jax import build, freeze, optim, parallel, steps
 from fpt_jax.config import TrainConfig
 from tests.settings import train_config
 
@@ -44,13 +45,15 @@ def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainable,grad_accum", [("fpt", 1), ("output", 2)])
-def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum):
+@pytest.mark.parametrize("trainable,grad_accum,draw", [("fpt", 1, "shared"),
+                                                        ("output", 2, "shared"),
+                                                        ("fpt", 1, "per_seed")])
+def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum, draw):
     """Loss curve, final trainable parameters and evaluation of each of K=3 runs (different
     learning rates and seeds, dropout on) equal those of the run built and trained as a
     group of one; with trainable='output' the frozen input layer is per run (from its
     seed), the backbone shared."""
-    cfg = train_config(**TINY, trainable=trainable, grad_accum=grad_accum)
+    cfg = train_config(**TINY, trainable=trainable, grad_accum=grad_accum, backbone_draw=draw)
     devices = parallel.local_devices(DEVICES)
     sw = build.build_group(dataclasses.replace(cfg, backbone_seed=BACKBONE_SEED), LRS, SEEDS)
     assert ("input" in sw.frozen) == (trainable == "output")
@@ -219,3 +222,35 @@ def test_bucketed_token_batches_of_the_runs_are_padded_to_one_shape(tmp_path):
         np.testing.assert_array_equal(x[:, :b["x"].shape[1]], b["x"])
         assert not x[:, b["x"].shape[1]:].any()  # the extra columns are padding (id 0)
         np.testing.assert_array_equal(stacked["length"][0, k], b["length"])
+
+
+def test_per_seed_draws_give_each_seed_its_own_backbone_and_runs_of_a_seed_share_it():
+    cfg = train_config(**TINY, trainable="fpt", backbone_draw="per_seed",
+                       backbone_seed=BACKBONE_SEED)
+    g = build.build_group(cfg, (1e-3, 3e-3, 1e-3), (3, 3, 7))
+    assert steps.BACKBONE not in g.frozen  # no shared copy: one per run, stacked
+    per_run = g.frozen[steps.BACKBONE + freeze.PER_RUN]
+    attn = per_run["h_0"]["attn"]["c_attn"]["kernel"]
+    assert attn.shape[0] == 3
+    np.testing.assert_array_equal(attn[0], attn[1])  # seed 3 twice: one draw
+    assert not np.array_equal(attn[0], attn[2])  # seed 7: its own
+    # the trainable backbone parts (layer norms, positions) start from the run's own draw
+    wpe = g.states.trainable[steps.BACKBONE]["wpe"]["embedding"]
+    np.testing.assert_array_equal(wpe[0], wpe[1]) and not np.array_equal(wpe[0], wpe[2])
+    # run 2 rebuilt alone (a finished run's reader does this) draws the same backbone
+    alone = build.build_group(dataclasses.replace(cfg, seed=7))
+    np.testing.assert_array_equal(
+        alone.frozen[steps.BACKBONE + freeze.PER_RUN]["h_0"]["attn"]["c_attn"]["kernel"][0],
+        attn[2])
+    shared = build.build_group(dataclasses.replace(cfg, backbone_draw="shared"), (1e-3, 1e-3),
+                               (3, 7))
+    assert shared.frozen[steps.BACKBONE]["h_0"]["attn"]["c_attn"]["kernel"].ndim == 2
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(backbone_draw="fresh"), "unknown backbone_draw 'fresh'; accepted: ['shared', 'per_seed']"),
+    (dict(init="pretrained", backbone_draw="per_seed"), "draws random backbones"),
+])
+def test_bad_backbone_draws_are_named(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_config(**{**TINY, **settings}).check()

@@ -25,9 +25,11 @@ def get_config() -> ConfigDict:
     # ListOps from the generator when the LRA files are not in --data_dir: LRA's sizes
     c.tasks.listops.generate = dict(num_train=96_000, num_val=2_000, num_test=2_000,
                                     min_length=500, max_length=2000)
-    c.rows = ConfigDict({row: {} for row in ("fpt", "full", "random", "scratch", "lstm",
-                                             "lstm_matched", "fnet", "minilm",
-                                             "minilm_random")})
+    # random-init rows draw a fresh backbone per seed, as the paper's runs did
+    per_seed = dict(backbone_draw="per_seed")
+    c.rows = ConfigDict({"fpt": {}, "full": {}, "minilm": {}, **{
+        row: dict(per_seed) for row in ("random", "scratch", "lstm", "lstm_matched",
+                                        "lstm_frozen", "fnet", "minilm_random")}})
     c.ablation = ConfigDict(dict(rows=("fpt", "random"),
                                  selections=("output", "output,ln", "output,ln,input", "fpt")))
     c.attention_map = True

@@ -383,7 +383,8 @@ def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike
                            label=sel.cell.name + mark)
         extra = [(lr, m) for lr, m, _ in points if lr in sel.added]
         if extra:  # the added points hollow, so the grid the sweep was given stays visible
-            ax.plot(*zip(*extra), "o", mfc="white", color=bars.lines[0].get_color())
+            ax.plot(*zip(*extra), "o", mfc="white", color=bars.lines[0].get_color(),
+                    zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy (mean over seeds)")

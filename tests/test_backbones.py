@@ -12,7 +12,7 @@ import pytest
 
 from fpt_jax import build, freeze, loop, parallel, steps, weights
 from fpt_jax.config import TrainConfig
-from fpt_jax.models import backbones, bert, fnet, gpt2, lstm, vit
+from fpt_jax.models import backbones, bert, fnet, gpt2, lstm, mixer, vit
 from fpt_jax.models.fpt import FPT
 from tests.settings import train_config
 
@@ -67,7 +67,8 @@ def test_every_family_config_keeps_the_contract_of_the_base_class(name):
         assert all(getattr(dropped, f) == 0.25 for f in cls.DROPOUT_FIELDS)
         assert dataclasses.replace(dropped, **{f: getattr(config, f)
                                                for f in cls.DROPOUT_FIELDS}) == config
-        if fam.has_checkpoints or name in ("fnet", "lstm"):  # the baselines' own config.json too
+        # the baselines' own config.json too
+        if fam.has_checkpoints or name in ("fnet", "mixer", "lstm"):
             hf = json.loads(json.dumps(config.to_hf()))
             assert hf["model_type"] == name and cls.from_hf(hf) == config
     with pytest.raises(ValueError, match=f"unknown {fam.display_name} preset 'no-such'") as info:
@@ -100,7 +101,8 @@ def test_a_gpt2_backbone_imports_no_other_family():
             "print(sorted(m for m in sys.modules if m.startswith('fpt_jax.models.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert not {f"fpt_jax.models.{n}" for n in ("bert", "vit", "fnet", "lstm")} & set(eval(out))
+    others = ("bert", "vit", "fnet", "mixer", "lstm")
+    assert not {f"fpt_jax.models.{n}" for n in others} & set(eval(out))
 
 
 def test_a_family_declaration_is_checked_at_import():
@@ -368,6 +370,7 @@ _PADDED_TASK_CONFIGS = {  # one small config per family, dropout off
     "vit": lambda: vit.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64, n_positions=32),
     "fnet": lambda: fnet.FNetConfig(n_layer=2, n_embd=32, n_positions=32),
+    "mixer": lambda: mixer.MixerConfig(n_layer=2, n_embd=32, n_positions=32),
     "lstm": lambda: lstm.LSTMConfig(n_layer=2, n_embd=16, dropout=0.0),
 }
 
@@ -379,7 +382,7 @@ def test_fpt_token_logits_do_not_depend_on_right_padding_in_any_family(name):
     family = backbones.family_of(config)
     assert family.name == name
     # Bidirectional families mask padding with the lengths; causal ones never read it.
-    assert family.takes_lengths == (name in ("bert", "vit", "fnet"))
+    assert family.takes_lengths == (name in ("bert", "vit", "fnet", "mixer"))
     vocab, rng = 11, np.random.default_rng(2)
     lengths = np.array([12, 5, 1, 9])
     tokens = rng.integers(1, vocab, (4, 12))

@@ -18,18 +18,25 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from fpt_jax import results
+from fpt_jax import edges, results
 
 PLATEAU = 0.01  # within 1 point of the run's own best
 PAPER_LEARNING_RATE = 1e-3  # the paper's steps to converge are at this rate
 
 
 def curves(cell: results.Cell) -> dict[int, list[tuple[int, float]]]:
-    """Each run's validation curve: run -> [(step, accuracy)] in step order."""
+    """Each run's validation curve: run -> [(step, accuracy)] in step order (a learning
+    rate a sweep added beyond the grid reads its own group's metrics, fpt_jax.edges)."""
     out: dict[int, list[tuple[int, float]]] = {}
-    for row in results.read_eval_rows(cell.path / "metrics.jsonl"):
-        out.setdefault(int(row.get("run", 0)), []).append(
-            (int(row["step"]), float(row["eval/accuracy"])))
+    sources: dict = {}
+    for run in cell.runs:
+        path, index = edges.metrics_source(cell.path, run)
+        sources.setdefault(path, {})[index] = int(run["run"])
+    for path, ids in sources.items():
+        for row in results.read_eval_rows(path):
+            run = ids.get(int(row.get("run", 0)))
+            if run is not None:
+                out.setdefault(run, []).append((int(row["step"]), float(row["eval/accuracy"])))
     return out
 
 

@@ -52,6 +52,7 @@ class PlannedCell:
     learning_rates: list[float]
     seeds: list[int]
     reference: TrainConfig  # the same row at the paper's settings (the report's comparison)
+    extend_edges: int = 0  # learning rates the sweep may add beyond an edge selection
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -193,7 +194,8 @@ def plan(budget: ConfigDict, report_dir: Path, data_dir: str | None = None,
                     continue  # the main cell is this column of the ablation
                 cfg = dataclasses.replace(cfg, trainable=sel)
                 reference = dataclasses.replace(reference, trainable=sel)
-            cells.append(PlannedCell(task, row, sel, cfg, lrs, seeds, reference))
+            cells.append(PlannedCell(task, row, sel, cfg, lrs, seeds, reference,
+                                     runs.extend_edges))
     return Plan(cells, skipped)
 
 
@@ -240,7 +242,8 @@ def run(p: Plan, report_dir: Path, log: Callable[[str], None] = print) -> dict[s
             + (f" / trainable={cell.selection}" if cell.selection else ""))
         statuses.update(sweep.run_sweep([grid], report_dir, cell.learning_rates,
                                             cell.seeds, log=lambda m: log("  " + m),
-                                            write_results=False))
+                                            write_results=False,
+                                            extend_edges=cell.extend_edges))
     if done:
         results.write_results(report_dir)  # results.csv / .md of every cell, once
     return statuses

@@ -140,11 +140,12 @@ def _versus(r: Row, found: Sequence[trivial.Baseline]) -> str:
 def _lr(r: Row) -> str:
     if not (r.picked and r.picked.learning_rate):
         return "-"
-    text = f"{r.picked.learning_rate:g}"
-    grid = getattr(r.picked, "grid", None) or sorted(r.picked.per_lr)
+    text, grid, edge = f"{r.picked.learning_rate:g}", r.picked.grid, r.picked.edge
     if len(grid) > 1:
-        text += f" of {min(grid):g}..{max(grid):g} ({len(grid)})"
-    edge = getattr(r.picked, "edge", None)
+        text += f" of {min(grid):g}..{max(grid):g} ({len(grid)}"
+        text += f", {len(r.picked.added)} added at an edge)" if r.picked.added else ")"
+    if edge == "single":
+        return text + ", **one learning rate: not bracketed**"
     return text + (f", **at the {edge} edge**" if edge in ("low", "high") else "")
 
 
@@ -374,8 +375,9 @@ def attention_map(rows: Sequence[Row], report_dir: Path) -> tuple[str, str] | No
     best = max(frozen, key=lambda r: r.picked.val_mean)
     runs = {int(x["run"]): x for x in best.cell.runs}
     run = max(best.picked.run_ids, key=lambda k: runs[k].get("best_val_accuracy") or 0.0)
-    attention_maps.render(str(best.cell.path), str(report_dir / "attention_bit_xor.png"),
-                          run=run)
+    group = best.cell.path / runs[run].get("group", "")  # a learning rate added at an edge
+    attention_maps.render(str(group), str(report_dir / "attention_bit_xor.png"),
+                          run=int(runs[run].get("group_run", run)))
     return (f"{get_row(best.row).label}, seed {runs[run].get('seed')}, learning rate "
             f"{runs[run].get('learning_rate'):g}", "attention_bit_xor.png")
 

@@ -226,3 +226,15 @@ def test_bad_flags_exit_2_with_an_error(args, message):
     out, = run_all("experiments.reproduce", [[*args, "--plan_only"]])
     assert out["rc"] == 2, out["stderr"][-2000:]
     assert "error:" in out["stderr"] and message in out["stderr"]
+
+
+def test_a_budgets_extend_edges_reaches_every_planned_cell(tmp_path, monkeypatch):
+    budget = _budget()
+    budget.tasks.bit_xor.sweep.extend_edges = 2
+    plan = reproduce.plan(budget, tmp_path, reachable=lambda cfg: "offline", dry=True)
+    assert plan.cells and {c.extend_edges for c in plan.cells} == {2}
+    ran = []
+    monkeypatch.setattr(reproduce.sweep, "run_sweep",
+                        lambda cells, *a, **kw: ran.append(kw["extend_edges"]) or {})
+    reproduce.run(reproduce.Plan(plan.cells[:1], []), tmp_path, log=lambda m: None)
+    assert ran == [2]

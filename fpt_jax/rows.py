@@ -115,6 +115,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("fnet", "FNet reservoir (frozen Fourier mixing)", {"model": "fnet", "init": "random"}),
     Row("fnet_orthonormal", "FNet reservoir, orthonormal mixing",
         {"model": "fnet-orthonormal", "init": "random"}),
+    Row("mixer", "MLP-Mixer reservoir (frozen random token-mixing MLPs)",
+        {"model": "mixer", "init": "random"}),
     Row("minilm", "frozen pretrained MiniLM", {"model": "minilm-l6", "weights": "minilm"},
         draws_attention=True),
     Row("minilm_random", "frozen random MiniLM architecture",

@@ -303,15 +303,15 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
     report_dir = Path(report_dir)
     rows = load_rows(report_dir, planned)
     finished = [r for r in rows if r.picked is not None and r.selection is None]
+    found = trivial_baselines(rows)
     plots = []
     for task in dict.fromkeys(r.task for r in finished):
         picked = [_labelled(r) for r in finished if r.task == task]
         for kind, fn in (("curves", results.plot_curves), ("lr", results.plot_learning_rates)):
-            fn(picked, report_dir / f"{kind}_{task}.png")
+            fn(picked, report_dir / f"{kind}_{task}.png", found[task])
             plots.append((f"{task}: validation accuracy" if kind == "curves" else
                           f"{task}: best validation accuracy against learning rate",
                           f"{kind}_{task}.png"))
-    found = trivial_baselines(rows)
     if any(r.test for r in finished):
         plot_main(rows, report_dir / "main.png", found)
         plots.insert(0, ("the main table: ours (bars, +- s.e.), the paper's (marks), the "

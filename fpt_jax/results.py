@@ -39,7 +39,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from fpt_jax import edges
+from fpt_jax import edges, trivial
 
 CELLS = "cells"
 CELL_FILE = "cell.json"
@@ -331,7 +331,8 @@ def _grid(sel: Selection) -> str:
 
 # --- plots ----------------------------------------------------------------------------------
 
-def plot_curves(selections: Sequence[Selection], path: str | os.PathLike) -> None:
+def plot_curves(selections: Sequence[Selection], path: str | os.PathLike,
+                levels: Sequence = ()) -> None:
     """curves.png: validation accuracy vs step per cell at its selected learning rate, the
     mean over seeds and a min-max band."""
     import matplotlib
@@ -363,10 +364,11 @@ def plot_curves(selections: Sequence[Selection], path: str | os.PathLike) -> Non
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation accuracy at the selected learning rate (mean, min-max over seeds)",
                  fontsize=9)
-    _finish(fig, ax, path)
+    _finish(fig, ax, path, levels)
 
 
-def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike) -> None:
+def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike,
+                        levels: Sequence = ()) -> None:
     """lr.png: mean best validation accuracy (+- s.e.) vs learning rate per cell, log x; the
     points a sweep added beyond the grid hollow, a selection at an edge named."""
     import matplotlib
@@ -388,7 +390,7 @@ def plot_learning_rates(selections: Sequence[Selection], path: str | os.PathLike
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy (mean over seeds)")
-    _finish(fig, ax, path)
+    _finish(fig, ax, path, levels)
 
 
 # --- all of it ------------------------------------------------------------------------------
@@ -399,9 +401,9 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_plot(fn, selections, path: Path) -> None:
+def _write_plot(fn, selections, path: Path, levels: Sequence = ()) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fn(selections, tmp)
+    fn(selections, tmp, levels)
     os.replace(tmp, path)
 
 
@@ -413,20 +415,28 @@ def write_results(workdir: str | os.PathLike, plots: bool = True) -> dict[str, P
     done = [c for c in cells if c.finished]
     selections = [select(c) for c in done]
     paths = {"csv": workdir / "results.csv", "md": workdir / "results.md"}
+    found = trivial.for_configs([c.config for c in done])
     _write_text(paths["csv"], csv_text(done))
     _write_text(paths["md"], markdown(done, selections,
-                                      [c.name for c in cells if not c.finished]))
+                                      [c.name for c in cells if not c.finished])
+                + "\n".join(trivial.markdown(found)) + ("\n" if found else ""))
+    # one task: its trivial baselines drawn across the plots too
+    levels = found[0][1] if len(found) == 1 and not isinstance(found[0][1], str) else []
     if plots:
         paths["curves"] = workdir / "curves.png"
         paths["lr"] = workdir / "lr.png"
-        _write_plot(plot_curves, selections, paths["curves"])
-        _write_plot(plot_learning_rates, selections, paths["lr"])
+        _write_plot(plot_curves, selections, paths["curves"], levels)
+        _write_plot(plot_learning_rates, selections, paths["lr"], levels)
     return paths
 
 
-def _finish(fig, ax, path: str | os.PathLike) -> None:
-    """Legend (when there are lines), grid, saved as PNG, closed."""
+def _finish(fig, ax, path: str | os.PathLike, levels: Sequence = ()) -> None:
+    """The trivial baselines (`fpt_jax.trivial.Baseline`) as dashed lines, legend (when there
+    are lines), grid, saved as PNG, closed."""
     import matplotlib.pyplot as plt
+    for k, b in enumerate(levels):
+        ax.axhline(b.accuracy, color="0.3", linestyle=("--", ":", "-.")[k % 3], linewidth=1,
+                   label=f"trivial: {b.name} ({100 * b.accuracy:.1f}%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

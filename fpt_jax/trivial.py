@@ -130,3 +130,43 @@ def closest(mean: float, se: float, n: int, found: Sequence[Baseline]) -> Baseli
     """The trivial baseline a result is not distinguishable from (the highest such)."""
     hits = [b for b in found if within(mean, se, n, b.accuracy)]
     return max(hits, key=lambda b: b.accuracy) if hits else None
+
+
+def for_configs(configs: Sequence[dict]) -> list[tuple[str, list[Baseline] | str]]:
+    """Per distinct task (name and options) among recorded TrainConfig dicts (a sweep's
+    cells): a label and its baselines, or why they could not be computed (its data moved)."""
+    from fpt_jax.config import TrainConfig
+    out, seen = [], set()
+    for config in configs:
+        if not config.get("task"):
+            continue
+        options = dict(config.get("task_options") or {})
+        key = (config["task"], tuple(sorted((k, repr(v)) for k, v in options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None)
+        label = config["task"] + (f" ({shown})" if shown else "")
+        try:
+            task = TrainConfig(task=config["task"], task_options=options).make_task()
+            out.append((label, baselines(task)))
+        except (ValueError, OSError) as e:
+            out.append((label, f"not computed: {str(e).splitlines()[0]}"))
+    return out
+
+
+def markdown(found: Sequence[tuple[str, list[Baseline] | str]]) -> list[str]:
+    """A results.md section: each task's trivial baselines."""
+    if not found:
+        return []
+    lines = ["", "## Trivial baselines", "",
+             "What a predictor that learns nothing about the task scores on its test split, "
+             "computed from the data (fpt_jax/trivial.py): a cell whose test accuracy's 95% "
+             "interval holds one has not shown it learned the task.", ""]
+    for label, baselines_or_why in found:
+        if isinstance(baselines_or_why, str):
+            lines.append(f"- {label}: {baselines_or_why}")
+            continue
+        lines += [f"- {label}: {b.name} {100 * b.accuracy:.1f}% ({b.how}; {b.examples:,} "
+                  "test examples)" for b in baselines_or_why]
+    return lines

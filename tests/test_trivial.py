@@ -89,3 +89,21 @@ def test_a_proxy_tasks_table_has_no_paper_numbers_in_the_papers_columns():
     assert fpt[4] == "above majority class"
     assert random_row[4] == "**not above majority class**"
     assert "The paper's mnist numbers, another dataset" in text and "98" in text
+
+
+def test_a_sweeps_results_name_each_tasks_trivial_baselines_and_draw_them(tmp_path):
+    configs = [{"task": "bit_memory", "task_options": {"n": 20, "patch_size": 5}},
+               {"task": "bit_memory", "task_options": {"n": 20, "patch_size": 5}},  # once
+               {"task": "bit_xor", "task_options": {"n": 5}}, {}]  # {}: a cell with no record
+    found = trivial.for_configs(configs)
+    assert [label for label, _ in found] == ["bit_memory (n=20, patch_size=5)",
+                                            "bit_xor (n=5)"]
+    text = "\n".join(trivial.markdown(found))
+    assert "## Trivial baselines" in text and "copy the visible bits 7" in text
+    assert trivial.for_configs([{"task": "listops", "task_options": {}}])[0][1].startswith(
+        "not computed: task listops: data_dir is required")
+    cell = results.Cell("c", {}, [{"run": 0, "seed": 0, "learning_rate": 1e-3,
+                                   "best_val_accuracy": 0.9}], tmp_path)
+    results.plot_learning_rates([results.select(cell)], tmp_path / "lr.png", found[0][1])
+    from matplotlib import image
+    assert image.imread(tmp_path / "lr.png").std() > 0.01

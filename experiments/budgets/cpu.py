@@ -67,7 +67,7 @@ def get_config() -> ConfigDict:
         "lstm_original": dict(n_embd=384, **PER_SEED),
         "lstm_frozen": dict(n_embd=384, **PER_SEED), "lstm_matched": dict(PER_SEED),
         "fnet": dict(n_layer=6, n_embd=384, **PER_SEED),
-        "mixer": dict(n_layer=6, n_head=6, n_embd=384, **PER_SEED), "minilm": {},
+        "mixer": dict(n_layer=6, n_embd=384, **PER_SEED), "minilm": {},
         "minilm_random": dict(PER_SEED),
     })
     c.ablation = ConfigDict(dict(rows=("fpt", "minilm", "random"),

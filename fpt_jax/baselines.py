@@ -85,19 +85,20 @@ def _match(model: str, n_layer: int | None, match_model: str, match_count: str,
     cfg = TrainConfig(model=model, in_layer_sizes=in_layer_sizes,
                       out_layer_sizes=out_layer_sizes)
     transformer = backbones.family_of_preset(match_model).config_cls.preset(match_model)
-    total = count(cfg, task, transformer, "full")
-    target = {"total": lambda: total,
-              "trainable": lambda: count(cfg, task, transformer, "fpt"),
-              "effective": lambda: count(cfg, task, transformer, "fpt")
-              - unread_positions(task, transformer) * transformer.n_embd,
-              "frozen": lambda: total - count(cfg, task, transformer, "fpt")}[match_count]()
+    shapes = _shapes(cfg, task, transformer)  # once: every count below reads them
+    total, fpt = (_selected(shapes, s, transformer.n_layer) for s in ("full", "fpt"))
+    target = {"total": total, "trainable": fpt, "frozen": total - fpt,
+              "effective": fpt - unread_positions(task, transformer) * transformer.n_embd
+              }[match_count]
     lstm_cls = backbones.family_of_preset(cfg.model).config_cls
     layers = {} if n_layer is None else {"n_layer": n_layer}
 
+    @functools.lru_cache(maxsize=None)
     def at(width: int) -> int:
         lstm = lstm_cls.preset(cfg.model, n_embd=width, **layers)
-        full = count(cfg, task, lstm, "full")
-        return (full - count(cfg, task, lstm, FROZEN_LSTM_TRAINABLE)
+        shapes = _shapes(cfg, task, lstm)
+        full = _selected(shapes, "full", lstm.n_layer)
+        return (full - _selected(shapes, FROZEN_LSTM_TRAINABLE, lstm.n_layer)
                 if match_count == "frozen" else full)
     # Every parameter's size is at most quadratic in the width: three counts fix it.
     c4, c8, c12 = at(4), at(8), at(12)
@@ -135,9 +136,17 @@ class _TaskShape:  # what `make_model` and `build.init_params` read of a task
 def count(cfg: TrainConfig, task, config: Any, selection: str = "full") -> int:
     """Parameters of `cfg`'s FPT over the backbone `config` on `task` that `selection`
     trains ('full': all of them), from shapes only."""
+    return _selected(_shapes(cfg, task, config), selection, config.n_layer)
+
+
+def _shapes(cfg: TrainConfig, task, config: Any) -> Any:
+    """The parameter shapes of `cfg`'s FPT over the backbone `config` on `task`."""
     model = make_model(cfg, task, config)
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
     x = jnp.zeros((1, *task.example_shape), dtype)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x)["params"])
-    _, counts = freeze.count_table(shapes, freeze.parse_selection(selection, config.n_layer))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x)["params"])
+
+
+def _selected(shapes: Any, selection: str, n_layer: int) -> int:
+    _, counts = freeze.count_table(shapes, freeze.parse_selection(selection, n_layer))
     return counts["total"]["trainable"]

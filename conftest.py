@@ -52,9 +52,10 @@ FILE_SECONDS = {
     "test_bad_inputs.py": 24, "test_train_cli.py": 23, "test_lstm.py": 22,
     "test_sweep_loop.py": 18, "test_mixed_precision.py": 18, "test_sweep_cli.py": 17,
     "test_protocol.py": 17, "test_attention.py": 17, "test_fnet.py": 16, "test_vit.py": 11,
-    "test_entry_runner.py": 11, "test_gpt2.py": 10, "test_baselines.py": 9,
+    "test_entry_runner.py": 11, "test_gpt2.py": 10, "test_baselines.py": 20,
     "test_bad_inputs_tools.py": 8, "test_weights.py": 7, "test_cheap_paths.py": 7,
-    "test_config.py": 6, "test_prepare_data.py": 4,
+    "test_config.py": 6, "test_prepare_data.py": 4, "test_lstm_original.py": 15,
+    "test_edges.py": 10, "test_mixer.py": 10,
 }
 
 

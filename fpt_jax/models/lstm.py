@@ -28,7 +28,8 @@ original code does):
     recurrence, so the dropped h_t is both the layer's output and the carried state.
 Weights and biases start from U(+-1/sqrt(H)) as in PyTorch's LSTM either way. Presets
 with one option each (`lstm-random-state`, `lstm-uniform-norm`, `lstm-unbiased-var`,
-`lstm-state-dropout`) measure which of them matters. Any option but `norm_init` takes the
+`lstm-state-dropout`) and the original without its layer-norm init
+(`lstm-original-norm-ones`) measure which of them matters. Any option but `norm_init` takes the
 recurrence off its custom VJP (below), which starts from zeros and drops nothing inside the
 loop, onto `plain_recurrence`, a `lax.scan` differentiated by autodiff.
 
@@ -114,11 +115,14 @@ LSTM_PRESETS: dict[str, LSTMConfig] = {
     # the original code's LayerNormLSTM (rows.py's lstm_original also freezes its recurrence)
     "lstm-original": LSTMConfig(initial_state="random", norm_init="uniform",
                                 unbiased_variance=True, mask_carried_state=True),
-    # one of the original's differences each, to measure which one matters
+    # one of the original's differences each, and the original without its layer-norm
+    # init, to measure which one matters (benchmarks/results/README.md)
     "lstm-random-state": LSTMConfig(initial_state="random"),
     "lstm-uniform-norm": LSTMConfig(norm_init="uniform"),
     "lstm-unbiased-var": LSTMConfig(unbiased_variance=True),
     "lstm-state-dropout": LSTMConfig(mask_carried_state=True),
+    "lstm-original-norm-ones": LSTMConfig(initial_state="random", unbiased_variance=True,
+                                          mask_carried_state=True),
 }
 
 

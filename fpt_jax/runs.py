@@ -39,6 +39,10 @@ _FORMAT2_TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_si
                         "source", "validation_fraction", "task_name", "max_length",
                         "overlength", "bucket_size", "num_classes")
 _FORMAT2_DROPPED = ("match_model", "match_count")  # the width is in the backbone's record
+# Backbone config fields added after runs were recorded, per family, with the value those
+# runs had (the default): an older group resumes rather than "differs".
+_ADDED_BACKBONE_FIELDS = {"lstm": {"initial_state": "zero", "norm_init": "ones",
+                                   "unbiased_variance": False, "mask_carried_state": False}}
 _LEGACY_KEYS = ("task", "task_options", "model", "init", "weights", "family", "backbone",
                 "trainable", "backbone_seed", "in_layer_sizes", "out_layer_sizes",
                 "learning_rates", "seeds")
@@ -131,8 +135,10 @@ def check_identity(saved: dict, current: dict, workdir: str) -> None:
     saved = _json(saved)
     if saved.get("format") == 2:
         saved = _upgrade(saved, workdir)
-    if saved.get("format") == FORMAT:  # written before backbone_draw existed: one backbone
+    if saved.get("format") == FORMAT:  # settings added since: what those runs had
         saved["config"].setdefault("backbone_draw", "shared")
+        for name, default in _ADDED_BACKBONE_FIELDS.get(saved.get("family"), {}).items():
+            saved.get("backbone", {}).setdefault(name, default)
     if saved.get("format") != FORMAT:  # a sweep cell of f28d936: compare its own fields
         cfg = current["config"]
         now = {**{k: cfg.get(k) for k in _LEGACY_KEYS}, **{k: current[k] for k in (

@@ -2,6 +2,8 @@
 PyTorch layer-normalised LSTM written from the original's equations, its trainable count on
 Bit XOR, the random initial state (training and evaluation), the layer norms' init and
 variance, and a short training under the loop with the recurrence frozen."""
+import dataclasses
+import json
 import runpy
 from pathlib import Path
 
@@ -199,3 +201,23 @@ def test_a_short_training_under_the_loop_keeps_the_recurrence_bit_identical(tmp_
     trained = flax.traverse_util.flatten_dict(parallel.unreplicate(state).trainable)
     for k, v in flax.traverse_util.flatten_dict(g.states.trainable).items():
         assert not np.array_equal(v, trained[k]), k  # every trainable leaf moved
+
+
+def test_a_group_recorded_before_the_original_options_existed_resumes_and_a_changed_one_differs():
+    from fpt_jax import runs
+    from fpt_jax.config import TrainConfig
+    cfg = TrainConfig(task="bit_xor", model="lstm", init="random", trainable="full")
+    current = runs.identity(cfg, [1e-3], [0], "lstm", lstm.LSTMConfig())
+    old = json.loads(json.dumps(current))
+    for name in ("initial_state", "norm_init", "unbiased_variance", "mask_carried_state"):
+        del old["backbone"][name]  # as written before these fields existed
+    del old["config"]["backbone_draw"]
+    runs.check_identity(old, current, "W")  # resumes: those runs had the defaults
+    changed = runs.identity(cfg, [1e-3], [0], "lstm",
+                            lstm.LSTMConfig(initial_state="random"))
+    with pytest.raises(ValueError, match="differing settings"):
+        runs.check_identity(old, changed, "W")
+    per_seed = runs.identity(dataclasses.replace(cfg, backbone_draw="per_seed"), [1e-3], [0],
+                             "lstm", lstm.LSTMConfig())
+    with pytest.raises(ValueError, match="backbone_draw"):
+        runs.check_identity(old, per_seed, "W")

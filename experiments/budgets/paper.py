@@ -28,8 +28,9 @@ def get_config() -> ConfigDict:
     # random-init rows draw a fresh backbone per seed, as the paper's runs did
     per_seed = dict(backbone_draw="per_seed")
     c.rows = ConfigDict({"fpt": {}, "full": {}, "minilm": {}, **{
-        row: dict(per_seed) for row in ("random", "scratch", "lstm", "lstm_matched",
-                                        "lstm_frozen", "fnet", "minilm_random")}})
+        row: dict(per_seed) for row in ("random", "scratch", "lstm", "lstm_original",
+                                        "lstm_matched", "lstm_frozen", "fnet", "mixer",
+                                        "minilm_random")}})
     c.ablation = ConfigDict(dict(rows=("fpt", "random"),
                                  selections=("output", "output,ln", "output,ln,input", "fpt")))
     c.attention_map = True

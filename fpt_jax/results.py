@@ -419,7 +419,8 @@ def write_results(workdir: str | os.PathLike, plots: bool = True) -> dict[str, P
     _write_text(paths["csv"], csv_text(done))
     _write_text(paths["md"], markdown(done, selections,
                                       [c.name for c in cells if not c.finished])
-                + "\n".join(trivial.markdown(found)) + ("\n" if found else ""))
+                + "\n".join(trivial.markdown(found, trivial.not_above(selections, found)))
+                + ("\n" if found else ""))
     # one task: its trivial baselines drawn across the plots too
     levels = found[0][1] if len(found) == 1 and not isinstance(found[0][1], str) else []
     if plots:

@@ -132,6 +132,27 @@ def closest(mean: float, se: float, n: int, found: Sequence[Baseline]) -> Baseli
     return max(hits, key=lambda b: b.accuracy) if hits else None
 
 
+def _label(config: dict) -> str:
+    options = dict(config.get("task_options") or {})
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None)
+    return config["task"] + (f" ({shown})" if shown else "")
+
+
+def not_above(selections: Sequence, found: Sequence[tuple[str, list[Baseline] | str]]
+              ) -> list[tuple[str, str]]:
+    """(cell, baseline) for each selected cell (`fpt_jax.results.Selection`) whose test
+    accuracy is not distinguishable from one of its task's trivial baselines."""
+    by_label = {label: b for label, b in found if not isinstance(b, str)}
+    out = []
+    for sel in selections:
+        test = sel.test.get("test") if sel.learning_rate is not None else None
+        task = by_label.get(_label(sel.cell.config)) if sel.cell.config.get("task") else None
+        same = closest(*test, sel.n_seeds, task) if test and task else None
+        if same is not None:
+            out.append((sel.cell.name, same.name))
+    return out
+
+
 def for_configs(configs: Sequence[dict]) -> list[tuple[str, list[Baseline] | str]]:
     """Per distinct task (name and options) among recorded TrainConfig dicts (a sweep's
     cells): a label and its baselines, or why they could not be computed (its data moved)."""
@@ -145,8 +166,7 @@ def for_configs(configs: Sequence[dict]) -> list[tuple[str, list[Baseline] | str
         if key in seen:
             continue
         seen.add(key)
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None)
-        label = config["task"] + (f" ({shown})" if shown else "")
+        label = _label(config)
         try:
             task = TrainConfig(task=config["task"], task_options=options).make_task()
             out.append((label, baselines(task)))
@@ -155,8 +175,10 @@ def for_configs(configs: Sequence[dict]) -> list[tuple[str, list[Baseline] | str
     return out
 
 
-def markdown(found: Sequence[tuple[str, list[Baseline] | str]]) -> list[str]:
-    """A results.md section: each task's trivial baselines."""
+def markdown(found: Sequence[tuple[str, list[Baseline] | str]],
+             flagged: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """A results.md section: each task's trivial baselines, and the cells whose test
+    accuracy is not distinguishable from one (`not_above`)."""
     if not found:
         return []
     lines = ["", "## Trivial baselines", "",
@@ -169,4 +191,7 @@ def markdown(found: Sequence[tuple[str, list[Baseline] | str]]) -> list[str]:
             continue
         lines += [f"- {label}: {b.name} {100 * b.accuracy:.1f}% ({b.how}; {b.examples:,} "
                   "test examples)" for b in baselines_or_why]
+    if flagged:
+        lines += ["", "Not distinguishable from a trivial baseline (its 95% interval holds it): "
+                  + ", ".join(f"**{cell}** ({name})" for cell, name in flagged) + "."]
     return lines

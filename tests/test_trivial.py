@@ -107,3 +107,18 @@ def test_a_sweeps_results_name_each_tasks_trivial_baselines_and_draw_them(tmp_pa
     results.plot_learning_rates([results.select(cell)], tmp_path / "lr.png", found[0][1])
     from matplotlib import image
     assert image.imread(tmp_path / "lr.png").std() > 0.01
+
+
+def test_a_cell_within_noise_of_chance_is_named_in_the_sweeps_results():
+    config = {"task": "bit_xor", "task_options": {"n": 5}}
+    found = trivial.for_configs([config])
+
+    def selection(name, accuracies):
+        runs = [{"run": k, "seed": k, "learning_rate": 1e-3, "best_val_accuracy": a,
+                 "test": {"test": {"test/accuracy": a}}} for k, a in enumerate(accuracies)]
+        return results.select(results.Cell(name, {}, runs, None, config=config))
+
+    flagged = trivial.not_above([selection("chance", [0.49, 0.51, 0.52]),
+                                 selection("learned", [0.97, 0.98, 0.99])], found)
+    assert flagged == [("chance", "majority class")]
+    assert "**chance** (majority class)" in "\n".join(trivial.markdown(found, flagged))

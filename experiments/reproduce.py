@@ -4,7 +4,7 @@ report beside the paper's tables.
   # CI-sized check of the whole pipeline (about a minute)
   python -m experiments.reproduce --budget=experiments/budgets/smoke.py --report_dir=/tmp/r
 
-  # a 2-core CPU in at most 90 minutes (smaller models and fewer steps, stated in the report)
+  # a 2-core CPU aimed at 90 minutes (smaller models and fewer steps, stated in the report)
   python -m experiments.reproduce --budget=experiments/budgets/cpu.py --report_dir=/tmp/r \
       --data_dir=/data/fpt
 

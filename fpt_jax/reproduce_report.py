@@ -114,7 +114,10 @@ def trivial_baselines(rows: Sequence[Row]) -> dict[str, list[trivial.Baseline]]:
     out = {}
     for r in rows:
         if r.task not in out:
-            out[r.task] = trivial.baselines(r.cfg.make_task())
+            try:
+                out[r.task] = trivial.baselines(r.cfg.make_task())
+            except (ValueError, OSError):  # its data is not here (a task not trained yet)
+                out[r.task] = []
     return out
 
 
@@ -129,6 +132,8 @@ def _versus(r: Row, found: Sequence[trivial.Baseline]) -> str:
     """Where the row stands against the task's trivial baselines."""
     if not r.test:
         return "-"
+    if not found:
+        return "- (not computed: no data)"
     mean, se = r.test
     same = trivial.closest(mean, se, r.picked.n_seeds, found)
     if same is not None:

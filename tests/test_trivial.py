@@ -122,3 +122,14 @@ def test_a_cell_within_noise_of_chance_is_named_in_the_sweeps_results():
                                  selection("learned", [0.97, 0.98, 0.99])], found)
     assert flagged == [("chance", "majority class")]
     assert "**chance** (majority class)" in "\n".join(trivial.markdown(found, flagged))
+
+
+def test_a_task_whose_data_is_absent_has_no_trivial_rows_and_the_report_still_writes(tmp_path):
+    row = _row("bit_xor", "random", [0.6, 0.7, 0.8])
+    absent = reproduce_report.Row("listops", "random", None, row.cfg.__class__(
+        task="listops", task_options={"data_dir": str(tmp_path / "missing")}), row.cfg, None,
+        None)
+    found = reproduce_report.trivial_baselines([row, absent])
+    assert found["listops"] == [] and found["bit_xor"]
+    lines = reproduce_report.main_table([absent], found)
+    assert not any(line.startswith("| trivial:") for line in lines)

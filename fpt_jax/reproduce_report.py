@@ -125,7 +125,9 @@ def _interval(r: Row) -> str:
     if not r.test:
         return "-"
     ci = trivial.interval(*r.test, r.picked.n_seeds)
-    return "- (1 seed)" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    if ci is None:
+        return "- (1 seed)"
+    return f"[{max(100 * ci[0], 0):.1f}, {min(100 * ci[1], 100):.1f}]"  # clipped to [0, 100]
 
 
 def _versus(r: Row, found: Sequence[trivial.Baseline]) -> str:

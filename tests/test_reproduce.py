@@ -70,7 +70,9 @@ def test_the_smoke_report_has_every_section_and_every_row(smoke):
         assert re.fullmatch(r"\d+\.\d \+- \d+\.\d \(n=2\)", row[1]), row
         low, high = map(float, re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", row[2]).groups())
         mean, se = map(float, re.findall(r"[\d.]+", row[1])[:2])
-        assert low <= mean <= high and high - low >= 2 * 12.7 * se - 0.2  # t(0.975, 1)
+        assert low <= mean <= high  # t(0.975, 1) = 12.7, the interval clipped to [0, 100]
+        assert high - low >= min(2 * 12.7 * se - 0.2, min(mean + 12.7 * se, 100)
+                                 - max(mean - 12.7 * se, 0) - 0.2)
         assert re.fullmatch(r"(above|below) majority class|\*\*not above majority class\*\*",
                             row[4]), row
         assert re.match(r"[\d.e-]+ of 0\.001\.\.0\.003 \(2\)", row[3]), row

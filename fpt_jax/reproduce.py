@@ -5,8 +5,9 @@ A budget (experiments/budgets/*.py, an ml_collections config) fixes per task the
 that differ from the task's config (experiments/configs/<task>.py: the paper's) as
 `overrides` (TrainConfig fields; `task_options` a mapping), its learning rates and seeds as
 a `fpt_jax.sweep.SweepConfig` (`sweep`), and the rows: comparisons of `fpt_jax.rows`, each
-with its own overrides (e.g. a smaller model on a CPU); and the paper's ablation (parameter
-groups added one at a time).
+with its own overrides (e.g. a smaller model on a CPU), run on every task unless the task
+names its own subset (`rows`); and the paper's ablation (parameter groups added one at a
+time).
 
 Every (task, row) is a sweep cell (a run group of `fpt_jax.loop`: its learning rates x seeds
 trained together, selection on validation, test once at each run's best step) in
@@ -172,11 +173,11 @@ def plan(budget: ConfigDict, report_dir: Path, data_dir: str | None = None,
             raise ValueError(f"--budget.tasks.{task}.sweep.{e}") from None
         lrs, seeds = list(runs.learning_rates), list(runs.seeds)
         paper_cfg = load_task_config(task)
-        wanted = [(row, None) for row in budget.rows if not rows or row in rows]
+        task_rows = [r for r in task_row_names(budget, task) if not rows or r in rows]
+        wanted = [(row, None) for row in task_rows]
         if task in budget.ablation.get("tasks", [task]):  # default: every task
             wanted += [(row, sel) for row in budget.ablation.rows
-                       for sel in budget.ablation.selections
-                       if row in budget.rows and (not rows or row in rows)]
+                       for sel in budget.ablation.selections if row in task_rows]
         for row, sel in wanted:
             try:
                 cfg = row_config(base, row, dict(budget.rows[row]), reachable)
@@ -221,6 +222,17 @@ def check_budget(budget) -> None:
     bad = [r for r in (*budget.rows, *budget.ablation.rows) if r not in rows.ROWS]
     if bad:
         raise ValueError(f"--budget.rows: unknown rows {bad}; accepted: {list(rows.ROWS)}")
+    for task, tb in budget.tasks.items():
+        bad = [r for r in tb.get("rows", None) or () if r not in budget.rows]
+        if bad:
+            raise ValueError(f"--budget.tasks.{task}.rows: {bad} not in the budget's rows; "
+                             f"accepted: {list(budget.rows)}")
+
+
+def task_row_names(budget: ConfigDict, task: str) -> list[str]:
+    """The rows a task runs: its own `rows` (a subset of the budget's, which hold their
+    settings) when it names them, else every row of the budget."""
+    return list(budget.tasks[task].get("rows", None) or budget.rows)
 
 
 def unknown(names: list[str] | None, known) -> list[str]:

@@ -240,3 +240,17 @@ def test_a_budgets_extend_edges_reaches_every_planned_cell(tmp_path, monkeypatch
                         lambda cells, *a, **kw: ran.append(kw["extend_edges"]) or {})
     reproduce.run(reproduce.Plan(plan.cells[:1], []), tmp_path, log=lambda m: None)
     assert ran == [2]
+
+
+def test_a_tasks_own_rows_restrict_its_cells_and_its_ablation(tmp_path):
+    budget = _budget()
+    assert {"random", "lstm"} <= set(budget.rows) and "random" in budget.ablation.rows
+    everything = reproduce.plan(budget, tmp_path, reachable=lambda cfg: None, dry=True)
+    with budget.unlocked():
+        budget.tasks.bit_xor.rows = ("lstm",)
+    p = reproduce.plan(budget, tmp_path, reachable=lambda cfg: None, dry=True)
+    assert {(c.row, c.selection) for c in p.cells} == {("lstm", None)}
+    assert len(everything.cells) > len(p.cells)
+    budget.tasks.bit_xor.rows = ("lstm", "lstn")
+    with pytest.raises(ValueError, match=r"--budget.tasks.bit_xor.rows: \['lstn'\] not in"):
+        reproduce.check_budget(budget)

@@ -100,7 +100,9 @@ def _check_and_nest(flat: dict[tuple[str, ...], np.ndarray], config: Config, sou
     return params
 
 
-def _read_config(directory: Path) -> Config:
+def read_config(directory: str | os.PathLike) -> Config:
+    """The architecture in a Hugging Face directory's config.json (no weights read)."""
+    directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{directory} has no config.json; a Hugging Face model directory "
@@ -125,8 +127,10 @@ def _read_config(directory: Path) -> Config:
     try:
         fam = backbones.family(model_type)
     except ValueError:
+        readable = [f.name for f in backbones.families() if f.has_checkpoints]
         raise WeightsError(f"{config_file}: model_type={model_type!r} is not a backbone "
-                           "family this project reads; accepted: gpt2, bert, vit") from None
+                           f"family this project reads; accepted: {', '.join(readable)}"
+                           ) from None
     try:
         return fam.config_cls.from_hf(hf)
     except (ValueError, TypeError) as e:
@@ -158,18 +162,52 @@ def _damaged(file: Path, kind: str, e: BaseException,
                         f"format): {_reason(e)}; {advice}")
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files, and the index's key -> file map when the checkpoint is sharded
+    (`model-00001-of-00004.safetensors` ... with `model.safetensors.index.json`)."""
+    index = directory / SAFETENSORS_INDEX
+    if not index.is_file():
+        return sorted(directory.glob("model*.safetensors")), None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (json.JSONDecodeError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
+        raise _damaged(index, "safetensors index (a JSON object with a weight_map)", e) from e
+    files = [directory / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise WeightsError(f"{index} names shards that are not in {directory}: {missing}; "
+                           "download every shard the index lists")
+    return files, weight_map
+
+
 def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     # framework="flax" rather than numpy: numpy cannot hold the bfloat16 tensors that some
     # uploads use; every tensor is widened to float32 on the way out.
     from safetensors import SafetensorError, safe_open
+    files, weight_map = _safetensors_files(directory)
     state: dict[str, np.ndarray] = {}
-    for f in sorted(directory.glob("model*.safetensors")):
+    for f in files:
         # safe_open checks that the header's offsets fit the file's size before it maps the
         # file, so a truncated file is an error here, not a crash on access.
         try:
             with safe_open(str(f), framework="flax") as reader:
-                for key in reader.keys():
+                keys = list(reader.keys())
+                if weight_map is not None:  # the index's word for which shard holds a key
+                    listed = {k for k, v in weight_map.items() if v == f.name}
+                    if listed - set(keys):
+                        raise WeightsError(
+                            f"{f}: the index ({SAFETENSORS_INDEX}) places "
+                            f"{sorted(listed - set(keys))[:3]} in this shard, which lacks "
+                            "them; the shards and the index are from different checkpoints")
+                for key in keys:
                     state[key] = np.asarray(reader.get_tensor(key), dtype=np.float32)
+        except WeightsError:
+            raise
         except (SafetensorError, OSError, ValueError) as e:
             raise _damaged(f, "safetensors file", e) from e
     return state
@@ -233,8 +271,8 @@ def load_local(directory: str | os.PathLike) -> tuple[Config, Params]:
     directory = Path(directory)
     if (directory / CONVERTED_MARKER).is_file():
         return load_converted(directory)
-    config = _read_config(directory)
-    if list(directory.glob("model*.safetensors")):
+    config = read_config(directory)
+    if list(directory.glob("model*.safetensors")) or (directory / SAFETENSORS_INDEX).is_file():
         return config, params_from_state_dict(_read_safetensors(directory), config,
                                               str(directory / "model.safetensors"))
     if (directory / "pytorch_model.bin").is_file():
@@ -359,7 +397,7 @@ def _quiet_abandoned_reads():
 def load_converted(directory: str | os.PathLike) -> tuple[Config, Params]:
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
-    config = _read_config(directory)
+    config = read_config(directory)
     fam = backbones.family_of(config)
     fresh = fam.fresh_paths(config)
     abstract = {p: v for p, v in traverse_util.flatten_dict(fam.param_shapes(config)).items()

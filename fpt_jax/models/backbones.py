@@ -1,8 +1,8 @@
 """Backbone families: transformers that map `[batch, seq, width]` to `[batch, seq, width]`.
 
 FPT takes any of them as its `transformer`. A family is one module of `fpt_jax.models`,
-named as the family (= Hugging Face's `model_type`: gpt2, bert, vit; the baselines fnet,
-mixer and lstm), that brings:
+named as the family (= Hugging Face's `model_type`: gpt2, bert, vit, llama, mistral,
+qwen2; the baselines fnet, mixer and lstm), that brings:
   * a config, a frozen dataclass deriving from `BackboneConfig`, with the family's
     `model_type` and `display_name` (the name in messages) and its differences as class
     data (generic names, dropout fields, Hugging Face options, renames); the base class
@@ -42,7 +42,7 @@ from typing import Any, Callable, ClassVar, Mapping, Self
 
 # The families, in the order `param_group` asks them (GPT-2 first: a GPT-2 run imports no
 # other family). Each is the module of the same name in this package, holding `FAMILY`.
-_NAMES = ("gpt2", "bert", "vit", "fnet", "mixer", "lstm")
+_NAMES = ("gpt2", "bert", "vit", "llama", "mistral", "qwen2", "fnet", "mixer", "lstm")
 # The generic sizes every config answers to, by the family's own field names (`GENERIC`).
 _GENERIC_SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "mlp_width")
 
@@ -240,7 +240,7 @@ class Family:
 
 @functools.cache
 def family(name: str) -> Family:
-    """The family named `name` (gpt2, bert, vit, fnet, mixer, lstm); imports its module only."""
+    """The family named `name` (one of `_NAMES`); imports its module only."""
     if name not in _NAMES:
         raise ValueError(f"unknown backbone family {name!r}; accepted: {sorted(_NAMES)}")
     found = importlib.import_module(f"{__package__}.{name}").FAMILY

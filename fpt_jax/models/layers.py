@@ -65,8 +65,11 @@ def check_inputs(family: str, inputs_embeds: jax.Array, width: int,
 def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
               dropout: nn.Dropout | float, deterministic: bool, dtype: Dtype,
               causal: bool = False, query_positions: jax.Array | None = None,
-              lengths: jax.Array | None = None, heads_first: bool = False) -> jax.Array:
-    """Attention of `q` [b, r, h, d] over `k`, `v` [b, t, h, d], heads merged: [b, r, h*d].
+              lengths: jax.Array | None = None, heads_first: bool = False,
+              window: int | None = None) -> jax.Array:
+    """Attention of `q` [b, r, h, d] over `k`, `v` [b, t, g, d], heads merged: [b, r, h*d].
+    `g` divides `h`: with fewer key/value heads (grouped-query attention) each serves h / g
+    consecutive query heads.
 
     Call it from `module`'s compact `__call__`: the weights are sown there, and `dropout` (on
     the probabilities; a rate makes an `nn.Dropout` there, named by flax in creation order)
@@ -75,11 +78,16 @@ def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
     ([b] ints, right-padded sequences' real lengths): the keys at or after example b's length
     are masked, so padding never reaches a real position.
     `heads_first`: the explicit path's products in `[b, h, t, d]` (GPT-2's and ViT's program).
+    `window` (causal only): a query attends to the `window` latest keys, itself included
+    (Mistral's sliding window); no effect on sequences of at most `window` positions.
     """
     t = k.shape[1]
     mask = None  # None: no mask, or (causal) the plain causal one
-    if causal and query_positions is not None:
-        mask = query_positions[:, None, :, None] >= jnp.arange(t)  # [b, 1, r, t]
+    if causal and (query_positions is not None or (window is not None and t > window)):
+        rows = jnp.arange(t)[None] if query_positions is None else query_positions
+        mask = rows[:, None, :, None] >= jnp.arange(t)  # [b or 1, 1, r, t]
+        if window is not None:
+            mask &= rows[:, None, :, None] - jnp.arange(t) < window
     if lengths is not None:
         lengths = lengths.astype(jnp.int32)  # the fused path takes int32 only
     padding = None if lengths is None else jnp.arange(t) < lengths[:, None, None, None]
@@ -93,6 +101,8 @@ def attention(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, *,
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))
         if padding is not None:  # [b, 1, 1, t]
             mask = padding if mask is None else mask & padding
+        if k.shape[2] != q.shape[2]:  # grouped-query attention: each key/value head repeated
+            k, v = (jnp.repeat(a, q.shape[2] // a.shape[2], axis=2) for a in (k, v))
         if heads_first:
             q, k, v = (rearrange(a, "b t h d -> b h t d") for a in (q, k, v))
             logits = mixed.einsum("bhqd,bhkd->bhqk", q, k, dtype)

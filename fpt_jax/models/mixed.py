@@ -78,11 +78,14 @@ class Dense(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
     out_dtype: Dtype | None = None  # None: the compute dtype (float32: an LSTM's gates)
+    use_bias: bool = True  # False: no `bias` parameter (Llama's projections)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                             jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         y = einsum("...k,kn->...n", x, kernel, self.dtype)
-        return (y + bias.astype(jnp.float32)).astype(self.out_dtype or self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,),
+                               jnp.float32).astype(jnp.float32)
+        return y.astype(self.out_dtype or self.dtype)

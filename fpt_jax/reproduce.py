@@ -61,10 +61,19 @@ class PlannedCell:
 
     @property
     def name(self) -> str:
-        exact = json.dumps([self.cfg.to_dict(), self.learning_rates, self.seeds],
+        settings = self.cfg.to_dict()
+        for field, default in NAMED_WITHOUT_DEFAULT.items():
+            if settings.get(field, default) == default:
+                settings.pop(field, None)
+        exact = json.dumps([settings, self.learning_rates, self.seeds],
                            sort_keys=True, default=str)
         tail = "" if self.selection is None else "__" + self.selection.replace(",", "+")
         return f"{self.task}__{self.row}{tail}~{hashlib.sha1(exact.encode()).hexdigest()[:8]}"
+
+
+# TrainConfig fields added after cells were first named: left out of a cell's name at their
+# default, so that cells trained before the field existed are found (and reused) again.
+NAMED_WITHOUT_DEFAULT = {"mesh": None}
 
 
 @dataclasses.dataclass

@@ -276,13 +276,15 @@ def plot_main(rows: Sequence[Row], path: Path,
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(names) / 2), 4.5))
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
+        labelled = False  # a row's first bar names it (a task may run a subset of rows)
         for i, task in enumerate(tasks):
             r = next((r for r in main if r.task == task and r.row == name), None)
             if r is None:
                 continue
             x = i + (j - (len(names) - 1) / 2) * width
             ax.bar(x, 100 * r.test[0], width, yerr=100 * r.test[1], capsize=2,
-                   color=f"C{j}", label=get_row(name).label if i == 0 else None)
+                   color=f"C{j}", label=None if labelled else get_row(name).label)
+            labelled = True
             lu = (None if task in PROXY_TASK else
                   paper.published(get_row(name).paper_row, task))
             if lu is not None:
@@ -297,9 +299,9 @@ def plot_main(rows: Sequence[Row], path: Path,
                                       for t in tasks])
     ax.set_ylabel("test accuracy % (black mark: the paper's)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, not on, the bars
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -254,3 +254,17 @@ def test_a_tasks_own_rows_restrict_its_cells_and_its_ablation(tmp_path):
     budget.tasks.bit_xor.rows = ("lstm", "lstn")
     with pytest.raises(ValueError, match=r"--budget.tasks.bit_xor.rows: \['lstn'\] not in"):
         reproduce.check_budget(budget)
+
+
+def test_a_cell_name_leaves_out_fields_added_later_at_their_default(tmp_path):
+    # cells trained before `mesh` existed are found again; a mesh names another cell
+    plan = reproduce.plan(_budget(), tmp_path, reachable=lambda cfg: None, dry=True)
+    cell = plan.cells[0]
+    before = dict(cell.cfg.to_dict())
+    before.pop("mesh")
+    import hashlib
+    import json
+    exact = json.dumps([before, cell.learning_rates, cell.seeds], sort_keys=True, default=str)
+    assert cell.name.endswith("~" + hashlib.sha1(exact.encode()).hexdigest()[:8])
+    meshed = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, mesh=(1, 1)))
+    assert meshed.name != cell.name

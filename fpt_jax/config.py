@@ -117,6 +117,10 @@ class TrainConfig:
                                      "float32, frozen ones are stored in it.")
     remat: bool = setting(False, "Activation checkpointing per block (long sequences).")
     num_devices: int | None = setting(None, "Local devices to use; None: all.")
+    mesh: tuple[int, ...] | None = setting(
+        None, "A (data, model) device mesh: the frozen backbone sharded over `model` devices, "
+        "batches over `data` (fpt_jax/sharding.py); data x model = every device used. None: "
+        "data parallelism over every device (each holds the whole backbone).")
 
     def __post_init__(self):
         self.validate()
@@ -177,6 +181,13 @@ class TrainConfig:
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
                     or not math.isfinite(value) or not ok(value)):
                 raise ValueError(f"{name}={value!r}; accepted: {accepted}")
+        if self.mesh is not None:
+            mesh = tuple(self.mesh)
+            if len(mesh) != 2 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
+                                     for n in mesh):
+                raise ValueError(f"mesh={self.mesh!r}; accepted: (data, model), two integers "
+                                 ">= 1, or None for data parallelism")
+            self.mesh = mesh
         for name in ("in_layer_sizes", "out_layer_sizes"):
             sizes = tuple(getattr(self, name))
             if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):

@@ -31,14 +31,14 @@ import numpy as np
 from absl import logging
 
 from fpt_jax import build, optim, parallel, runs
+from fpt_jax.sharding import Placement, check_mesh
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
 from fpt_jax.guard import MetricsBuffer, check_finite_state
 from fpt_jax.metrics import MetricWriter, Progress
 from fpt_jax.protocol import BestStep
 from fpt_jax.steps import (MAX_STEPS_IN_FLIGHT, TrainState, group_batches, make_eval_step,
-                           make_train_step, pmapped_eval_step, pmapped_train_step, run_rngs,
-                           stack_runs)
+                           make_train_step, run_rngs, stack_runs)
 from fpt_jax.tasks import Task
 from fpt_jax.workdir import WorkdirLock
 
@@ -95,13 +95,15 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
     returns the runs' summaries (summary.json's `runs`, each with its last train and
     validation metrics under `final` and its test metrics under `test`)."""
     cfg.check()
-    devices = parallel.local_devices(cfg.num_devices)
-    per_device = parallel.per_device_batch(cfg.batch_size, cfg.grad_accum, len(devices))
-    parallel.per_device_batch(cfg.eval_batch_size or cfg.batch_size, 1, len(devices),
-                              name="eval_batch_size" if cfg.eval_batch_size else "batch_size")
+    placement = Placement(cfg.num_devices, cfg.mesh)
+    per_process = placement.per_process_batch(cfg.batch_size, cfg.grad_accum)
+    placement.per_process_batch(cfg.eval_batch_size or cfg.batch_size, 1,
+                                name="eval_batch_size" if cfg.eval_batch_size else "batch_size")
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
         g = build.build_group(cfg, learning_rates, seeds, task)
+        if cfg.mesh is not None:  # the backbone's heads and widths, now that it is known
+            check_mesh(cfg.mesh, len(placement.mapped), len(placement.local), g.config)
         settings = cfg.to_dict()
         for name in _PER_PROCESS:  # where this process reads its data and weights
             settings.pop(name, None)
@@ -114,8 +116,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
                             cfg.checkpoint_every)
         try:
             with _StopSignals() as stop:
-                return _loop(g, workdir, devices, per_device * cfg.grad_accum * len(devices),
-                             ckpts, stop)
+                return _loop(g, workdir, placement, per_process, ckpts, stop)
         finally:
             ckpts.wait()  # an in-flight save completes on every exit path
             ckpts.close()
@@ -124,8 +125,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
             lock.release()
 
 
-def _evaluate(p_eval, trainable, frozen, g: build.Group, devices, split: str, prefix: str
-              ) -> list[dict[str, float]]:
+def _evaluate(p_eval, trainable, frozen, g: build.Group, placement: Placement, split: str,
+              prefix: str) -> list[dict[str, float]]:
     """Per run `{prefix/metric: mean}` on `split`: one stream for a dataset's split, each
     run's own (seeded) batches for a generated task."""
     cfg = g.cfg
@@ -137,8 +138,9 @@ def _evaluate(p_eval, trainable, frozen, g: build.Group, devices, split: str, pr
                for s in (g.seeds if per_run else g.seeds[:1])]
     totals = None
     for batches in zip(*streams):
-        shards = [parallel.shard_batch(b, len(devices)) for b in batches]
-        out = p_eval(trainable, frozen, stack_runs(shards) if per_run else shards[0])
+        shards = [parallel.shard_batch(b, placement.slots) for b in batches]
+        batch = stack_runs(shards) if per_run else shards[0]  # [slots, (K,) rows, ...]
+        out = p_eval(trainable, frozen, placement.put_batch(batch, 2 if per_run else 1))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     totals = parallel.unreplicate(totals)  # [K] per sum
     count = np.maximum(np.asarray(totals.pop("count"), np.float64), 1.0)
@@ -146,8 +148,8 @@ def _evaluate(p_eval, trainable, frozen, g: build.Group, devices, split: str, pr
             for i in range(g.num_runs)]
 
 
-def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkpoints,
-          stop: _StopSignals) -> list[dict]:
+def _loop(g: build.Group, workdir: str, placement: Placement, per_process: int,
+          ckpts: Checkpoints, stop: _StopSignals) -> list[dict]:
     cfg, k, is_main, t0 = g.cfg, g.num_runs, jax.process_index() == 0, time.monotonic()
     identity = g.identity()
     states, start, meta = g.states, 0, {}
@@ -172,20 +174,21 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
                       for x in jax.tree_util.tree_leaves(states.trainable))
 
     writer = MetricWriter(workdir, resume_step=start)
-    mapped = parallel.pmap_devices(cfg.num_devices)  # every process's devices
-    p_train = pmapped_train_step(make_train_step(g.model, g.task, g.tx, cfg.grad_accum,
-                                                 cfg.nonfinite_skips), mapped)
-    p_eval = pmapped_eval_step(make_eval_step(
-        g.model, g.task, batch_axis=None if g.task.is_dataset else 0), mapped)
-    keep_best = parallel.map_over_devices(lambda improved, now, best: jax.tree_util.tree_map(
+    # the states donated (updated in place), the frozen parameters only read
+    p_train = placement.map(make_train_step(g.model, g.task, g.tx, cfg.grad_accum,
+                                            cfg.nonfinite_skips),
+                            in_axes=(0, 0, 0, None), donate_argnums=(0,))
+    p_eval = placement.map(make_eval_step(
+        g.model, g.task, batch_axis=None if g.task.is_dataset else 0))
+    keep_best = placement.map(lambda improved, now, best: jax.tree_util.tree_map(
         lambda a, b: jnp.where(improved.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), now,
-        best), mapped, in_axes=(None, 0, 0), donate_argnums=(2,))
-    states = parallel.replicate(states, devices)
-    best = parallel.replicate(trainable["best"], devices)
-    frozen = parallel.replicate(g.frozen, devices)
+        best), in_axes=(None, 0, 0), donate_argnums=(2,))
+    states = placement.replicate(states)
+    best = placement.replicate(trainable["best"])
+    frozen = placement.put_frozen(g.frozen)
     g.states = g.frozen = None  # the devices hold them now; no host copy for the whole run
     del trainable
-    rngs = run_rngs(g.seeds)
+    rngs = placement.shared(run_rngs(g.seeds))
     split = cfg.eval_split or g.task.eval_split
     tags = [{"run": i, "learning_rate": g.learning_rates[i], "seed": g.seeds[i]}
             for i in range(k)]
@@ -213,8 +216,9 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
 
     try:
         for step in range(start, cfg.steps if not finished() else start):
-            batch = group_batches(g.task, step, per_process, g.seeds, len(devices),
-                                  cfg.grad_accum)
+            batch = placement.put_batch(group_batches(
+                g.task, step, per_process, g.seeds, placement.slots, cfg.grad_accum),
+                rows_axis=3 if cfg.grad_accum > 1 else 2)  # [slots, K, (accum,) rows, ...]
             states, step_metrics = p_train(states, frozen, batch, rngs)
             metrics.add(step_metrics)  # stays on device until logged or checkpointed
             if len(metrics.on_device) > MAX_STEPS_IN_FLIGHT:
@@ -237,7 +241,7 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
             # has step N's evaluation and selection.
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 metrics.drain()  # a diverged group of one is neither evaluated nor selected
-                evs = _evaluate(p_eval, states.trainable, frozen, g, devices, split, "eval")
+                evs = _evaluate(p_eval, states.trainable, frozen, g, placement, split, "eval")
                 improved = np.zeros(k, bool)
                 for i, ev in enumerate(evs):
                     writer.write(done, ev, tags[i], tb_prefix=tb[i])
@@ -250,7 +254,7 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
                                                          cfg.converge_at)
                         trackers[i].stopped_early = trackers[i].patience_ran_out(cfg.patience)
                 if improved.any():
-                    best = keep_best(improved, states.trainable, best)
+                    best = keep_best(placement.shared(improved), states.trainable, best)
                 if is_main:
                     print(f"step {done}: " + (", ".join(f"{n} {v:.4f}" for n, v in evs[0].items())
                           if k == 1 else "eval/accuracy per run [" + ", ".join(
@@ -269,11 +273,11 @@ def _loop(g: build.Group, workdir: str, devices, per_process: int, ckpts: Checkp
                 break
     finally:
         writer.close()
-    return _test_at_best(g, workdir, devices, p_eval, best, frozen, trackers, diverged,
+    return _test_at_best(g, workdir, placement, p_eval, best, frozen, trackers, diverged,
                          final, n_trainable, done, wall_before + time.monotonic() - t0)
 
 
-def _test_at_best(g: build.Group, workdir: str, devices, p_eval, best, frozen,
+def _test_at_best(g: build.Group, workdir: str, placement: Placement, p_eval, best, frozen,
                   trackers: list[BestStep], diverged: list, final: list[dict],
                   n_trainable: int, last_step: int, wall_s: float) -> list[dict]:
     """Every run's test split(s) evaluated once, with its selected step's parameters (none
@@ -283,7 +287,7 @@ def _test_at_best(g: build.Group, workdir: str, devices, p_eval, best, frozen,
                                          for r, t in zip(before, trackers)):
         tests = [r["test"] for r in before]  # tested at these steps already: never twice
     else:
-        per_split = {s: _evaluate(p_eval, best, frozen, g, devices, s,
+        per_split = {s: _evaluate(p_eval, best, frozen, g, placement, s,
                                   "test" if s == "test" else f"test_{s}")
                      for s in g.task.test_splits}
         tests = [{s: per_split[s][i] for s in per_split} for i in range(g.num_runs)]

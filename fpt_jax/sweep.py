@@ -49,7 +49,7 @@ AXIS_SEPARATOR = ";"
 # Fields a finished cell may be re-run with changed (it continues or trains nothing);
 # any other difference from the cell's recorded config is an error (use another --workdir).
 CONTINUABLE = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                         "num_devices"})
+                         "num_devices", "mesh"})
 NOT_A_GRID_AXIS = {"learning_rate": "learning_rates", "seed": "seeds"}
 
 

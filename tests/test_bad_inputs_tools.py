@@ -157,7 +157,7 @@ def _convert_cases(tmp: Path) -> list[Case]:
     wide = v("wide_config", _edit_config(n_embd=32))
     bad_json = v("bad_json", lambda d: (d / "config.json").write_text('{"model_type": "gpt2",'))
     bert = v("bert", _edit_config(model_type="bert"))  # a BERT config.json over GPT-2 weights
-    llama = v("llama", _edit_config(model_type="llama"))
+    t5 = v("t5", _edit_config(model_type="t5"))
     str_size = v("str_size", _edit_config(n_layer="1"))
     st_trunc = v("st_truncated", lambda d: _truncate(d / "model.safetensors"))
     st_noise = v("st_noise", lambda d: (d / "model.safetensors").write_bytes(
@@ -187,8 +187,8 @@ def _convert_cases(tmp: Path) -> list[Case]:
         src(no_config, "convert_no_config_json", [f"{no_config} has no config.json"]),
         src(bert, "convert_weights_of_another_family", [
             f"{bert}/model.safetensors", "unexpected keys not in a bert", "h.0.attn.c_attn"]),
-        src(llama, "convert_unknown_family", [f"{llama}/config.json", "model_type='llama'",
-                                              "accepted: gpt2, bert, vit"]),
+        src(t5, "convert_unknown_family", [f"{t5}/config.json", "model_type='t5'",
+                                              "accepted: gpt2, bert, vit, llama, mistral, qwen2"]),
         src(bad_json, "convert_config_json_garbled", [f"{bad_json}/config.json:1"]),
         src(str_size, "convert_config_size_not_int", [f"{str_size}/config.json",
                                                       "n_layer='1'"]),

@@ -112,9 +112,11 @@ def test_the_read_positions_are_the_full_outputs_there():
     config = LlamaConfig(**BASE)
     params = llama.init_params(config, jax.random.PRNGKey(0), seq_len=9)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 64))
-    full = Llama(config).apply({"params": params}, x)
+    apply = jax.jit(lambda p, x, read=None: Llama(config).apply({"params": p}, x,
+                                                                 read_positions=read))
+    full = apply(params, x)
     read = jnp.array([[8, 3], [5, 0]])
-    part = Llama(config).apply({"params": params}, x, read_positions=read)
+    part = apply(params, x, read)
     np.testing.assert_allclose(part, jnp.take_along_axis(full, read[:, :, None], axis=1),
                                atol=1e-5, rtol=1e-5)
 
@@ -180,3 +182,19 @@ def test_the_pytorch_reference_trains_what_fpt_trains_on_a_llama():
     runner = torch_ref.TorchRunner(bc, case, [batch])
     assert runner.trainable_params == ours
     runner.run_step()  # one training step of the reference runs
+
+
+def test_remat_and_bfloat16_compute_what_float32_computes():
+    config = LlamaConfig(**BASE)
+    params = llama.init_params(config, jax.random.PRNGKey(0), seq_len=7)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 64))
+
+    def loss(p, remat=False, dtype=jnp.float32):
+        return jnp.sum(Llama(config, dtype, remat).apply({"params": p}, x).astype(jnp.float32) ** 2)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    value_r, grads_r = jax.jit(jax.value_and_grad(lambda p: loss(p, remat=True)))(params)
+    assert value == value_r
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: np.allclose(a, b, rtol=1e-6, atol=1e-7), grads, grads_r))
+    value_bf16 = jax.jit(lambda p: loss(p, dtype=jnp.bfloat16))(params)
+    assert value_bf16 != value and abs(value_bf16 - value) / value < 2e-2

@@ -465,7 +465,8 @@ def test_bfloat16_safetensors_load_as_float32(tmp_path):
 
 
 def test_config_of_another_model_type_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="model_type='llama' is not a backbone family this "
-                                         "project reads; accepted: gpt2, bert, vit"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    with pytest.raises(ValueError, match="model_type='t5' is not a backbone family this "
+                                         "project reads; accepted: gpt2, bert, vit, llama, "
+                                         "mistral, qwen2"):
         load_gpt2(tmp_path)

@@ -6,6 +6,10 @@ frozen groups' `requires_grad=False`, a Linear head on the last token, cross-ent
 `clip_grad_norm_(model.parameters(), grad_clip)`, `Adam(model.parameters(), lr)` (AdamW
 when the config says so), `zero_grad()`, `loss.item()`. bfloat16 runs under
 `torch.autocast`. Only with torch and transformers installed.
+
+The Llama family (llama, mistral, qwen2) runs the same recipe around `transformers`'
+LlamaModel / MistralModel / Qwen2Model, with FPT's learned position table (zeros, added to
+the input, as models/llama.py) as a parameter of the reference.
 """
 from __future__ import annotations
 
@@ -47,23 +51,50 @@ def unsupported(bc: Bench) -> str | None:
     cfg = bc.base
     if cfg.in_layer_sizes or cfg.out_layer_sizes or cfg.grad_accum > 1:
         return "the reference recipe has no in/out layer MLPs and no gradient accumulation"
-    if backbones.family_of(bc.backbone()).name != "gpt2":
-        return "the reference recipe (the original code) has a GPT-2 backbone only"
+    if backbones.family_of(bc.backbone()).name not in ("gpt2", *_LLAMA_MODELS):
+        return ("the reference recipe (the original code) has a GPT-2 backbone; a "
+                f"Llama-family one here too ({', '.join(_LLAMA_MODELS)})")
     return None
 
 
-def _param_path(name: str) -> tuple[str, ...] | None:
+# A Llama-family backbone's `transformers` model class (its config class is `<name>Config`).
+_LLAMA_MODELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def _param_path(name: str, family: backbones.Family) -> tuple[str, ...] | None:
     """The fpt-jax path of a parameter of the reference model (None: the unused `wte`)."""
     if name.startswith("in_net."):
         return ("input",)
     if name.startswith("out_net."):
         return ("output",)
-    parts = name.removeprefix("sequence_model.").split(".")
+    if name == "positions":
+        return ("transformer", "input_positions", "embedding")
+    name = name.removeprefix("sequence_model.")
+    if family.name != "gpt2":
+        path = family.torch_name_to_path(name)
+        return None if path is None else ("transformer", *path)
+    parts = name.split(".")
     if parts[0] == "wte":
         return None
     if parts[0] == "h":
         return ("transformer", f"h_{parts[1]}", *parts[2:])
     return ("transformer", *parts)
+
+
+def _hf_backbone(gcfg: Any, cfg: Any, attn: str | None):
+    """The `transformers` model of the backbone config `gcfg` (random init)."""
+    import transformers
+    extra = {"attn_implementation": attn} if attn else {}
+    family = backbones.family_of(gcfg).name
+    if family == "gpt2":
+        return transformers.GPT2Model(transformers.GPT2Config(
+            n_layer=gcfg.n_layer, n_head=gcfg.n_head, n_embd=gcfg.n_embd,
+            n_positions=gcfg.n_positions, vocab_size=gcfg.vocab_size,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **extra))
+    kind = _LLAMA_MODELS[family]
+    hf = {k: v for k, v in gcfg.to_hf().items() if k not in ("model_type", "n_positions")}
+    config = getattr(transformers, f"{kind}Config")(**hf, **extra)
+    return getattr(transformers, f"{kind}Model")(config)
 
 
 class TorchRunner(Runner):
@@ -75,7 +106,6 @@ class TorchRunner(Runner):
             raise ValueError(f"case {case.label}: the reference is the original GPT-2 recipe; "
                              "a baseline's case has none")
         import torch
-        import transformers
         from torch import nn
         super().__init__(case)
         self.torch, self.device = torch, device
@@ -84,12 +114,8 @@ class TorchRunner(Runner):
             torch.set_num_threads(bc.settings.torch_threads)
         torch.manual_seed(cfg.seed)
         gcfg, _ = build.backbone(cfg)
-        hf = transformers.GPT2Config(
-            n_layer=gcfg.n_layer, n_head=gcfg.n_head, n_embd=gcfg.n_embd,
-            n_positions=gcfg.n_positions, vocab_size=gcfg.vocab_size,
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            **({"attn_implementation": bc.settings.torch_attn}
-               if bc.settings.torch_attn else {}))
+        family = backbones.family_of(gcfg)
+        learned_positions = family.name != "gpt2"  # FPT's table (GPT-2 has its own wpe)
         shape = case.shape
 
         class Reference(nn.Module):
@@ -100,11 +126,16 @@ class TorchRunner(Runner):
                     nn.init.orthogonal_(proj.weight, gain=cfg.orth_gain)
                     proj.bias.data.zero_()
                 self.in_net = nn.Sequential(proj, nn.Dropout(cfg.dropout))
-                self.sequence_model = transformers.GPT2Model(hf)
+                self.sequence_model = _hf_backbone(gcfg, cfg, bc.settings.torch_attn)
+                if learned_positions:
+                    self.positions = nn.Parameter(torch.zeros(gcfg.n_positions, gcfg.n_embd))
                 self.out_net = nn.Linear(gcfg.n_embd, shape.classes)
 
             def forward(self, x):
-                h = self.sequence_model(inputs_embeds=self.in_net(x),
+                embedded = self.in_net(x)
+                if learned_positions:  # its first rows, as the JAX model reads them
+                    embedded = embedded + self.positions[:embedded.shape[1]]
+                h = self.sequence_model(inputs_embeds=embedded,
                                         return_dict=True).last_hidden_state
                 return self.out_net(h[:, -1])
 
@@ -114,7 +145,7 @@ class TorchRunner(Runner):
         selection = (freeze.parse_selection(case.trainable, gcfg.n_layer)
                      if case.trainable else None)
         for name, p in self.model.named_parameters():
-            path = _param_path(name)
+            path = _param_path(name, family)
             p.requires_grad = bool(selection and path is not None
                                    and selection.is_trainable(*freeze.param_group(path)))
         self.trainable_params = sum(p.numel() for p in self.model.parameters()

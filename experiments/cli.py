@@ -22,7 +22,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
-from ml_collections.config_flags import config_path
+from ml_collections.config_flags import config_path, tuple_parser
 
 from fpt_jax import parallel, rows
 from fpt_jax.config import TrainConfig, describe, describe_fields
@@ -71,7 +71,8 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS,
     """Defines `--config` (and, from the command line, its `--config.<field>` overrides)."""
     # Optional fields accept `none` (process-wide: these parsers serve every config flag).
     for kind, parser in ((float, flags.FloatParser()), (int, flags.IntegerParser()),
-                         (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+                         (bool, flags.BooleanParser()), (str, flags.ArgumentParser()),
+                         (tuple, tuple_parser.TupleParser())):
         config_flags.register_flag_parser_for_type(kind, _NoneOr(parser))
     help_text = ("The run's settings: a python file whose get_config() returns a "
                  "fpt_jax.config.TrainConfig (experiments/configs/<task>.py[:<row>], rows: "

@@ -92,6 +92,12 @@ def test_an_override_of_every_task_option_reaches_the_config(task, option):
                   f"--config.task_options.{option}=none").task_options[option] is None
 
 
+def test_a_tuple_field_reads_none_as_not_set():
+    assert _parse("--config.mesh=(2,2)").mesh == (2, 2)
+    assert _parse("--config=experiments/configs/bit_xor.py", "--config.mesh=(2,2)",
+                  "--config.mesh=none").mesh is None
+
+
 def test_a_config_file_then_overrides_on_top():
     parsed = _parse("--config=experiments/configs/remote_homology.py",
                     "--config.learning_rate=3e-4", "--config.task_options.bucket_size=none")

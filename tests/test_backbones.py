@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 SMALL = dict(n_layer=2, n_head=2, n_embd=32)
 TINY = dict(task="bit_xor", init="random", batch_size=8, log_every=1, eval_every=1000,
             eval_batches=2, checkpoint_every=1000, **SMALL)
-PRESETS = {"gpt2": "gpt2", "bert": "bert-base", "vit": "vit-base"}
+PRESETS = {"gpt2": "gpt2", "bert": "bert-base", "vit": "vit-base", "llama": "smollm-135m"}
 
 
 def _params(g: build.Group, k: int = 0) -> dict:

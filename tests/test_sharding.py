@@ -68,6 +68,9 @@ def test_the_frozen_backbone_takes_half_the_bytes_per_device_and_the_plan_says_s
     assert len(held) == 4 and set(held.values()) == {total // 2}
     assert set(sharding.bytes_per_device(data_parallel.put_frozen(g.frozen)).values()) == {total}
     assert memory.plan(cfg, compile_step=False).frozen == total // 2
+    # a group of K runs reads one copy of the sharded backbone; each run its own state
+    one, three = (memory.plan(cfg, k, compile_step=False) for k in (1, 3))
+    assert three.frozen == one.frozen and three.trainable == 3 * one.trainable
 
 
 def test_the_plan_counts_the_bytes_the_compiled_step_reads():

@@ -148,8 +148,8 @@ def test_resume_with_different_trainable_groups_is_refused(tmp_path):
 def test_small_random_frozen_backbone_learns_bit_xor(tmp_path):
     cfg = train_config(task="bit_xor", init="random", n_layer=2, n_head=4, n_embd=128,
                       trainable="fpt", batch_size=16, learning_rate=3e-3, dropout=0.0,
-                      steps=1200, log_every=100, eval_every=1200, eval_batches=8,
-                      eval_batch_size=64, checkpoint_every=1200, num_devices=1)
+                      steps=900, log_every=100, eval_every=900, eval_batches=8,
+                      eval_batch_size=64, checkpoint_every=900, num_devices=1)
     (run,) = loop.train_and_evaluate(cfg, str(tmp_path))
     assert run["final"]["eval/accuracy"] >= 0.99, run
 

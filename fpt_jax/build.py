@@ -34,7 +34,7 @@ from flax import traverse_util
 
 from fpt_jax import checkpoint, fast_rng, freeze, optim, runs, weights
 from fpt_jax.config import TrainConfig
-from fpt_jax.models import backbones
+from fpt_jax.models import backbones, blocks
 from fpt_jax.models.fpt import FPT, make_model
 from fpt_jax.steps import BACKBONE, TrainState, stack, unstack
 from fpt_jax.tasks import Task
@@ -86,20 +86,48 @@ def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | No
         if cfg.model == "auto":  # the architecture is whatever the weights hold
             config, params = weights.load(cfg.weights)
         else:
-            fam = backbones.family_of_preset(cfg.model)  # an unknown preset is an error first
-            expected = fam.presets[cfg.model]
-            config, params = weights.load(cfg.weights or _PRESET_SOURCES.get(cfg.model,
-                                                                             cfg.model))
-            got_fam = backbones.family_of(config)
-            if got_fam.name != fam.name or any(getattr(config, a) != getattr(expected, a)
-                                               for a in _ARCH):
-                got = {a: getattr(config, a) for a in _ARCH}
-                want = {a: getattr(expected, a) for a in _ARCH}
-                raise ValueError(f"weights={cfg.weights} holds a {got_fam.display_name} with "
-                                 f"{got}, but model={cfg.model} is a {fam.display_name} with "
-                                 f"{want}; set the matching model (or model='auto' to take "
-                                 "the architecture from the weights)")
+            config, params = preset_weights(cfg.model, cfg.weights)
     return config.with_dropout(cfg.dropout), params
+
+
+def preset_weights(model: str, source: str | None, what: str = "weights"
+                   ) -> tuple[Any, dict]:
+    """The pretrained weights of preset `model` from `source` (None: the preset's own), as
+    (config, host params); ValueError naming `what` when they hold another architecture."""
+    fam = backbones.family_of_preset(model)  # an unknown preset is an error first
+    expected = fam.presets[model]
+    config, params = weights.load(source or _PRESET_SOURCES.get(model, model))
+    got_fam = backbones.family_of(config)
+    if got_fam.name != fam.name or any(getattr(config, a) != getattr(expected, a)
+                                       for a in _ARCH):
+        got = {a: getattr(config, a) for a in _ARCH}
+        want = {a: getattr(expected, a) for a in _ARCH}
+        raise ValueError(f"{what}={source} holds a {got_fam.display_name} with {got}, but "
+                         f"{model} is a {fam.display_name} with {want}; set the matching "
+                         "model (or model='auto' to take the architecture from the weights)")
+    return config, params
+
+
+def frozen_blocks(cfg: TrainConfig) -> tuple[Any, dict | None]:
+    """The config of the blocks `cfg.blocks` appends (None: none) and, for
+    `blocks_init='pretrained'`, their parameters (`{block_j: ...}`, host numpy)."""
+    if not cfg.blocks:
+        return None, None
+    if cfg.blocks_init == "random":  # each run draws its own (init_params, from its seed)
+        source, params = backbones.family_of_preset(cfg.blocks_model).config_cls.preset(
+            cfg.blocks_model), None
+    elif cfg.blocks_model == "auto":
+        source, params = weights.load(cfg.blocks_weights)
+    else:
+        source, params = preset_weights(cfg.blocks_model, cfg.blocks_weights,
+                                        "blocks_weights")
+    fam = backbones.family_of(source)
+    if fam.block_cls is None:
+        raise ValueError(f"blocks_weights={cfg.blocks_weights} holds a {fam.display_name}, "
+                         "whose family offers no blocks; accepted: GPT-2, BERT/MiniLM, ViT "
+                         "or a Llama-family checkpoint")
+    config = blocks.blocks_config(source, cfg.blocks).with_dropout(cfg.dropout)
+    return config, params and blocks.take_blocks(source, params, cfg.blocks)
 
 
 # --- parameters -----------------------------------------------------------------------------
@@ -133,6 +161,13 @@ def init_params(model: FPT, task: Task, rng: jax.Array, pretrained: dict | None 
                 {p: new[p] for p in fresh})
     others, new = jax.tree_util.tree_map(np.asarray, jax.jit(rest)(rng))
     return {**others, BACKBONE: traverse_util.unflatten_dict({**got, **new})}
+
+
+def _same_shapes(drawn: dict, taken: dict) -> dict:
+    got, want = (traverse_util.flatten_dict({k: t[k] for k in taken}) for t in (taken, drawn))
+    if set(got) != set(want) or any(np.shape(got[p]) != np.shape(want[p]) for p in got):
+        raise ValueError("the pretrained blocks' parameters do not match their architecture")
+    return taken
 
 
 # --- a group of K runs ----------------------------------------------------------------------
@@ -184,7 +219,8 @@ def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
     task = prepare_task(cfg, task)
     config, pretrained = backbone(cfg, task)
     selection = freeze.parse_selection(cfg.trainable, config.n_layer)
-    model = make_model(cfg, task, config)
+    blocks_cfg, taken = frozen_blocks(cfg)
+    model = make_model(cfg, task, config, blocks_cfg)
     per_seed = cfg.backbone_draw == "per_seed"
     if pretrained is None and not per_seed:  # one random backbone for every run
         pretrained = init_params(model, task, jax.random.PRNGKey(cfg.backbone_seed))[BACKBONE]
@@ -195,6 +231,8 @@ def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
             pretrained = init_params(model, task, jax.random.fold_in(
                 jax.random.PRNGKey(cfg.backbone_seed), seed))[BACKBONE]
         params = init_params(model, task, jax.random.PRNGKey(seed), pretrained)
+        if taken is not None:  # the pretrained blocks in place of this draw
+            params["blocks"] = {**params["blocks"], **_same_shapes(params["blocks"], taken)}
         if not table:
             table, _ = freeze.count_table(params, selection)
         trainable, frozen = freeze.partition(params, selection)

@@ -29,6 +29,7 @@ INITS = ("pretrained", "random")
 BACKBONE_DRAWS = ("shared", "per_seed")
 SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
+ALIGN_DISTANCES = ("mmd", "otdd")
 
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002 - the flag's help text
@@ -71,6 +72,32 @@ class TrainConfig:
     out_layer_sizes: tuple[int, ...] = setting((), "Hidden sizes of the output MLP.")
     trainable: str = setting("fpt", "Trainable groups: 'fpt' (= input,pos,ln,output), "
                               "'full', 'output,ln', 'fpt,mlp', 'fpt,attn[-2:]' (fpt_jax.freeze).")
+    # --- frozen pretrained blocks inside the model (Pang et al. 2024; models/blocks.py)
+    blocks: tuple[int, ...] = setting((), "Indices of blocks of `blocks_model` appended after "
+                                      "the backbone (e.g. (5,): its last block of 6), joined "
+                                      "by trainable linear maps (group 'bridge'), frozen "
+                                      "(group 'blocks'); (): none.")
+    blocks_model: str = setting("minilm-l6", "Preset whose blocks `blocks` takes (any family "
+                                "of models/backbones.py with blocks: GPT-2, BERT/MiniLM, ViT, "
+                                "Llama), or 'auto' for the architecture of `blocks_weights`.")
+    blocks_init: str = setting("pretrained", f"The blocks' weights {INITS}: the checkpoint's "
+                               "(`blocks_weights`), or each run's own random draw of the same "
+                               "shape from its seed (the control).")
+    blocks_weights: str | None = setting(None, "Where the blocks' checkpoint is (as "
+                                         "`weights`); None: `blocks_model`'s own weights.")
+    # --- input alignment before training (ORCA, Shen et al. 2023; fpt_jax/align.py)
+    align_steps: int = setting(0, "Steps training the input layer alone to bring the embedded "
+                               "task's distribution to the backbone's own embeddings of text "
+                               "(0: no alignment stage).")
+    align_distance: str = setting("mmd", f"The distance minimised {ALIGN_DISTANCES}: MMD "
+                                  "(Gaussian kernels at 5 bandwidths) or OTDD (labels on both "
+                                  "sides; ott-jax).")
+    align_corpus: str | None = setting(None, "The source text: a directory of text files, one "
+                                       "class per file, documents separated by '%' or blank "
+                                       "lines; None: Debian's fortunes "
+                                       "(/usr/share/games/fortunes).")
+    align_learning_rate: float = setting(1e-3, "Adam's learning rate in the alignment stage.")
+    align_batch_size: int = setting(64, "Examples of each side per alignment step.")
     # --- optimisation (the paper: Adam, lr 1e-3, clip 1.0, no schedule, no weight decay)
     optimizer: str = setting("adam", f"Optimizer {OPTIMIZERS}.")
     learning_rate: float = setting(1e-3, "Peak learning rate.")
@@ -155,12 +182,16 @@ class TrainConfig:
         _one_of("backbone_draw", self.backbone_draw, BACKBONE_DRAWS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("blocks_init", self.blocks_init, INITS)
+        _one_of("align_distance", self.align_distance, ALIGN_DISTANCES)
+        _one_of("blocks_model", self.blocks_model, (*backbones.preset_names(), "auto"))
         _one_of("model", self.model, (*backbones.preset_names(), "auto"))
         for name, lo in (("seed", 0), ("backbone_seed", 0), ("steps", 0), ("eval_every", 1), ("log_every", 1),
                          ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
                          ("grad_accum", 1), ("warmup_steps", 0), ("eval_batches", 1),
                          ("eval_batch_size", 1), ("num_devices", 1), ("nonfinite_skips", 1), ("patience", 1), ("n_layer", 1), ("run", 0),
-                         ("n_head", 1), ("n_embd", 1)):
+                         ("n_head", 1), ("n_embd", 1), ("align_steps", 0),
+                         ("align_batch_size", 2)):
             value = getattr(self, name)
             if value is None:  # optional: checked above
                 continue
@@ -169,6 +200,7 @@ class TrainConfig:
                                  + (" or None" if _optional(name) else ""))
         for name, ok, accepted in (
                 ("learning_rate", lambda v: v > 0, "a finite number > 0"),
+                ("align_learning_rate", lambda v: v > 0, "a finite number > 0"),
                 ("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
                 ("converge_at", lambda v: 0 < v <= 1, "an accuracy in (0, 1], or None"),
                 ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
@@ -188,10 +220,10 @@ class TrainConfig:
                 raise ValueError(f"mesh={self.mesh!r}; accepted: (data, model), two integers "
                                  ">= 1, or None for data parallelism")
             self.mesh = mesh
-        for name in ("in_layer_sizes", "out_layer_sizes"):
+        for name, lo in (("in_layer_sizes", 1), ("out_layer_sizes", 1), ("blocks", 0)):
             sizes = tuple(getattr(self, name))
-            if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
-                raise ValueError(f"{name}={sizes!r}; accepted: a tuple of integers >= 1")
+            if any(not isinstance(s, int) or isinstance(s, bool) or s < lo for s in sizes):
+                raise ValueError(f"{name}={sizes!r}; accepted: a tuple of integers >= {lo}")
             setattr(self, name, sizes)
         return self
 
@@ -246,13 +278,49 @@ class TrainConfig:
         if self.init == "pretrained" and overrides:
             raise ValueError(f"architecture overrides {overrides} apply to init='random' "
                              "only; pretrained weights fix the architecture")
+        self._check_blocks_and_alignment()
         if self.model == "auto" or from_run:
             return self  # the architecture is the weights' or the source run's
         preset = backbones.family_of_preset(self.model).config_cls.preset
         config = preset(self.model, **(overrides if self.init == "random" else {}))
-        freeze.check_named_groups(freeze.parse_selection(self.trainable, config.n_layer),
-                                  freeze.fpt_paths(config))
+        selection = freeze.parse_selection(self.trainable, config.n_layer)
+        freeze.check_named_groups(selection, freeze.fpt_paths(config) + (
+            freeze.BLOCKS_PATHS if self.blocks else ()))
         return self
+
+    def _check_blocks_and_alignment(self) -> None:
+        if self.blocks and self.blocks_model == "auto":
+            if self.blocks_init != "pretrained" or not self.blocks_weights:
+                raise ValueError("blocks_model='auto' takes the blocks' architecture from "
+                                 "blocks_weights; set blocks_weights (and blocks_init="
+                                 "pretrained), or a preset name as blocks_model")
+        elif self.blocks:
+            fam = backbones.family_of_preset(self.blocks_model)
+            n = fam.presets[self.blocks_model].n_layer
+            if fam.block_cls is None:
+                raise ValueError(f"blocks_model={self.blocks_model}: the {fam.display_name} "
+                                 "family offers no blocks; accepted: a preset of GPT-2, "
+                                 "BERT/MiniLM, ViT or the Llama family")
+            if bad := [i for i in self.blocks if i >= n]:
+                raise ValueError(f"blocks={self.blocks}: {bad} out of range; "
+                                 f"{self.blocks_model} has blocks 0..{n - 1}")
+            if self.blocks_init == "pretrained" and not fam.has_checkpoints:
+                raise ValueError(f"blocks_model={self.blocks_model} has no pretrained "
+                                 "weights; accepted with it: blocks_init=random")
+        elif self.blocks_weights is not None:
+            raise ValueError(f"blocks_weights={self.blocks_weights} but blocks=(): set the "
+                             "blocks to take from it")
+        if self.align_steps:
+            if self.init != "pretrained":
+                raise ValueError(f"align_steps={self.align_steps} aligns the input layer to "
+                                 "the pretrained backbone's own text embeddings; init="
+                                 f"{self.init!r} has none (accepted: init=pretrained)")
+            if not freeze.parse_selection(self.trainable, 1 << 16).is_trainable("input", None):
+                raise ValueError(f"align_steps={self.align_steps} trains the input layer, "
+                                 f"which trainable={self.trainable!r} freezes; add 'input'")
+            if self.align_corpus is not None and not os.path.isdir(self.align_corpus):
+                raise ValueError(f"align_corpus={self.align_corpus}: no such directory; "
+                                 "accepted: a directory of text files (one class each)")
 
 
 def _optional(name: str) -> bool:

@@ -4,8 +4,9 @@ One function, `param_group`, maps a parameter path to its group and layer. A sel
 string names the trainable groups, optionally restricted to a range of blocks with Python
 slice syntax:
 
-    fpt                       the paper's default: input,pos,ln,output
+    fpt                       the paper's default: input,pos,ln,output (and bridge)
     full / all                everything
+    encoder                   everything but frozen blocks of another model (`blocks`)
     input,pos,ln,output,mlp   the paper's "+ MLP" ablation
     output,attn[-2:]          the output head and the last two blocks' attention
     ln[0:6]                   the layer norms of blocks 0-5 (ln_f has no block: plain `ln`)
@@ -28,10 +29,15 @@ from flax import traverse_util
 
 from fpt_jax.models import backbones
 
-GROUPS = ("input", "pos", "ln", "attn", "mlp", "lstm", "output")  # lstm: the LSTM baseline
-LAYERED = ("ln", "attn", "mlp", "lstm")
-SELECTION_PRESETS = {"fpt": "input,pos,ln,output", "full": ",".join(GROUPS),
-                     "all": ",".join(GROUPS)}
+# lstm: the LSTM baseline; bridge and blocks: the linear maps into and out of frozen
+# blocks of another model, and those blocks (models/blocks.py)
+GROUPS = ("input", "pos", "ln", "attn", "mlp", "lstm", "output", "bridge", "blocks")
+LAYERED = ("ln", "attn", "mlp", "lstm", "blocks")
+SELECTION_PRESETS = {"fpt": "input,pos,ln,output,bridge", "full": ",".join(GROUPS),
+                     "all": ",".join(GROUPS),
+                     "encoder": ",".join(g for g in GROUPS if g != "blocks")}
+# Paths standing for the frozen-blocks part of a model (its groups), for the settings check.
+BLOCKS_PATHS = (("blocks", "proj_in"), ("blocks", "block_0"))
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -46,6 +52,11 @@ def param_group(path: Iterable[Any]) -> tuple[str, int | None]:
     top = keys[0]
     if top in ("input", "output"):
         return top, None
+    if top == "blocks" and len(keys) > 1:
+        if keys[1] in ("proj_in", "proj_out"):
+            return "bridge", None
+        if keys[1].startswith("block_"):
+            return "blocks", int(keys[1].removeprefix("block_"))
     group = backbones.param_group(keys[1:]) if top == "transformer" and len(keys) > 1 else None
     if group is None:
         raise ValueError(f"parameter {'/'.join(keys)} belongs to no group {GROUPS}")

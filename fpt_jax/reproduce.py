@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ml_collections import ConfigDict
 
-from fpt_jax import build, results, rows, sweep
+from fpt_jax import build, results, rows, runs, sweep
 from fpt_jax.config import TrainConfig
 from fpt_jax.sweep import SweepConfig
 
@@ -73,7 +73,7 @@ class PlannedCell:
 
 # TrainConfig fields added after cells were first named: left out of a cell's name at their
 # default, so that cells trained before the field existed are found (and reused) again.
-NAMED_WITHOUT_DEFAULT = {"mesh": None}
+NAMED_WITHOUT_DEFAULT = {"mesh": None, **runs.ADDED_FIELDS}
 
 
 @dataclasses.dataclass

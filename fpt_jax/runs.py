@@ -30,10 +30,15 @@ from fpt_jax.config import TrainConfig
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 FORMAT = 3
+# Identity fields added since format 3 was first written, with the value runs recorded
+# before them had: an older group resumes rather than "differs".
+ADDED_FIELDS = {"blocks": [], "blocks_model": "minilm-l6", "blocks_init": "pretrained",
+                "blocks_weights": None, "align_steps": 0, "align_distance": "mmd",
+                "align_corpus": None, "align_learning_rate": 1e-3, "align_batch_size": 64}
 # What defines a run's model and its initial parameters (the data's location does not).
 IDENTITY_FIELDS = ("task", "task_options", "model", "init", "weights", "n_layer", "n_head",
                    "n_embd", "orth_gain", "in_layer_sizes", "out_layer_sizes", "trainable",
-                   "backbone_seed", "backbone_draw")
+                   "backbone_seed", "backbone_draw", *ADDED_FIELDS)
 # Format 2 kept the task's options as top-level fields, and the matched LSTM's settings.
 _FORMAT2_TASK_FIELDS = ("n", "num_patterns", "patch_size", "data_dir", "image_size", "augment",
                         "source", "validation_fraction", "task_name", "max_length",
@@ -137,6 +142,8 @@ def check_identity(saved: dict, current: dict, workdir: str) -> None:
         saved = _upgrade(saved, workdir)
     if saved.get("format") == FORMAT:  # settings added since: what those runs had
         saved["config"].setdefault("backbone_draw", "shared")
+        for name, default in ADDED_FIELDS.items():
+            saved["config"].setdefault(name, default)
         for name, default in _ADDED_BACKBONE_FIELDS.get(saved.get("family"), {}).items():
             saved.get("backbone", {}).setdefault(name, default)
     if saved.get("format") != FORMAT:  # a sweep cell of f28d936: compare its own fields

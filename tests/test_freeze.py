@@ -46,7 +46,8 @@ def test_param_group_rejects_unknown_path():
 def test_every_parameter_of_the_model_has_a_group(params):
     groups = {freeze.param_group(p)[0]
               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert groups == set(freeze.GROUPS) - {"lstm"}  # a GPT-2 FPT: every group but the LSTM's
+    # a GPT-2 FPT: every group but the LSTM's and those of frozen blocks of another model
+    assert groups == set(freeze.GROUPS) - {"lstm", "bridge", "blocks"}
 
 
 def _trainable_paths(params, spec):

@@ -214,6 +214,11 @@ class Family:
     # real position.
     takes_lengths: bool = False
     has_checkpoints: bool = True  # False: random init only (the baselines)
+    # One block alone, for frozen blocks inside another model (models/blocks.py): its class,
+    # called as `layers.stack` calls it, and where block i sits in the backbone's tree
+    # ('h_{}', 'encoder/layer_{}'); None for a family whose blocks are not offered.
+    block_cls: type | None = None
+    block_path: str | None = None
 
     def __post_init__(self) -> None:
         # A slip in a declaration fails at import, not in the middle of a run.

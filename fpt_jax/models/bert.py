@@ -308,4 +308,4 @@ FAMILY = backbones.Family(
     config_cls=BertConfig, module_cls=Bert, presets=BERT_PRESETS, hub_repos=HUB_REPOS,
     torch_name_to_path=torch_name_to_path, needs_transpose=needs_transpose,
     param_group=param_group, param_shapes=param_shapes, attention_weights=attention_weights,
-    takes_lengths=True)
+    takes_lengths=True, block_cls=Layer, block_path="encoder/layer_{}")

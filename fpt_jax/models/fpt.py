@@ -7,7 +7,8 @@ family of `models/backbones.py`), and a linear output head (optional hidden laye
 at the last position(s).
 
 Parameter tree: `input/...`, `transformer/...` (the family's Hugging Face names, e.g.
-GPT-2's `wpe, h_i, ln_f`), `output/...`.
+GPT-2's `wpe, h_i, ln_f`), `blocks/...` (frozen blocks of another model, when appended:
+models/blocks.py), `output/...`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from einops import rearrange
 
 from fpt_jax.models import mixed
 from fpt_jax.models import backbones
+from fpt_jax.models.blocks import FrozenBlocks
 from fpt_jax.models.gpt2 import weights_requested
 
 # The rng stream of noise a backbone draws at every forward pass, evaluation included (the
@@ -106,6 +108,14 @@ class FPT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     trim_last_block: bool = True
+    # Frozen blocks of another model after the backbone (models/blocks.py): their config
+    # (n_layer = how many), or None. With them the backbone runs at every position and the
+    # blocks' last one is the block computed at the read positions only.
+    blocks: Any = None
+    # The input layer's output (after its dropout), the positions as the backbone would
+    # see them: what the alignment stage measures (fpt_jax/align.py). No other parameter
+    # is touched, so names and dropout draws are those of the whole model.
+    stop_after_input: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, length: jax.Array | None = None,
@@ -131,6 +141,8 @@ class FPT(nn.Module):
         else:
             raise ValueError(f"input_kind must be 'real' or 'tokens', got {self.input_kind!r}")
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        if self.stop_after_input:
+            return h
 
         read = None  # [B, r] positions the head reads
         if self.return_last_only:
@@ -148,7 +160,11 @@ class FPT(nn.Module):
         # masks the padding with `lengths`; causal ones never see it at a real position.
         extra = {"lengths": length} if length is not None and family.takes_lengths else {}
         h = family.module_cls(self.config, self.dtype, self.remat, name="transformer")(
-            h, deterministic=deterministic, read_positions=read if trim else None, **extra)
+            h, deterministic=deterministic,
+            read_positions=read if trim and self.blocks is None else None, **extra)
+        if self.blocks is not None:
+            h = FrozenBlocks(self.blocks, width, self.dtype, self.remat, name="blocks")(
+                h, deterministic, read if trim else None, length)
         if read is not None and not trim:
             h = jnp.take_along_axis(h, read[:, :, None], axis=1)
         logits = OutputHead(self.out_layer_sizes, self.output_dim, self.dropout, self.dtype,
@@ -158,11 +174,12 @@ class FPT(nn.Module):
         return logits
 
 
-def make_model(settings: Any, task: Any, config: Any) -> FPT:
+def make_model(settings: Any, task: Any, config: Any, blocks: Any = None) -> FPT:
     """FPT for `task` (its input kind and sizes) over the backbone `config`, with the FPT
-    settings of `settings` (a `TrainConfig`: layer sizes, dropout, gain, dtype, remat)."""
+    settings of `settings` (a `TrainConfig`: layer sizes, dropout, gain, dtype, remat) and
+    the config of the frozen `blocks` appended (None: none)."""
     return FPT(config, input_dim=task.input_dim, output_dim=task.output_dim,
                input_kind=task.input_kind, in_layer_sizes=tuple(settings.in_layer_sizes),
                out_layer_sizes=tuple(settings.out_layer_sizes), dropout=settings.dropout,
                orth_gain=settings.orth_gain, dtype=jnp.dtype(settings.dtype),
-               remat=settings.remat)
+               remat=settings.remat, blocks=blocks)

@@ -245,4 +245,4 @@ def param_group(keys: tuple[str, ...]) -> tuple[str, int | None] | None:
 FAMILY = backbones.Family(
     config_cls=GPT2Config, module_cls=GPT2, presets=GPT2_PRESETS, hub_repos=HUB_REPOS,
     torch_name_to_path=torch_name_to_path, param_group=param_group, param_shapes=param_shapes,
-    attention_weights=attention_weights)
+    attention_weights=attention_weights, block_cls=Block, block_path="h_{}")

@@ -381,7 +381,7 @@ def family(config_cls: type[LlamaConfig], presets: Mapping[str, LlamaConfig],
         config_cls=config_cls, module_cls=Llama, presets=presets, hub_repos=hub_repos,
         torch_name_to_path=torch_name_to_path, needs_transpose=backbones.kernels_transposed,
         fresh_paths=fresh_paths, param_group=param_group, param_shapes=param_shapes,
-        attention_weights=attention_weights)
+        attention_weights=attention_weights, block_cls=Block, block_path="layers_{}")
 
 
 FAMILY = family(LlamaConfig, LLAMA_PRESETS, HUB_REPOS)

@@ -275,4 +275,5 @@ FAMILY = backbones.Family(
     config_cls=ViTConfig, module_cls=ViT, presets=VIT_PRESETS, hub_repos=HUB_REPOS,
     torch_name_to_path=torch_name_to_path, needs_transpose=needs_transpose,
     fresh_paths=fresh_paths, param_group=param_group, param_shapes=param_shapes,
-    attention_weights=attention_weights, takes_lengths=True)
+    attention_weights=attention_weights, takes_lengths=True, block_cls=Layer,
+    block_path="encoder/layer_{}")

@@ -90,6 +90,11 @@ def backbone(cfg: TrainConfig, task: Task | None = None) -> tuple[Any, dict | No
     return config.with_dropout(cfg.dropout), params
 
 
+def weights_source(cfg: TrainConfig) -> str:
+    """Where a pretrained backbone's weights come from: `weights`, else the preset's own."""
+    return cfg.weights or _PRESET_SOURCES.get(cfg.model, cfg.model)
+
+
 def preset_weights(model: str, source: str | None, what: str = "weights"
                    ) -> tuple[Any, dict]:
     """The pretrained weights of preset `model` from `source` (None: the preset's own), as

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from fpt_jax import build, optim, parallel, runs
+from fpt_jax import align, build, optim, parallel, runs
 from fpt_jax.sharding import Placement, check_mesh
 from fpt_jax.checkpoint import Checkpoints
 from fpt_jax.config import TrainConfig
@@ -116,6 +116,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
                             cfg.checkpoint_every)
         try:
             with _StopSignals() as stop:
+                if cfg.align_steps and ckpts.latest_step() is None:  # not yet training
+                    reached = align.align_group(g, workdir, lambda: stop.signum is not None)
+                    if reached < cfg.align_steps:
+                        raise Preempted(reached, stop.signum)
                 return _loop(g, workdir, placement, per_process, ckpts, stop)
         finally:
             ckpts.wait()  # an in-flight save completes on every exit path
@@ -196,7 +200,8 @@ def _loop(g: build.Group, workdir: str, placement: Placement, per_process: int,
     unit = optim.unit_schedule(cfg)
     progress = Progress(cfg.steps, start)
     metrics = MetricsBuffer(start, cfg.nonfinite_skips, diverged, last_checkpoint)
-    final: list[dict[str, float]] = [{} for _ in range(k)]
+    final: list[dict[str, float]] = (align.summary(workdir, k) if cfg.align_steps else
+                                     [{} for _ in range(k)])
     done = start
 
     def finished() -> bool:  # early stop: every run ran out of patience or diverged

@@ -14,16 +14,17 @@ from absl import logging
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool | None = None):
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool | None = None,
+                 filename: str = "metrics.jsonl", tb_dir: str = "tensorboard"):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, filename)
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         _truncate_after(self.path, resume_step)
         from tensorboardX import SummaryWriter  # protobuf-only, no TensorFlow needed
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, tb_dir))
 
     def write(self, step: int, metrics: Mapping[str, float],
               tags: Mapping[str, Any] | None = None, tb_prefix: str = "") -> None:

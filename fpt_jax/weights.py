@@ -293,7 +293,9 @@ def download(name: str) -> Path:
     from huggingface_hub import snapshot_download
     repo = _hub_repos().get(name, name)
     try:
-        return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors"]))
+        # tokenizer.json: the alignment stage embeds text with it (fpt_jax.source_text)
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "*.safetensors",
+                                                            "tokenizer.json"]))
     except Exception as e:  # offline, DNS failure, 404: all mean "not from the hub here"
         raise WeightsError(
             f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "

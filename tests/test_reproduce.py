@@ -257,14 +257,18 @@ def test_a_tasks_own_rows_restrict_its_cells_and_its_ablation(tmp_path):
 
 
 def test_a_cell_name_leaves_out_fields_added_later_at_their_default(tmp_path):
-    # cells trained before `mesh` existed are found again; a mesh names another cell
+    # cells trained before `mesh` (or blocks, alignment) existed are found again; a mesh
+    # names another cell
     plan = reproduce.plan(_budget(), tmp_path, reachable=lambda cfg: None, dry=True)
     cell = plan.cells[0]
-    before = dict(cell.cfg.to_dict())
-    before.pop("mesh")
+    before = {k: v for k, v in cell.cfg.to_dict().items()
+              if k not in reproduce.NAMED_WITHOUT_DEFAULT}
     import hashlib
     import json
     exact = json.dumps([before, cell.learning_rates, cell.seeds], sort_keys=True, default=str)
     assert cell.name.endswith("~" + hashlib.sha1(exact.encode()).hexdigest()[:8])
     meshed = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, mesh=(1, 1)))
     assert meshed.name != cell.name
+    aligned = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, align_steps=5))
+    with_block = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, blocks=(5,)))
+    assert len({cell.name, aligned.name, with_block.name}) == 3

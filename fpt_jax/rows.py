@@ -75,7 +75,9 @@ class Row:
         return dataclasses.replace(cfg, n_embd=m.width)
 
 
-_SCRATCH_LAYERS = {"n_layer": 3}  # the paper's "Full transformer" where it used 3 blocks
+_SCRATCH_LAYERS = {"n_layer": 3}
+ALIGN_STEPS = 300  # Fashion-MNIST's held-out MMD to MiniLM's text falls ~35x by then (lr 1e-3)
+_MINILM_LAST_BLOCK = {"blocks": (5,), "blocks_model": "minilm-l6"}  # the paper's "Full transformer" where it used 3 blocks
 
 ROWS: dict[str, Row] = {r.name: r for r in (
     Row("fpt", "frozen pretrained GPT-2 (FPT)", paper_row="fpt", rothermel_row="fpt",
@@ -121,6 +123,21 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         draws_attention=True),
     Row("minilm_random", "frozen random MiniLM architecture",
         {"model": "minilm-l6", "init": "random"}, draws_attention=True),
+    # Beyond FPT (issue 28). ORCA's align-then-refine: the input layer first trained alone
+    # to match MiniLM's own word embeddings of real text (fpt_jax/align.py), then FPT.
+    Row("minilm_aligned", "frozen pretrained MiniLM, input aligned first (ORCA)",
+        {"model": "minilm-l6", "weights": "minilm", "align_steps": ALIGN_STEPS}),
+    # Pang et al. 2024: a small ViT trained from scratch, then with MiniLM's last block
+    # appended frozen (joined by trained linear maps), and with a frozen random block of the
+    # same shape in its place (their control). The ViT's size is the budget's.
+    Row("vit_small", "small ViT, trained from scratch",
+        {"model": "vit-tiny", "init": "random", "trainable": "encoder"}),
+    Row("vit_minilm_block", "small ViT + frozen pretrained MiniLM block",
+        {"model": "vit-tiny", "init": "random", "trainable": "encoder",
+         **_MINILM_LAST_BLOCK}),
+    Row("vit_random_block", "small ViT + frozen random block of MiniLM's shape",
+        {"model": "vit-tiny", "init": "random", "trainable": "encoder",
+         **_MINILM_LAST_BLOCK, "blocks_init": "random"}),
 )}
 
 

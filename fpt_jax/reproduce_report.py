@@ -23,8 +23,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from fpt_jax import (attention_maps, baselines, build, convergence, paper, results,
-                     trivial)
+from fpt_jax import (align_report, attention_maps, baselines, build, convergence, paper,
+                     results, trivial)
 from fpt_jax.rows import ROWS, get as get_row
 from fpt_jax.models import backbones
 
@@ -326,6 +326,17 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
         plots.insert(0, ("the main table: ours (bars, +- s.e.), the paper's (marks), the "
                          "trivial baselines (dashed and dotted)", "main.png"))
     attention = attention_map(rows, report_dir) if budget.get("attention_map") else None
+    alignment = []
+    if align_report.aligned(rows):
+        alignment = ["## Input alignment (ORCA)", "",
+                     "The held-out distance between the task's validation examples as the "
+                     "input layer embeds them and held-out documents of the source text as "
+                     "the backbone's word embeddings do (mean +- s.e. over seeds, at the "
+                     "selected learning rate; the stage itself does not depend on it), "
+                     "before and after the alignment stage (`fpt_jax/align.py`).", "",
+                     *align_report.table(rows), ""]
+        if align_report.plot(rows, report_dir / "align.png"):
+            plots.append(("held-out distance during the alignment stage", "align.png"))
     trained_s = sum(max((float(x.get("wall_s") or 0) for x in r.cell.runs), default=0.0)
                     for r in rows if r.cell is not None and r.cell.finished)
     lines = [f"# Reproduction report: budget `{budget.name}`", "",
@@ -353,7 +364,7 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
              "ceiling). The paper's number only where it is the same quantity (1e-3, the "
              "threshold reached by every seed).", "",
              *convergence_table(rows, budget.get("converge_at")),
-             "", "## Parameter counts", "", *count_table(rows), "",
+             "", "## Parameter counts", "", *count_table(rows), "", *alignment,
              "## Skipped", ""]
     lines += [f"- {task} / {row}: {why}" for task, row, why in skipped] or ["- nothing"]
     lines += ["", "## Plots", ""]

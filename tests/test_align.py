@@ -177,3 +177,27 @@ def test_otdd_on_a_task_without_one_class_per_example_stops_before_the_first_ste
         loop.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_the_report_shows_each_seeds_held_out_distance_before_and_after(tmp_path):
+    import types
+    from fpt_jax import align_report
+    cfg = train_config(task="bit_xor", model="minilm-l6", weights="minilm", align_steps=8)
+    lines = [{"step": s, "run": r, "align/held_out_distance": d}
+             for r, ds in ((0, (2.0, 1.0, 0.5)), (2, (4.0, 2.0, 1.0)))
+             for s, d in zip((0, 4, 8), ds)]
+    (tmp_path / align.METRICS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    finals = [{"align/held_out_before": 2.0, "align/held_out_after": 0.5}, {},
+              {"align/held_out_before": 4.0, "align/held_out_after": 1.0}]
+    cell = types.SimpleNamespace(runs=[{"seed": i, "final": f} for i, f in enumerate(finals)],
+                                 path=tmp_path)
+    row = types.SimpleNamespace(task="bit_xor", row="minilm_aligned", cfg=cfg, selection=None,
+                                cell=cell, picked=types.SimpleNamespace(run_ids=[0, 2]))
+    table = align_report.table([row])
+    assert table[-1].split(" | ")[3:] == ["2", "3.0000 +- 1.0000", "0.7500 +- 0.2500",
+                                          "0.2500 +- 0.0000 |"]
+    assert align_report.curves(tmp_path, [0, 2])[2] == ([0, 4, 8], [4.0, 2.0, 1.0])
+    assert align_report.plot([row], tmp_path / "align.png")
+    assert (tmp_path / "align.png").stat().st_size > 0
+    unaligned = types.SimpleNamespace(**{**vars(row), "cfg": train_config(task="bit_xor")})
+    assert align_report.aligned([unaligned]) == []

@@ -56,6 +56,7 @@ FILE_SECONDS = {
     "test_bad_inputs_tools.py": 8, "test_weights.py": 7, "test_cheap_paths.py": 7,
     "test_config.py": 6, "test_prepare_data.py": 4, "test_lstm_original.py": 15,
     "test_edges.py": 10, "test_mixer.py": 10, "test_sharding.py": 40, "test_llama.py": 30,
+    "test_align.py": 22, "test_blocks.py": 20,
 }
 
 

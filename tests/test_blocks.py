@@ -87,6 +87,7 @@ def test_a_frozen_block_inside_the_model_equals_the_transformers_layer_on_its_ac
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_frozen_blocks_stay_bit_identical_through_training_while_the_bridge_learns(tmp_path):
     model, _ = _source("bert")
     model.save_pretrained(tmp_path / "bert", safe_serialization=True)

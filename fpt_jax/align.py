@@ -33,12 +33,14 @@ from absl import logging
 
 from fpt_jax import build, distances, parallel, runs, source_text
 from fpt_jax.checkpoint import Checkpoints
+from fpt_jax.guard import DivergenceError, check_finite_state
 from fpt_jax.metrics import MetricWriter
 from fpt_jax.steps import stack_runs
 
 CHECKPOINTS = "align_checkpoints"
 METRICS = "align_metrics.jsonl"
 OTDD_CLASSES = 10  # the corpus's largest classes the OTDD reads
+MAX_OTDD_CLASSES = 40  # both sides' classes together: (40^2 transport problems a step)
 HELD_OUT_FRACTION = 0.1
 HELD_OUT_BATCHES = 2  # validation batches (of align_batch_size) in it
 _SOURCE_STREAM = 7_919  # apart from the training stage's data order
@@ -60,6 +62,11 @@ def load_source(g: build.Group) -> Source:
     cfg = g.cfg
     corpus = source_text.read_corpus(cfg.align_corpus or source_text.DEFAULT_CORPUS)
     if cfg.align_distance == "otdd":
+        if g.task.output_dim + OTDD_CLASSES > MAX_OTDD_CLASSES:
+            raise ValueError(f"align_distance=otdd solves a transport problem per pair of "
+                             f"classes of both sides: task {g.task.name}'s "
+                             f"{g.task.output_dim} and the corpus's {OTDD_CLASSES} are more "
+                             f"than {MAX_OTDD_CLASSES} (accepted for it: align_distance=mmd)")
         corpus = source_text.largest_classes(corpus, OTDD_CLASSES)
     directory = source_text.checkpoint_directory(build.weights_source(cfg))
     features = source_text.text_features(corpus.texts, directory)
@@ -105,40 +112,49 @@ def _distance(g: build.Group, source: Source, bandwidths) -> Callable:
 def align_group(g: build.Group, workdir: str, stop_requested: Callable[[], bool]) -> int:
     """Runs (or resumes) the group's alignment stage, replacing `g.states.trainable['input']`
     with the aligned layers; returns the step reached (`align_steps` unless stopped by
-    `stop_requested`, with a checkpoint written)."""
+    `stop_requested` or the pod's preemption notice, with a checkpoint written; the input
+    layer is replaced only when the stage is complete)."""
     cfg, k = g.cfg, g.num_runs
     source = load_source(g)
-    bandwidths = distances.median_bandwidths(source.features[source.train_rows])
+    held = _held_out_target(g)
+    if len(source.train_rows) < cfg.align_batch_size or len(held["x"]) < 2:
+        raise ValueError(f"align_batch_size={cfg.align_batch_size}: the corpus "
+                         f"{source.corpus} has {len(source.train_rows)} training documents"
+                         f"{' (its 10 largest classes)' if cfg.align_distance == 'otdd' else ''}"
+                         f" and the validation split gave {len(held['x'])} examples; "
+                         "accepted: a batch of at most that many, and 2 or more examples")
+    sample = np.random.default_rng(1).permutation(source.train_rows)  # every class alike
+    bandwidths = distances.median_bandwidths(source.features[sample])
     embed, distance = _embedder(g), _distance(g, source, bandwidths)
     tx = optax.adam(cfg.align_learning_rate)
     params = g.states.trainable["input"]
     opt_state = jax.vmap(tx.init)(params)
-    feats = jnp.asarray(source.features)
+    feats = jnp.asarray(source.features)  # an argument of the steps, not a constant in them
     labels = jnp.asarray(source.labels)
 
-    def loss_fn(p, x, length, y, rows):
+    def loss_fn(p, x, length, y, rows, feats, labels):
         return distance(embed(p, x, length), y, feats[rows], labels[rows])
 
-    def one_step(p, o, x, length, y, rows):
-        value, grads = jax.value_and_grad(loss_fn)(p, x, length, y, rows)
+    def one_step(p, o, x, length, y, rows, feats, labels):
+        value, grads = jax.value_and_grad(loss_fn)(p, x, length, y, rows, feats, labels)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, value
 
-    step_fn = jax.jit(jax.vmap(one_step), donate_argnums=(0, 1))
-    held_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None, None, None, None)))
-
-    held = _held_out_target(g)
+    step_fn = jax.jit(jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, 0, None, None)),
+                      donate_argnums=(0, 1))
+    held_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None, None, None, None, None, None)))
     # as many held-out documents as held-out examples: the OTDD's cost grows with their
     # square (every class pair is a transport problem over both sets' points)
     held_rows = jnp.asarray(source.held_out_rows[:len(held["x"])])
 
     def held_out(p) -> np.ndarray:
-        return np.asarray(held_fn(p, held["x"], held.get("length"), held["y"], held_rows))
+        return np.asarray(held_fn(p, held["x"], held.get("length"), held["y"], held_rows,
+                                  feats, labels))
 
     ckpts = Checkpoints(os.path.join(workdir, CHECKPOINTS), cfg.keep_checkpoints,
                         cfg.checkpoint_every)
     identity = g.identity()
-    start, before, pending = 0, None, []
+    start, before, pending, writer = 0, None, [], None
 
     def check(meta):
         runs.check_identity(meta.get("identity", {}), identity, workdir)
@@ -152,20 +168,22 @@ def align_group(g: build.Group, workdir: str, stop_requested: Callable[[], bool]
             logging.info("alignment resumed from step %d", start)
         if before is None:
             before = held_out(params).tolist()
-        writer = MetricWriter(workdir, resume_step=start, filename=METRICS,
+        # from step 0: every record dropped (step 0 is written again); else those after start
+        writer = MetricWriter(workdir, resume_step=start if start else -1, filename=METRICS,
                               tb_dir="tensorboard_align")
         tags = [{"run": i, "learning_rate": g.learning_rates[i], "seed": g.seeds[i]}
                 for i in range(k)]
         if start == 0:
             for i in range(k):
                 writer.write(0, {"align/held_out_distance": before[i]}, tags[i])
-        values, step = pending, start  # the distances since the last log, resumed too
+        values, done = pending, start  # the distances since the last log, resumed too
         for step in range(start, cfg.align_steps):
             batch = _target_batch(g, step)
             rows = np.stack([_source_rows(source, seed, step, cfg.align_batch_size)
                              for seed in g.seeds])
             params, opt_state, value = step_fn(params, opt_state, batch["x"],
-                                               batch.get("length"), batch["y"], rows)
+                                               batch.get("length"), batch["y"], rows,
+                                               feats, labels)
             values.append(value)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.align_steps:
@@ -178,23 +196,27 @@ def align_group(g: build.Group, workdir: str, stop_requested: Callable[[], bool]
                 if jax.process_index() == 0:
                     print(f"align step {done}/{cfg.align_steps}: held-out {cfg.align_distance}"
                           f" {np.mean(now):.5f} (before {np.mean(before):.5f})", flush=True)
-            stopping = stop_requested()
+            stopping = stop_requested() or ckpts.reached_preemption(done)
             if done % cfg.checkpoint_every == 0 or done == cfg.align_steps or stopping:
                 host_p, host_o = jax.tree_util.tree_map(np.asarray, (params, opt_state))
+                try:
+                    check_finite_state(done, (host_p, host_o))
+                except DivergenceError as e:
+                    raise ValueError(f"alignment: {e} (here: lower align_learning_rate; "
+                                     f"align_distance={cfg.align_distance})") from None
                 ckpts.save(done, host_p, host_o, {
                     "identity": identity, "held_out_before": before,
                     "pending": [np.asarray(v).tolist() for v in values]}, force=True)
-            step = done
-            if stopping:
-                ckpts.wait()
+            if stopping and done < cfg.align_steps:
                 return done
-        writer.close()
     finally:
+        if writer is not None:
+            writer.close()
         ckpts.wait()
         ckpts.close()
     g.states = g.states.replace(trainable={
         **g.states.trainable, "input": jax.tree_util.tree_map(np.asarray, params)})
-    return step
+    return done
 
 
 def summary(workdir: str, num_runs: int) -> list[dict[str, float]]:

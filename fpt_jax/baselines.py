@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fpt_jax import freeze
+from fpt_jax import build, freeze
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import make_model
@@ -136,17 +136,17 @@ class _TaskShape:  # what `make_model` and `build.init_params` read of a task
 def count(cfg: TrainConfig, task, config: Any, selection: str = "full") -> int:
     """Parameters of `cfg`'s FPT over the backbone `config` on `task` that `selection`
     trains ('full': all of them), from shapes only."""
-    return _selected(_shapes(cfg, task, config), selection, config.n_layer)
+    return _selected(_shapes(cfg, task, config), selection, config.n_layer, len(cfg.blocks))
 
 
 def _shapes(cfg: TrainConfig, task, config: Any) -> Any:
     """The parameter shapes of `cfg`'s FPT over the backbone `config` on `task`."""
-    model = make_model(cfg, task, config)
+    model = make_model(cfg, task, config, build.blocks_config(cfg))
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
     x = jnp.zeros((1, *task.example_shape), dtype)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x)["params"])
 
 
-def _selected(shapes: Any, selection: str, n_layer: int) -> int:
-    _, counts = freeze.count_table(shapes, freeze.parse_selection(selection, n_layer))
+def _selected(shapes: Any, selection: str, n_layer: int, n_blocks: int = 0) -> int:
+    _, counts = freeze.count_table(shapes, freeze.parse_selection(selection, n_layer, n_blocks))
     return counts["total"]["trainable"]

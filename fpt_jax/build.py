@@ -113,6 +113,20 @@ def preset_weights(model: str, source: str | None, what: str = "weights"
     return config, params
 
 
+def blocks_config(cfg: TrainConfig) -> Any:
+    """The config of the blocks `cfg.blocks` appends (None: none), without reading weights
+    (a preset's, or `blocks_weights`' config.json for blocks_model='auto')."""
+    if not cfg.blocks:
+        return None
+    if cfg.blocks_model == "auto":
+        source = (weights.read_config(cfg.blocks_weights) if os.path.isdir(cfg.blocks_weights)
+                  else weights.load(cfg.blocks_weights)[0])
+    else:
+        source = backbones.family_of_preset(cfg.blocks_model).config_cls.preset(
+            cfg.blocks_model)
+    return blocks.blocks_config(source, cfg.blocks).with_dropout(cfg.dropout)
+
+
 def frozen_blocks(cfg: TrainConfig) -> tuple[Any, dict | None]:
     """The config of the blocks `cfg.blocks` appends (None: none) and, for
     `blocks_init='pretrained'`, their parameters (`{block_j: ...}`, host numpy)."""
@@ -223,7 +237,7 @@ def build_group(cfg: TrainConfig, learning_rates: Sequence[float] | None = None,
     check_runs(learning_rates, seeds)
     task = prepare_task(cfg, task)
     config, pretrained = backbone(cfg, task)
-    selection = freeze.parse_selection(cfg.trainable, config.n_layer)
+    selection = freeze.parse_selection(cfg.trainable, config.n_layer, len(cfg.blocks))
     blocks_cfg, taken = frozen_blocks(cfg)
     model = make_model(cfg, task, config, blocks_cfg)
     per_seed = cfg.backbone_draw == "per_seed"

@@ -221,6 +221,9 @@ class TrainConfig:
                                  ">= 1, or None for data parallelism")
             self.mesh = mesh
         for name, lo in (("in_layer_sizes", 1), ("out_layer_sizes", 1), ("blocks", 0)):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: a tuple of "
+                                 f"integers >= {lo}, e.g. (5,)")
             sizes = tuple(getattr(self, name))
             if any(not isinstance(s, int) or isinstance(s, bool) or s < lo for s in sizes):
                 raise ValueError(f"{name}={sizes!r}; accepted: a tuple of integers >= {lo}")
@@ -283,7 +286,7 @@ class TrainConfig:
             return self  # the architecture is the weights' or the source run's
         preset = backbones.family_of_preset(self.model).config_cls.preset
         config = preset(self.model, **(overrides if self.init == "random" else {}))
-        selection = freeze.parse_selection(self.trainable, config.n_layer)
+        selection = freeze.parse_selection(self.trainable, config.n_layer, len(self.blocks))
         freeze.check_named_groups(selection, freeze.fpt_paths(config) + (
             freeze.BLOCKS_PATHS if self.blocks else ()))
         return self

@@ -82,8 +82,10 @@ class Selection:
 _ITEM = re.compile(r"^(?P<group>[a-z_]+)(\[(?P<slice>-?\d*:?-?\d*)\])?$")
 
 
-def parse_selection(spec: str, n_layer: int) -> Selection:
-    """Parses a trainable selection (see the module doc); errors name the bad item."""
+def parse_selection(spec: str, n_layer: int, n_blocks: int | None = None) -> Selection:
+    """Parses a trainable selection (see the module doc); errors name the bad item. A range
+    on `blocks` counts the frozen blocks of another model (`n_blocks` of them), every other
+    the backbone's `n_layer`."""
     expanded = ",".join(SELECTION_PRESETS.get(item.strip(), item)
                         for item in _split_items(spec))
     groups: dict[str, frozenset[int] | None] = {}
@@ -100,16 +102,17 @@ def parse_selection(spec: str, n_layer: int) -> Selection:
         if group not in LAYERED:
             raise ValueError(f"group {group!r} has no blocks; a range like {item!r} is only "
                              f"accepted for {LAYERED}")
+        n = n_blocks if group == "blocks" and n_blocks is not None else n_layer
         if ":" in slc:
             start, stop = (int(s) if s else None for s in slc.split(":"))
-            layers = range(n_layer)[slice(start, stop)]
+            layers = range(n)[slice(start, stop)]
         else:
             i = int(slc)
-            if not -n_layer <= i < n_layer:
-                raise ValueError(f"block {i} in {item!r} is out of range for {n_layer} blocks")
-            layers = [i % n_layer]
+            if not -n <= i < n:
+                raise ValueError(f"block {i} in {item!r} is out of range for {n} blocks")
+            layers = [i % n]
         if not layers:
-            raise ValueError(f"{item!r} selects no block of {n_layer}")
+            raise ValueError(f"{item!r} selects no block of {n}")
         previous = groups.get(group, frozenset())
         groups[group] = None if previous is None else previous | frozenset(layers)
     if not groups:

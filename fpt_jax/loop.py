@@ -43,7 +43,7 @@ from fpt_jax.tasks import Task
 from fpt_jax.workdir import WorkdirLock
 
 # Settings that may differ between the processes of one group (local paths).
-_PER_PROCESS = ("data_dir", "weights")
+_PER_PROCESS = ("data_dir", "weights", "blocks_weights", "align_corpus")
 
 
 class Preempted(Exception):
@@ -118,8 +118,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str,
             with _StopSignals() as stop:
                 if cfg.align_steps and ckpts.latest_step() is None:  # not yet training
                     reached = align.align_group(g, workdir, lambda: stop.signum is not None)
-                    if reached < cfg.align_steps:
-                        raise Preempted(reached, stop.signum)
+                    if reached < cfg.align_steps or stop.signum is not None:
+                        raise Preempted(reached, stop.signum)  # resumes where it stopped
                 return _loop(g, workdir, placement, per_process, ckpts, stop)
         finally:
             ckpts.wait()  # an in-flight save completes on every exit path

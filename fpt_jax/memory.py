@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fpt_jax import freeze, optim, weights
+from fpt_jax import build, freeze, optim, weights
 from fpt_jax.config import TrainConfig
 from fpt_jax.models import backbones
 from fpt_jax.models.fpt import make_model
@@ -105,13 +105,13 @@ def abstract_group(cfg: TrainConfig, num_runs: int = 1):
     """(model, task, states [K, ...], frozen) of a group of `num_runs`, as ShapeDtypeStructs."""
     task = cfg.make_task()
     config = backbone_config(cfg).with_dropout(cfg.dropout)
-    model = make_model(cfg, task, config)
+    model = make_model(cfg, task, config, build.blocks_config(cfg))
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
     x = jax.ShapeDtypeStruct((1, *task.example_shape), dtype)
     params = jax.eval_shape(lambda r, x: model.init(r, x)["params"],
                             jax.ShapeDtypeStruct((2,), jnp.uint32), x)
-    trainable, frozen = freeze.partition(params, freeze.parse_selection(cfg.trainable,
-                                                                        config.n_layer))
+    trainable, frozen = freeze.partition(params, freeze.parse_selection(
+        cfg.trainable, config.n_layer, len(cfg.blocks)))
     tx = optim.make_optimizer(cfg)
     opt_state = jax.eval_shape(tx.init, trainable)
     per_run = lambda t: jax.tree_util.tree_map(  # noqa: E731

@@ -54,6 +54,10 @@ def test_otdd_is_zero_between_a_set_and_itself_and_grows_with_a_shift():
     # only the classes' point clouds count, not what they are called
     assert abs(d(x, (labels + 1) % 3)) < 1e-3
     assert d(x, np.zeros(12, int)) > 1e-2  # one class where there were three
+    # differentiable through ott's solver, zero-weight classes and all
+    grad = jax.jit(jax.grad(distances.otdd, argnums=3), static_argnums=(2, 5))(
+        x, labels, 3, x + 0.3, labels, 3)
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
 
 
 def _corpus(tmp_path):
@@ -101,10 +105,11 @@ def test_the_corpus_is_read_by_class_and_embedded_by_the_checkpoints_own_table(t
 
 def _aligning(tmp_path, **settings):
     directory, _ = _checkpoint(tmp_path)
-    return train_config(task="bit_xor", model="auto", weights=str(directory), batch_size=8,
-                        align_corpus=str(_corpus(tmp_path)), align_batch_size=16,
-                        align_steps=12, align_learning_rate=1e-2, log_every=4,
-                        checkpoint_every=4, eval_every=1000, eval_batches=2, **settings)
+    return train_config(**{**dict(
+        task="bit_xor", model="auto", weights=str(directory), batch_size=8,
+        align_corpus=str(_corpus(tmp_path)), align_batch_size=16, align_steps=12,
+        align_learning_rate=1e-2, log_every=4, checkpoint_every=4, eval_every=1000,
+        eval_batches=2), **settings})
 
 
 def test_alignment_lowers_the_held_out_distance_and_resumes_exactly(tmp_path):
@@ -168,6 +173,7 @@ def test_without_alignment_a_run_is_bit_identical_whatever_the_align_settings(tm
     (dict(align_distance="wasserstein"), "unknown align_distance"),
     (dict(align_steps=-1), "align_steps=-1"),
     (dict(align_batch_size=1), "align_batch_size=1"),
+    (dict(blocks=5), r"blocks=5; accepted: a tuple of integers >= 0, e.g. \(5,\)"),
 ])
 def test_bad_alignment_settings_are_rejected_before_anything_is_built(settings, message):
     base = dict(task="bit_xor", model="minilm-l6", weights="minilm", align_steps=10)
@@ -205,3 +211,18 @@ def test_the_report_shows_each_seeds_held_out_distance_before_and_after(tmp_path
     assert (tmp_path / "align.png").stat().st_size > 0
     unaligned = types.SimpleNamespace(**{**vars(row), "cfg": train_config(task="bit_xor")})
     assert align_report.aligned([unaligned]) == []
+
+
+def test_a_cell_recorded_before_the_new_settings_is_continued_not_refused():
+    from fpt_jax import runs, sweep
+    current = train_config(task="bit_xor").to_dict()
+    recorded = {k: v for k, v in current.items() if k not in runs.ADDED_FIELDS}
+    assert sweep._differing(recorded, current) == []
+    assert sweep._differing(recorded, {**current, "align_steps": 5}) == ["align_steps"]
+
+
+def test_alignment_with_a_batch_larger_than_the_corpus_is_refused(tmp_path):
+    cfg = _aligning(tmp_path, align_batch_size=64)  # 3 x 15 documents, 10% held out
+    g = build.build_group(cfg)
+    with pytest.raises(ValueError, match="align_batch_size=64: the corpus .* has 41 training"):
+        align.align_group(g, str(tmp_path / "run"), lambda: False)

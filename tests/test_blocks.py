@@ -132,7 +132,19 @@ def test_the_random_block_control_is_each_runs_own_draw_of_the_same_shape():
     (dict(blocks_weights="/tmp"), r"blocks=\(\)"),
     (dict(blocks=(-1,)), "accepted: a tuple of integers >= 0"),
     (dict(blocks=(0,), trainable="blocks[0],nonsense"), "unknown trainable group"),
+    # a range on `blocks` counts the appended blocks (2 here), not the backbone's layers
+    (dict(blocks=(4, 5), trainable="encoder,blocks[2]"), "block 2 .* out of range for 2"),
 ])
 def test_bad_block_settings_are_rejected_before_anything_is_built(settings, message):
     with pytest.raises(ValueError, match=message):
         train_config(**{**ENCODER, "blocks_model": "minilm-l6", **settings}).check()
+
+
+def test_a_range_on_blocks_counts_the_appended_blocks():
+    cfg = train_config(**{**ENCODER, "blocks_model": "minilm-l6",
+                          "trainable": "encoder,blocks[-1:]"}, blocks=(4, 5))
+    cfg.check()
+    g = build.build_group(cfg)
+    trained = flax.traverse_util.flatten_dict(g.states.trainable["blocks"])
+    assert {k[0] for k in trained} == {"proj_in", "proj_out", "block_1"}
+    assert set(g.frozen["blocks"]) == {"block_0"}

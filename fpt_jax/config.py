@@ -324,6 +324,12 @@ class TrainConfig:
             if self.align_corpus is not None and not os.path.isdir(self.align_corpus):
                 raise ValueError(f"align_corpus={self.align_corpus}: no such directory; "
                                  "accepted: a directory of text files (one class each)")
+            from fpt_jax.source_text import DEFAULT_CORPUS
+            if self.align_corpus is None and not os.path.isdir(DEFAULT_CORPUS):
+                raise ValueError(f"align_corpus=None reads Debian's fortunes from "
+                                 f"{DEFAULT_CORPUS}, which is not here; install them "
+                                 "(apt-get install fortunes) or set align_corpus to a "
+                                 "directory of text files (one class each)")
 
 
 def _optional(name: str) -> bool:

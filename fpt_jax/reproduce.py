@@ -61,7 +61,7 @@ class PlannedCell:
 
     @property
     def name(self) -> str:
-        settings = self.cfg.to_dict()
+        settings = runs.active(self.cfg.to_dict())
         for field, default in NAMED_WITHOUT_DEFAULT.items():
             if settings.get(field, default) == default:
                 settings.pop(field, None)

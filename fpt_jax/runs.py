@@ -35,6 +35,22 @@ FORMAT = 3
 ADDED_FIELDS = {"blocks": [], "blocks_model": "minilm-l6", "blocks_init": "pretrained",
                 "blocks_weights": None, "align_steps": 0, "align_distance": "mmd",
                 "align_corpus": None, "align_learning_rate": 1e-3, "align_batch_size": 64}
+_ALIGN_FIELDS = tuple(f for f in ADDED_FIELDS if f.startswith("align_") and f != "align_steps")
+_BLOCKS_FIELDS = tuple(f for f in ADDED_FIELDS if f.startswith("blocks_"))
+
+
+def active(config: dict) -> dict:
+    """`config` (TrainConfig.to_dict's) with the settings of a stage that does not run at
+    their defaults (the alignment's with align_steps=0, the blocks' with blocks=()): they
+    change nothing, so they neither name another cell nor refuse a resume."""
+    out = dict(config)
+    for off, fields in ((not out.get("align_steps"), _ALIGN_FIELDS),
+                        (not out.get("blocks"), _BLOCKS_FIELDS)):
+        if off:
+            out.update({f: ADDED_FIELDS[f] for f in fields if f in out})
+    return out
+
+
 # What defines a run's model and its initial parameters (the data's location does not).
 IDENTITY_FIELDS = ("task", "task_options", "model", "init", "weights", "n_layer", "n_head",
                    "n_embd", "orth_gain", "in_layer_sizes", "out_layer_sizes", "trainable",
@@ -65,7 +81,7 @@ def identity(cfg: TrainConfig, learning_rates: Sequence[float], seeds: Sequence[
              family: str, backbone: Any) -> dict:
     """The group's identity: `cfg`'s IDENTITY_FIELDS, the runs, the backbone's family and
     architecture (a dataclass)."""
-    config = cfg.to_dict()
+    config = active(cfg.to_dict())
     return _json({"format": FORMAT,
                   "config": {f: config[f] for f in IDENTITY_FIELDS} | {
                       "task_options": _options(cfg.task, config["task_options"])},

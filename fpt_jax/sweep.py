@@ -295,7 +295,8 @@ def flatten(learning_rates: Sequence[float], seeds: Sequence[int]
 
 def _differing(recorded: dict, current: dict) -> list[str]:
     # fields added since the cell was recorded: what it had (their defaults)
-    recorded = {**runs.ADDED_FIELDS, **runs.nested_task_options(recorded)}
+    recorded = runs.active({**runs.ADDED_FIELDS, **runs.nested_task_options(recorded)})
+    current = runs.active(current)
     keys = (set(recorded) | set(current)) - set(NOT_A_GRID_AXIS)
     return sorted(k for k in keys if recorded.get(k) != current.get(k))
 

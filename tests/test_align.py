@@ -219,6 +219,10 @@ def test_a_cell_recorded_before_the_new_settings_is_continued_not_refused():
     recorded = {k: v for k, v in current.items() if k not in runs.ADDED_FIELDS}
     assert sweep._differing(recorded, current) == []
     assert sweep._differing(recorded, {**current, "align_steps": 5}) == ["align_steps"]
+    # a stage that does not run: its settings change nothing, name no other cell
+    idle = {**current, "align_learning_rate": 0.5, "blocks_init": "random"}
+    assert sweep._differing(recorded, idle) == []
+    assert runs.active(idle) == runs.active(current)
 
 
 def test_alignment_with_a_batch_larger_than_the_corpus_is_refused(tmp_path):

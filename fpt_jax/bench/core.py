@@ -106,17 +106,18 @@ class Bench:
             raise ValueError("--config.model='auto' reads the architecture from pretrained "
                              "weights; the benchmark initialises at random: accepted: a "
                              "model preset")
-        _check_selection(self.base.trainable, self.backbone())  # the 'frozen' mode's
+        _check_selection(self.base.trainable, self.backbone(), self.base.blocks)  # 'frozen' 
         for sel in self.settings.selection_list():
             try:
-                _check_selection(sel, self.backbone())
+                _check_selection(sel, self.backbone(), self.base.blocks)
             except ValueError as e:
                 raise ValueError(f"--bench.selections={self.settings.selections}: {sel!r}: "
                                  f"{e}; accepted: trainable selections of this model as "
                                  "--config.trainable takes them, separated by '|'") from None
         for name in self.baselines:
             try:  # the base's sizes and selection must make a valid baseline too
-                _check_selection(self.baseline_config(name).trainable, self.backbone(name))
+                _check_selection(self.baseline_config(name).trainable, self.backbone(name),
+                                 self.baseline_config(name).blocks)
             except ValueError as e:
                 raise ValueError(f"--bench.baselines={','.join(self.baselines)}: {name}: "
                                  f"{e}") from None
@@ -195,10 +196,12 @@ class Bench:
                 "remats": list(self.remats)}
 
 
-def _check_selection(selection: str, backbone: Any) -> None:
-    """`selection` parses on the backbone and names no group it lacks (ValueError)."""
-    freeze.check_named_groups(freeze.parse_selection(selection, backbone.n_layer),
-                              freeze.fpt_paths(backbone))
+def _check_selection(selection: str, backbone: Any, blocks: tuple[int, ...] = ()) -> None:
+    """`selection` parses on the backbone (and the frozen `blocks` appended to it) and names
+    no group the model lacks (ValueError)."""
+    freeze.check_named_groups(freeze.parse_selection(selection, backbone.n_layer, len(blocks)),
+                              freeze.fpt_paths(backbone) + (freeze.BLOCKS_PATHS if blocks
+                                                            else ()))
 
 
 class ShapeError(ValueError):

@@ -95,8 +95,8 @@ def weights_source(cfg: TrainConfig) -> str:
     return cfg.weights or _PRESET_SOURCES.get(cfg.model, cfg.model)
 
 
-def preset_weights(model: str, source: str | None, what: str = "weights"
-                   ) -> tuple[Any, dict]:
+def preset_weights(model: str, source: str | None, what: str = "weights",
+                   model_field: str = "model") -> tuple[Any, dict]:
     """The pretrained weights of preset `model` from `source` (None: the preset's own), as
     (config, host params); ValueError naming `what` when they hold another architecture."""
     fam = backbones.family_of_preset(model)  # an unknown preset is an error first
@@ -108,8 +108,9 @@ def preset_weights(model: str, source: str | None, what: str = "weights"
         got = {a: getattr(config, a) for a in _ARCH}
         want = {a: getattr(expected, a) for a in _ARCH}
         raise ValueError(f"{what}={source} holds a {got_fam.display_name} with {got}, but "
-                         f"{model} is a {fam.display_name} with {want}; set the matching "
-                         "model (or model='auto' to take the architecture from the weights)")
+                         f"{model_field}={model} is a {fam.display_name} with {want}; set the "
+                         f"matching {model_field} (or {model_field}='auto' to take the "
+                         "architecture from the weights)")
     return config, params
 
 
@@ -139,7 +140,7 @@ def frozen_blocks(cfg: TrainConfig) -> tuple[Any, dict | None]:
         source, params = weights.load(cfg.blocks_weights)
     else:
         source, params = preset_weights(cfg.blocks_model, cfg.blocks_weights,
-                                        "blocks_weights")
+                                        "blocks_weights", "blocks_model")
     fam = backbones.family_of(source)
     if fam.block_cls is None:
         raise ValueError(f"blocks_weights={cfg.blocks_weights} holds a {fam.display_name}, "

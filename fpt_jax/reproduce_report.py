@@ -337,6 +337,13 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
                      *align_report.table(rows), ""]
         if align_report.plot(rows, report_dir / "align.png"):
             plots.append(("held-out distance during the alignment stage", "align.png"))
+    ablation = ablation_table(rows, budget)
+    if len(ablation) > 2:  # a budget without an ablation gets no empty section
+        ablation = ["## Adding parameter groups one at a time", "",
+                    "Test accuracy % of frozen backbones training the named groups (ours, "
+                    "then the paper's in parentheses).", "", *ablation, ""]
+    else:
+        ablation = []
     trained_s = sum(max((float(x.get("wall_s") or 0) for x in r.cell.runs), default=0.0)
                     for r in rows if r.cell is not None and r.cell.finished)
     lines = [f"# Reproduction report: budget `{budget.name}`", "",
@@ -352,10 +359,7 @@ def write(report_dir: str | os.PathLike, budget, planned: Sequence[Any],
              "(`fpt_jax/trivial.py`); 'not above' marks a row whose interval holds one. Rows "
              "whose intervals overlap are not ordered by these numbers. The paper's numbers "
              "are Lu et al.'s and Rothermel et al.'s (sources below).", "",
-             *main_table(rows, found),
-             "## Adding parameter groups one at a time", "",
-             "Test accuracy % of frozen backbones training the named groups (ours, then the "
-             "paper's in parentheses).", "", *ablation_table(rows, budget), "",
+             *main_table(rows, found), *ablation,
              "## Steps to converge", "",
              "Every row of a task at the one learning rate their grids share (nearest the "
              "paper's 1e-3), so that rows are compared at the same rate: the mean first "

@@ -272,3 +272,11 @@ def test_a_cell_name_leaves_out_fields_added_later_at_their_default(tmp_path):
     aligned = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, align_steps=5))
     with_block = dataclasses.replace(cell, cfg=dataclasses.replace(cell.cfg, blocks=(5,)))
     assert len({cell.name, aligned.name, with_block.name}) == 3
+
+
+def test_a_budget_without_an_ablation_gets_no_empty_ablation_section(tmp_path):
+    budget = _budget(REPO / "experiments" / "budgets" / "beyond.py")
+    assert reproduce_report.ablation_table([], budget)[2:] == []  # nothing to tabulate
+    text = reproduce_report.write(tmp_path, budget, [], [], command="test").read_text()
+    assert "## Adding parameter groups" not in text
+    assert "## Main table" in text and "## Steps to converge" in text

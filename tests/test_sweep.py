@@ -22,15 +22,22 @@ STEPS, DEVICES = 4, 2
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
+def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None, programs=None):
     """The run trained alone: built as a group of one (build.build_group of the config with
     this seed and learning rate, the random backbone drawn from BACKBONE_SEED) and trained
-    with the same group step, its batches drawn on their own."""
+    with the same group step, its batches drawn on their own. `programs` keeps the pmapped
+    steps of the first group of one for the next (the learning rate is in the state, so
+    they are the same programs; built once, traced once)."""
     cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr, backbone_seed=BACKBONE_SEED)
     g = build.build_group(cfg)
     assert g.num_runs == 1 and g.learning_rates == (lr,) and g.seeds == (seed,)
-    step = steps.pmapped_train_step(
-        steps.make_train_step(g.model, g.task, g.tx, cfg.grad_accum), devices)
+    programs = {} if programs is None else programs
+    if not programs:
+        programs["train"] = steps.pmapped_train_step(
+            steps.make_train_step(g.model, g.task, g.tx, cfg.grad_accum), devices)
+        programs["eval"] = steps.pmapped_eval_step(steps.make_eval_step(g.model, g.task),
+                                                   devices)
+    step, p_eval = programs["train"], programs["eval"]
     state, frozen = parallel.replicate(g.states, devices), parallel.replicate(g.frozen, devices)
     rngs, losses = steps.run_rngs([seed]), []
     for i in range(STEPS):
@@ -38,7 +45,6 @@ def _alone(cfg: TrainConfig, seed: int, lr: float, devices, eval_batch=None):
         state, m = step(state, frozen, steps.stack_runs(
             [parallel.shard_batch(batch, len(devices), cfg.grad_accum)]), rngs)
         losses.append(np.asarray(m["loss"])[0, 0])
-    p_eval = steps.pmapped_eval_step(steps.make_eval_step(g.model, g.task), devices)
     sums = parallel.unreplicate(p_eval(state.trainable, frozen, eval_batch))
     return (np.array(losses), steps.unstack(parallel.unreplicate(state).trainable, 0),
             {name: v[0] for name, v in sums.items()})
@@ -73,8 +79,10 @@ def test_run_k_of_a_group_equals_the_run_trained_alone(trainable, grad_accum, dr
     final = parallel.unreplicate(states)
     np.testing.assert_array_equal(final.step, STEPS)
     np.testing.assert_array_equal(optim.learning_rate(final.opt_state), np.float32(LRS))
+    programs = {}
     for k, (seed, lr) in enumerate(zip(SEEDS, LRS)):
-        alone_losses, alone_trainable, alone_sums = _alone(cfg, seed, lr, devices, eval_batch)
+        alone_losses, alone_trainable, alone_sums = _alone(cfg, seed, lr, devices, eval_batch,
+                                                           programs)
         np.testing.assert_allclose(losses[k], alone_losses, rtol=RTOL, atol=ATOL)
         for name, v in alone_sums.items():
             np.testing.assert_allclose(sums[name][k], v, rtol=RTOL, atol=ATOL, err_msg=name)

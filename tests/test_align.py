@@ -42,6 +42,7 @@ def test_mmd_equals_a_numpy_reference(unbiased):
     assert got > 0.05  # two different distributions
 
 
+@pytest.mark.slow
 def test_otdd_is_zero_between_a_set_and_itself_and_grows_with_a_shift():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 4)).astype(np.float32)
@@ -112,6 +113,7 @@ def _aligning(tmp_path, **settings):
         eval_batches=2), **settings})
 
 
+@pytest.mark.slow
 def test_alignment_lowers_the_held_out_distance_and_resumes_exactly(tmp_path):
     cfg = _aligning(tmp_path)
     g = build.build_group(cfg, learning_rates=(1e-3, 1e-3), seeds=(0, 1))

@@ -67,6 +67,7 @@ def _source(name: str):
     return model, layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_a_frozen_block_inside_the_model_equals_the_transformers_layer_on_its_activations(
         name, tmp_path):
@@ -114,6 +115,7 @@ def test_frozen_blocks_stay_bit_identical_through_training_while_the_bridge_lear
     assert all(not np.array_equal(before[k], learnt[k]) for k in before)  # the bridge learnt
 
 
+@pytest.mark.slow
 def test_the_random_block_control_is_each_runs_own_draw_of_the_same_shape():
     cfg = train_config(**{**ENCODER, "blocks_model": "minilm-l6"}, blocks=(5,),
                        blocks_init="random")
@@ -140,6 +142,7 @@ def test_bad_block_settings_are_rejected_before_anything_is_built(settings, mess
         train_config(**{**ENCODER, "blocks_model": "minilm-l6", **settings}).check()
 
 
+@pytest.mark.slow
 def test_a_range_on_blocks_counts_the_appended_blocks():
     cfg = train_config(**{**ENCODER, "blocks_model": "minilm-l6",  # random: no weights read
                           "trainable": "encoder,blocks[-1:]"}, blocks=(4, 5),

@@ -108,6 +108,7 @@ def test_a_sharded_checkpoint_loads_through_its_index_and_a_missing_shard_is_nam
         weights.load_local(sharded)
 
 
+@pytest.mark.slow
 def test_the_read_positions_are_the_full_outputs_there():
     config = LlamaConfig(**BASE)
     params = llama.init_params(config, jax.random.PRNGKey(0), seq_len=9)
@@ -184,6 +185,7 @@ def test_the_pytorch_reference_trains_what_fpt_trains_on_a_llama():
     runner.run_step()  # one training step of the reference runs
 
 
+@pytest.mark.slow
 def test_remat_and_bfloat16_compute_what_float32_computes():
     config = LlamaConfig(**BASE)
     params = llama.init_params(config, jax.random.PRNGKey(0), seq_len=7)

@@ -42,6 +42,7 @@ def test_token_mixing_is_the_mlp_over_the_first_t_rows_and_columns():
     assert np.abs(low - want).max() < 3e-2 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_a_real_position_does_not_depend_on_the_padding_after_it():
     params = {"params": mixer.init_params(SMALL, jax.random.PRNGKey(0))}
     rng = np.random.RandomState(1)

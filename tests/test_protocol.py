@@ -68,6 +68,7 @@ def test_resumed_run_selects_and_tests_as_an_uninterrupted_one(tmp_path):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
     cfg = train_config(**{**TINY, "learning_rate": 1e-12, "patience": 2, "steps": 40})
     loop.train_and_evaluate(cfg, str(tmp_path))

@@ -49,6 +49,7 @@ def _assert_runs_equal(got_dir, want_dir, exact: bool = False) -> None:
             np.testing.assert_allclose(a[path], b[path], rtol=RTOL, atol=ATOL, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_a_step_on_a_2x2_mesh_equals_data_parallel_on_4_devices(tmp_path):
     # a Llama (the family a mesh is for); GPT-2 takes the same path (the 2-process test)
     cfg = train_config(**BASE, model="smollm-135m")
@@ -73,6 +74,7 @@ def test_the_frozen_backbone_takes_half_the_bytes_per_device_and_the_plan_says_s
     assert three.frozen == one.frozen and three.trainable == 3 * one.trainable
 
 
+@pytest.mark.slow
 def test_the_plan_counts_the_bytes_the_compiled_step_reads():
     # dropout on: the keys are read (an unused argument is pruned by the compiler)
     cfg = train_config(**{**BASE, "dropout": 0.1}, mesh=(2, 2))
@@ -82,6 +84,7 @@ def test_the_plan_counts_the_bytes_the_compiled_step_reads():
     assert "| frozen weights |" in found.table() and "fits: 16 GiB yes" in found.table()
 
 
+@pytest.mark.slow
 def test_resume_of_a_sharded_run_is_exact(tmp_path):
     cfg = train_config(**BASE, model="smollm-135m", mesh=(2, 2))
     loop.train_and_evaluate(cfg, str(tmp_path / "straight"))

@@ -23,6 +23,7 @@ axis like the other per-run parts, in the same one compiled step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -161,11 +162,11 @@ def init_params(model: FPT, task: Task, rng: jax.Array, pretrained: dict | None 
     parameters that no checkpoint holds (the family's `fresh_paths`, e.g. ViT's new
     position table) come from this initialisation too."""
     dtype = jnp.int32 if task.input_kind == "tokens" else jnp.float32
-    x = jnp.zeros((1, *task.example_shape), dtype)
-    init = lambda r: model.init(r, x)["params"]  # noqa: E731
+    example = (tuple(task.example_shape), jnp.dtype(dtype).name)
     if pretrained is None:
-        return jax.tree_util.tree_map(np.asarray, jax.jit(init)(rng))
-    expected = traverse_util.flatten_dict(jax.eval_shape(init, rng)[BACKBONE])
+        return jax.tree_util.tree_map(np.asarray, _jitted_init(model, example, None)(rng))
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(_jitted_init(model, example, None), rng)[BACKBONE])
     got = traverse_util.flatten_dict(pretrained)
     fresh = backbones.family_of(model.config).fresh_paths(model.config)
     fresh = {p for p in fresh if p not in got}  # a run's own backbone has them already
@@ -173,14 +174,38 @@ def init_params(model: FPT, task: Task, rng: jax.Array, pretrained: dict | None 
                                                  for p in got):
         raise ValueError("the pretrained backbone's parameters do not match the model's "
                          "architecture")
+    others, new = jax.tree_util.tree_map(
+        np.asarray, _jitted_init(model, example, tuple(sorted(fresh)))(rng))
+    return {**others, BACKBONE: traverse_util.unflatten_dict({**got, **new})}
 
-    def rest(r):
-        params = init(r)
+
+def _jitted_init(model: FPT, example: tuple, fresh: tuple | None):
+    """The jitted initialiser of `model` on inputs of `example` = (shape, dtype), kept per
+    process: a group of K runs, the cells of a sweep and a resumed run build equal models
+    (flax modules compare by their fields), and tracing the init again for each costs as
+    much as running it. `fresh=None`: every parameter; else the parts outside the backbone
+    and the backbone's `fresh` paths only (the rest comes from a checkpoint)."""
+    try:
+        hash(model)
+    except TypeError:  # a model with an unhashable field: traced anew each time
+        return _jitted_init_uncached(model, example, fresh)
+    return _jitted_init_cached(model, example, fresh)
+
+
+def _jitted_init_uncached(model: FPT, example: tuple, fresh: tuple | None):
+    x = jnp.zeros((1, *example[0]), example[1])
+
+    def init(r):
+        params = model.init(r, x)["params"]
+        if fresh is None:
+            return params
         new = traverse_util.flatten_dict(params[BACKBONE])
         return ({k: v for k, v in params.items() if k != BACKBONE},
                 {p: new[p] for p in fresh})
-    others, new = jax.tree_util.tree_map(np.asarray, jax.jit(rest)(rng))
-    return {**others, BACKBONE: traverse_util.unflatten_dict({**got, **new})}
+    return jax.jit(init)
+
+
+_jitted_init_cached = functools.lru_cache(maxsize=16)(_jitted_init_uncached)
 
 
 def _same_shapes(drawn: dict, taken: dict) -> dict:

@@ -262,3 +262,19 @@ def test_per_seed_draws_give_each_seed_its_own_backbone_and_runs_of_a_seed_share
 def test_bad_backbone_draws_are_named(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train_config(**{**TINY, **settings}).check()
+
+
+def test_a_group_traces_its_initialiser_once_and_each_seed_still_draws_its_own():
+    cfg = train_config(**TINY, trainable="fpt", backbone_draw="per_seed")
+    build._jitted_init_cached.cache_clear()
+    g = build.build_group(cfg, LRS, SEEDS)
+    info = build._jitted_init_cached.cache_info()
+    # two programs (the whole init: each seed's backbone; all but the backbone: its run),
+    # each traced once, called for every seed (the backbone's shapes read once more each)
+    assert info.misses == 2 and info.hits == 3 * len(SEEDS) - 2, info
+    pos = g.states.trainable["transformer"]["wpe"]["embedding"]
+    assert all(not np.array_equal(pos[0], pos[k]) for k in range(1, len(SEEDS)))
+    again = build.build_group(cfg, LRS, SEEDS)  # an equal model: the same program, same draws
+    assert build._jitted_init_cached.cache_info().misses == 2
+    for a, b in zip(jax.tree_util.tree_leaves(g.states), jax.tree_util.tree_leaves(again.states)):
+        np.testing.assert_array_equal(a, b)
